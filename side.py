@@ -127,7 +127,8 @@ STAGE_FIELDS = {
     "synthetic": ["n_syn"],
     "labels": ["labels", "clusters", "cohesion"],
     "classifier": ["clf_steps", "clf_lr", "clf_batch"],
-    "guided": ["n_gen", "guidance"],
+    "generations": ["n_gen"],
+    "guidance": ["guidance"],
     "report": ["sim_model", "bands"],
 }
 
@@ -291,7 +292,7 @@ def load_image_file(path: Path, crop_box=None, size: int = 32) -> np.ndarray:
 def load_files(paths: list[Path], indices: np.ndarray, cfg: Config, crop_box=None) -> np.ndarray:
     chosen = [paths[i] for i in indices]
     return np.stack([load_image_file(p, crop_box, cfg.image_size)
-                     for p in progress(chosen, desc="decode images", leave=False)])
+                     for p in progress(chosen, desc="decode images", leave=False, disable=len(chosen) < 200)])
 
 
 def celeba_folder(root: Path) -> Path:
@@ -727,7 +728,7 @@ def run_training_loop(cfg: Config, state: dict, x0_all: torch.Tensor, path: Path
             state["opt"].step()
             ema_update(state["ema"], model, cfg.ema, step)
             state["step"] = step + 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{state['step'] * cfg.batch_size / len(x0_all):.0f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{state['step'] * cfg.batch_size / len(x0_all):.0f}", refresh=False)
             if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.train_steps:
                 save_checkpoint(path, state, cfg)
     except KeyboardInterrupt:
@@ -861,7 +862,7 @@ def train_classifier(cfg: Config, images_u8: np.ndarray, targets: np.ndarray, ti
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return net.eval()
 
 
@@ -1101,7 +1102,9 @@ def stage_classifier(cfg, synthetic, labels, time_dependent: bool, out, device) 
 
 def stage_generations(cfg, method, model, classifiers, num_classes, out, device) -> dict:
     """Algorithm 1 lines 16-26: N_G generations of one method, with the same seeds for every method."""
-    groups = ["data", "ddpm", "sampler", "guided"] + (["synthetic", "labels", "classifier"] if method != "uncond" else [])
+    groups = ["data", "ddpm", "sampler", "generations"]
+    if method != "uncond":  # the baseline does not depend on labels, classifier or lambda
+        groups += ["synthetic", "labels", "classifier", "guidance"]
     path, key = out / f"samples_{method}.npz", stage_key(cfg, *groups)
     cached = load_stage(path, key, cfg)
     if cached is None:
@@ -1406,6 +1409,9 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are saved; rerun the same command to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,485 @@
+"""Tests for side.py: each one fails when the code it checks is wrong. Run: python -m pytest -q"""
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import side
+
+torch.set_num_threads(1)  # tiny networks run fastest on one thread, and shared CI cores are not oversubscribed
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real sample data not found at {SHARED}")
+
+# A tiny run: every stage, a few seconds on a CPU.
+TINY = ["--n", "12", "--image-size", "8", "--channels", "16,32", "--train-steps", "60", "--batch-size", "16",
+        "--n-syn", "48", "--clusters", "4", "--cohesion", "0", "--clf-steps", "15", "--clf-batch", "16",
+        "--n-gen", "12", "--sample-steps", "10", "--device", "cpu"]
+
+
+def tiny_config(**overrides) -> side.Config:
+    cfg = side.Config(n=12, image_size=8, channels="16,32", train_steps=60, batch_size=16, n_syn=48, clusters=4,
+                      cohesion=0.0, clf_steps=15, clf_batch=16, n_gen=12, sample_steps=10, device="cpu",
+                      out="/tmp/unused")
+    cfg = side.apply_profile(cfg)
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def run_cli(*args, env=None):
+    """side.py in a subprocess: (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, str(ROOT / "side.py"), *args], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=ROOT, timeout=300)
+    return result.returncode, result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusion maths and samplers
+# ------------------------------------------------------------------------------------------------
+
+def test_forward_noising_has_the_mean_and_variance_of_q():
+    diffusion, x0 = side.Diffusion(), torch.full((20000, 1, 1, 1), 0.7)
+    for t in (0, 250, 999):
+        a = diffusion.alpha_bar[t].item()
+        x_t = diffusion.q_sample(x0, torch.full((20000,), t), torch.randn(x0.shape, generator=torch.Generator().manual_seed(t)))
+        assert x_t.mean().item() == pytest.approx(0.7 * a ** 0.5, abs=0.02)
+        assert x_t.var().item() == pytest.approx(1 - a, rel=0.05, abs=1e-4)
+    assert diffusion.alpha_bar[-1] < 1e-4  # x_T is (almost) pure noise with T = 1000 linear betas
+
+
+def test_ddpm_step_is_ddim_with_eta_one_and_posterior_variance():
+    """The ancestral step's added variance is beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t."""
+    diffusion, t = side.Diffusion(), 500
+    x, eps = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+    noise = torch.ones(1, 1, 1, 1)
+    a_t, a_prev = diffusion.alpha_bar[t], diffusion.alpha_bar[t - 1]
+    beta_tilde = (1 - a_prev) / (1 - a_t) * diffusion.betas[t]
+    step = diffusion.reverse_step(x, eps, t, t - 1, 1.0, noise) - diffusion.reverse_step(x, eps, t, t - 1, 1.0, 0 * noise)
+    assert step.item() == pytest.approx(beta_tilde.sqrt().item(), rel=1e-4)
+    assert diffusion.timesteps("ddpm", 50) == list(range(999, -1, -1))
+    assert diffusion.timesteps("ddim", 50)[:2] == [980, 960]
+
+
+def tiny_networks(num_classes=3, time_dependent=True):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    return cfg, side.build_unet(cfg, 1).eval(), side.build_classifier(cfg, 1, num_classes, time_dependent).eval()
+
+
+def test_guidance_zero_gives_exactly_the_unguided_samples():
+    cfg, unet, classifier = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)  # a non-trivial eps prediction
+    targets = np.array([0, 1, 2, 0, 1])
+    plain = side.sample(unet, cfg, 5, torch.device("cpu"))
+    guided = side.sample(unet, cfg, 5, torch.device("cpu"), classifier=classifier, targets=targets, guidance=0.0)
+    np.testing.assert_array_equal(plain, guided)
+    pushed = side.sample(unet, cfg, 5, torch.device("cpu"), classifier=classifier, targets=targets, guidance=50.0)
+    assert not np.array_equal(plain, pushed)  # ...and guidance > 0 does change them
+
+
+def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
+    cfg, unet, _ = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    for sampler in ("ddim", "ddpm"):
+        cfg.sampler = sampler
+        cfg.sample_steps = 10
+        three = side.sample(unet, cfg, 3, torch.device("cpu"))
+        two = side.sample(unet, cfg, 2, torch.device("cpu"))
+        np.testing.assert_array_equal(three[:2], two)
+        assert not np.array_equal(three[0], three[1])
+
+
+class Brightness(torch.nn.Module):
+    """A two-class classifier with a known meaning: class 0 = bright image, class 1 = dark image."""
+    def forward(self, x, t):
+        score = 4 * x.mean(dim=(1, 2, 3))
+        return torch.stack([score, -score], 1)
+
+
+def test_guidance_raises_the_log_probability_of_the_target():
+    cfg, unet, _ = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    classifier, targets = Brightness(), np.array([0, 1] * 8)
+
+    def target_log_prob(images):
+        log_p = torch.log_softmax(classifier(side.to_unit_range(images), None), 1)
+        return log_p[torch.arange(len(images)), torch.as_tensor(targets)]
+
+    base = side.sample(unet, cfg, 16, torch.device("cpu"), classifier=classifier, targets=targets, guidance=0.0)
+    guided = side.sample(unet, cfg, 16, torch.device("cpu"), classifier=classifier, targets=targets, guidance=3.0)
+    assert target_log_prob(guided).mean() > target_log_prob(base).mean() + 0.1
+    assert (target_log_prob(guided) >= target_log_prob(base) - 1e-3).float().mean() > 0.8  # nearly every sample
+    assert guided[targets == 0].mean() > guided[targets == 1].mean() + 20  # bright for 0, dark for 1
+
+
+def test_guided_eps_subtracts_lambda_sqrt_one_minus_abar_times_the_gradient():
+    """Eq. 1 in eps-space, checked against a classifier whose gradient is known in closed form."""
+    class Linear(torch.nn.Module):  # log-softmax of [w.x, 0]; d/dx log p(0|x) = (1 - p0) w
+        def forward(self, x, t):
+            score = x.flatten(1).sum(1, keepdim=True)
+            return torch.cat([score, torch.zeros_like(score)], 1)
+
+    class ZeroEps(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    diffusion, x, t = side.Diffusion(), torch.zeros(1, 1, 2, 2), torch.tensor([400])
+    eps = side.guided_eps(ZeroEps(), Linear(), x, t, torch.tensor([0]), 2.0, diffusion)
+    expected = -2.0 * (1 - diffusion.alpha_bar[400]).sqrt().item() * 0.5  # p0 = 0.5 at x = 0
+    assert torch.allclose(eps, torch.full_like(eps, expected), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# surrogate labels and classifiers
+# ------------------------------------------------------------------------------------------------
+
+def test_kmeans_recovers_planted_clusters_and_drops_a_diffuse_one():
+    rng = np.random.default_rng(0)
+    directions = np.eye(16)[:3] * 5
+    tight = [d + 0.3 * rng.standard_normal((40, 16)) for d in directions]
+    diffuse = rng.standard_normal((40, 16)) * 3
+    features = np.concatenate(tight + [diffuse])
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    result = side.surrogate_labels(features.astype(np.float32), clusters=4, cohesion=0.6, seed=0)
+    assert len(result["kept"]) == 3  # the diffuse cluster fails the cohesion filter
+    for block in range(3):  # every planted cluster maps to exactly one kept label
+        assert len(np.unique(result["labels"][block * 40:(block + 1) * 40])) == 1
+    assert len(np.unique(result["labels"][:120])) == 3
+    assert result["sizes"].sum() == 160  # dropped-cluster samples are re-assigned, not dropped
+    with pytest.raises(side.UserError, match="best cohesion"):
+        side.surrogate_labels(features.astype(np.float32), clusters=4, cohesion=0.999, seed=0)
+
+
+def test_time_independent_classifier_ignores_t_and_time_dependent_one_does_not():
+    _, _, cond = tiny_networks(time_dependent=False)
+    _, _, side_clf = tiny_networks(time_dependent=True)
+    torch.manual_seed(1)
+    for p in side_clf.parameters():  # break the zero-ish start so t has a visible effect
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(cond(x, torch.tensor([0, 0])), cond(x, torch.tensor([900, 900])))
+        assert not torch.allclose(side_clf(x, torch.tensor([0, 0])), side_clf(x, torch.tensor([900, 900])))
+
+
+def test_soft_cross_entropy_is_cross_entropy_for_one_hot_targets():
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    expected = torch.nn.functional.cross_entropy(logits, labels)
+    assert side.soft_cross_entropy(logits, torch.eye(4)[labels]).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# memorization metrics
+# ------------------------------------------------------------------------------------------------
+
+def test_memorization_check_flags_planted_copies_and_passes_fresh_noise():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
+    copies = np.clip(train[[3, 3, 7]].astype(int) + rng.integers(-2, 3, (3, 8, 8, 1)), 0, 255).astype(np.uint8)
+    fresh = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    generated = np.concatenate([copies, fresh])
+    metrics = side.memorization_metrics(generated, train, None, side.PIXEL_BANDS, "cpu")
+    per, summary = metrics["per_sample"], metrics["summary"]
+    assert list(per["nn_index"][:3]) == [3, 3, 7]
+    assert (per["nn_ratio"][:3] < 1 / 3).all() and (per["nn_ratio"][3:] > 1 / 3).all()
+    assert summary["memorized"] == 3 and summary["unique_memorized"] == 2
+    assert (per["normalized_l2"][:3] < 0.05).all() and (per["normalized_l2"][3:] > 1.0).all()
+    assert summary["ams_high"] == pytest.approx(100 * 3 / 23)
+
+
+def test_blocked_nearest_neighbours_match_brute_force():
+    rng = np.random.default_rng(1)
+    gen, train = rng.integers(0, 256, (37, 4, 4, 3), dtype=np.uint8), rng.integers(0, 256, (53, 4, 4, 3), dtype=np.uint8)
+    dist, index = side.nearest_neighbours(gen, train, k=5, block=8)  # many blocks on both sides
+    full = np.linalg.norm(gen.reshape(37, 1, -1) / 255.0 - train.reshape(1, 53, -1) / 255.0, axis=2)
+    np.testing.assert_array_equal(index, np.argsort(full, axis=1)[:, :5])
+    np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :5], rtol=1e-4)
+
+
+def test_ams_and_ums_on_a_hand_made_case():
+    """Three generations, four training images, known cosines (bands 0.4 / 0.5 / 0.6)."""
+    train = np.eye(6, dtype=np.float32)[:4]  # training embeddings e0..e3; dims 4-5 are "elsewhere"
+    def unit(v):
+        v = np.asarray(v, dtype=np.float32)
+        return v / np.linalg.norm(v)
+    generated = np.stack([unit([0.95, 0.312, 0, 0, 0, 0]),       # high for train 0; train 1 at 0.31 (no band)
+                          unit([0.55, 0, 0.45, 0, 0.5, 0.4966]),  # mid for train 0; train 2 at 0.45 (low band)
+                          unit([0.1, 0.1, 0.1, 0.98, 0, 0])])     # high for train 3 only
+    best, best_index, hits = side.similarity_scan(generated, train, torch.as_tensor, (0.4, 0.5, 0.6))
+    assert list(best_index) == [0, 0, 3]
+    summary = side.summarize(np.zeros(3, bool), best_index, np.ones(3), np.ones(3), best, hits, (0.4, 0.5, 0.6))
+    assert summary["ams_high"] == pytest.approx(100 * 2 / 3)  # generations 0 and 2, each counted once
+    assert summary["ams_mid"] == pytest.approx(100 / 3) and summary["ams_low"] == 0
+    assert summary["ums_high"] == pytest.approx(100 * 2 / 3)  # train 0 and 3, divided by N_G = 3
+    assert summary["ums_mid"] == pytest.approx(100 / 3)       # train 0
+    assert summary["ums_low"] == pytest.approx(100 / 3)       # train 2: phi collects every image in the band
+    assert summary["ams_ge_low"] == pytest.approx(100.0)
+
+
+def test_sim_model_loads_a_torchscript_embedding(tmp_path):
+    class Embed(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+    path = tmp_path / "embed.pt"
+    torch.jit.save(torch.jit.script(Embed()), str(path))
+    embed = side.load_sim_model(str(path), "cpu")
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    features = embed(images)
+    assert features.shape == (5, 3)
+    assert torch.allclose(features.norm(dim=1), torch.ones(5))
+    (tmp_path / "junk.pt").write_text("not a model")
+    with pytest.raises(side.UserError, match="TorchScript"):
+        side.load_sim_model(str(tmp_path / "junk.pt"), "cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# the DDPM really learns (and memorizes)
+# ------------------------------------------------------------------------------------------------
+
+def test_tiny_ddpm_memorizes_a_handful_of_images(tmp_path):
+    cfg = tiny_config(n=6, train_steps=300, batch_size=32, lr=2e-3, sample_steps=20, out=str(tmp_path))
+    train, _, _ = side.load_digits(cfg)
+    model = side.train_ddpm(cfg, train, tmp_path, torch.device("cpu"))
+    generated = side.sample(model, cfg, 24, torch.device("cpu"))
+    summary = side.memorization_metrics(generated, train, None, side.PIXEL_BANDS, "cpu")["summary"]
+    assert summary["memorized_fraction"] >= 0.5, summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Theorem 1, numerically
+# ------------------------------------------------------------------------------------------------
+
+def test_theorem1_gap_is_negative_and_tends_to_minus_kl():
+    rows = side.theorem1_table(epsilons=(0.5, 0.05, 0.005), subset_size=20000, seed=1)
+    for row in rows:
+        assert row["neg_kl"] < 0
+        assert all(gap <= 0.02 for eps, gap in row["gaps"].items() if eps <= 0.05)
+        assert row["gaps"][0.005] == pytest.approx(row["neg_kl"], abs=0.05)
+
+
+def test_theory_md_pointers_name_code_that_exists():
+    text = (ROOT / "theory.md").read_text()
+    source = (ROOT / "side.py").read_text().splitlines()
+    pointers = re.findall(r"side\.py(?:#L(\d+)-L(\d+))?:?\s+([A-Za-z_][\w.]*)(?:\(\))?", text)
+    assert len(pointers) >= 15, "theory.md should point into side.py throughout"
+    for start, end, name in pointers:
+        obj = side
+        for part in name.split("."):
+            assert hasattr(obj, part), f"theory.md points at side.py {name}, which does not exist"
+            obj = getattr(obj, part)
+        if start:
+            span = "\n".join(source[int(start) - 1:int(end)])
+            assert re.search(rf"\b{re.escape(name.split('.')[-1])}\b", span), f"lines {start}-{end} no longer hold {name}"
+
+
+# ------------------------------------------------------------------------------------------------
+# real data loaders (../shared/data)
+# ------------------------------------------------------------------------------------------------
+
+@needs_shared
+def test_celeba_loader_reads_the_first_images_by_name():
+    cfg = tiny_config(dataset="celeba", data_root=str(SHARED), n=500, image_size=16)
+    images, indices, identities = side.load_celeba(cfg)
+    assert images.shape == (500, 16, 16, 3) and images.dtype == np.uint8
+    assert list(indices[:3]) == [0, 1, 2] and images.std() > 20
+    assert identities is not None and len(identities) == 500
+    from PIL import Image  # the first image by file name, cropped around the face and resized
+    first_name = sorted(p.name for p in (SHARED / "celeba" / "img_align_celeba").glob("*.jpg"))[0]
+    with Image.open(SHARED / "celeba" / "img_align_celeba" / first_name) as first:
+        expected = np.asarray(first.convert("RGB").crop((19, 51, 159, 191)).resize((16, 16), Image.BICUBIC))
+    np.testing.assert_array_equal(images[0], expected)
+    with pytest.raises(side.UserError, match="more than the 500"):
+        side.load_celeba(tiny_config(dataset="celeba", data_root=str(SHARED), n=501))
+
+
+@needs_shared
+def test_cifar10_loader_reads_train_and_test_pickles_in_order():
+    cfg = tiny_config(dataset="cifar10", data_root=str(SHARED), n=1000, image_size=32)
+    images, indices, labels = side.load_cifar10(cfg)
+    with open(SHARED / "cifar-10-batches-py" / "data_batch_1", "rb") as handle:
+        raw = pickle.load(handle, encoding="latin1")
+    assert images.shape == (1000, 32, 32, 3)
+    np.testing.assert_array_equal(images[5], raw["data"][5].reshape(3, 32, 32).transpose(1, 2, 0))
+    np.testing.assert_array_equal(labels, raw["labels"])
+    test_images, _, _ = side.load_cifar10(tiny_config(dataset="cifar10", data_root=str(SHARED), n=200, split="test"))
+    assert test_images.shape == (200, 8, 8, 3)
+    cats, _, cat_labels = side.load_cifar10(tiny_config(dataset="cifar10", data_root=str(SHARED), n=20, classes="3"))
+    assert (cat_labels == 3).all()
+    _, _, balanced = side.load_cifar10(tiny_config(dataset="cifar10", data_root=str(SHARED), n=20, balanced=True))
+    assert np.bincount(balanced, minlength=10).tolist() == [2] * 10
+
+
+def test_folder_loader_reads_images_recursively_in_path_order(tmp_path):
+    from PIL import Image
+    (tmp_path / "b").mkdir()
+    for name, value in (("b/z.png", 200), ("a.jpg", 10), ("b/c.webp", 90)):
+        Image.new("RGB", (20, 12), (value, value, value)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("ignored")
+    images, _, _ = side.load_folder(tiny_config(dataset="folder", data_root=str(tmp_path), n=3, image_size=8))
+    assert images.shape == (3, 8, 8, 3)
+    assert [int(images[i].mean()) for i in range(3)] == pytest.approx([10, 90, 200], abs=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one line, exit code 2, no traceback
+# ------------------------------------------------------------------------------------------------
+
+def bad_input_cases(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "000001.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    return {
+        "unknown dataset": (["--dataset", "mnist"], "unknown --dataset"),
+        "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
+        "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
+        "too few images": (["--n", "5000"], "more than the 1797"),
+        "corrupt image": (["--dataset", "celeba", "--data-root", str(corrupt), "--n", "1"], "000001.jpg"),
+        "n <= 0": (["--n", "0"], "--n must be positive"),
+        "image size": (["--image-size", "9"], "multiple of 2"),
+        "negative guidance": (["--guidance", "-1"], "--guidance"),
+        "too few clusters": (["--clusters", "1"], "--clusters"),
+        "too many clusters": (["--clusters", "5000"], "--clusters"),
+        "cohesion range": (["--cohesion", "1.5"], "[0, 1]"),
+        "n_gen <= 0": (["--n-gen", "0"], "--n-gen"),
+        "unwritable out": (["--out", str(blocker / "run")], "not writable"),
+        "cuda missing": (["--device", "cuda"], "CUDA is not available"),
+    }
+
+
+def test_every_bad_input_gets_one_clear_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, (args, message) in bad_input_cases(tmp_path).items():
+        code = side.main(["--out", str(tmp_path / "run"), *args] if "--out" not in args else args)
+        err = capsys.readouterr().err
+        assert code == 2, name
+        assert message in err, (name, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+
+
+def test_cohesion_so_strict_that_no_cluster_survives_says_how_many_and_the_best(tmp_path, capsys):
+    code = side.main([*TINY, "--out", str(tmp_path), "--cohesion", "1.0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "keeps none of the 4 clusters (best cohesion" in err
+
+
+def test_cli_errors_have_no_traceback_and_download_offline_names_the_fix(tmp_path):
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    code, _, err = run_cli("--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--download",
+                           "--out", str(tmp_path / "run"), env=offline)
+    assert code == 2 and "Traceback" not in err
+    assert "--download of cifar10 failed" in err and "cifar-10-batches-py" in err
+    code, _, err = run_cli("--dataset", "folder", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"))
+    assert code == 2 and "Traceback" not in err and "does not exist" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end, caching, resume and determinism
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    assert side.main([*TINY, "--out", str(out)]) == 0
+    return out
+
+
+def test_tiny_run_writes_every_output_with_sane_contents(tiny_run):
+    for name in ("config.json", "train_subset.npz", "samples_uncond.npz", "samples_cond.npz", "samples_side.npz",
+                 "ddpm.pt", "classifier_side.pt", "classifier_cond.pt", "labels.npz", "report.json", "report.md",
+                 "nn_side.npz", "figures/matches.png", "figures/histograms.png"):
+        assert (tiny_run / name).is_file(), name
+    subset = np.load(tiny_run / "train_subset.npz")
+    assert subset["images"].shape == (12, 8, 8, 1) and subset["images"].dtype == np.uint8
+    assert list(subset["indices"]) == list(range(12))
+    side_samples = np.load(tiny_run / "samples_side.npz")
+    assert side_samples["images"].shape == (12, 8, 8, 1) and len(side_samples["seeds"]) == 12
+    assert side_samples["targets"].min() >= 0
+    report = json.loads((tiny_run / "report.json").read_text())
+    for method in ("uncond", "cond", "side"):
+        m = report["methods"][method]
+        assert m["n_generated"] == 12 and 0 <= m["memorized_fraction"] <= 1
+        assert m["unique_memorized"] <= m["memorized"] and m["median_nn_ratio"] > 0
+    assert report["timings_s"]["total"] > 0 and "train" in report["timings_s"]
+    assert "| side |" in (tiny_run / "report.md").read_text()
+    assert set(report["classifier_accuracy_by_t"]["side"]) == {f"t{a}-{b - 1}" for a, b in side.T_RANGES}
+
+
+def test_changed_guidance_reruns_only_guided_sampling(tiny_run, capsys):
+    before = {name: (tiny_run / name).stat().st_mtime_ns for name in
+              ("ddpm.pt", "classifier_side.pt", "classifier_cond.pt", "samples_uncond.npz", "samples_side.npz")}
+    assert side.main([*TINY, "--out", str(tiny_run), "--guidance", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "ddpm.pt: trained" in out and "classifier_side.pt: up to date" in out
+    after = {name: (tiny_run / name).stat().st_mtime_ns for name in before}
+    for name in ("ddpm.pt", "classifier_side.pt", "classifier_cond.pt", "samples_uncond.npz"):
+        assert after[name] == before[name], f"{name} was redone"
+    assert after["samples_side.npz"] != before["samples_side.npz"]
+
+
+def test_sweep_reuses_the_trained_ddpm(tiny_run, capsys):
+    stamp = (tiny_run / "ddpm.pt").stat().st_mtime_ns
+    assert side.main([*TINY, "--out", str(tiny_run), "--sweep", "guidance=0,5"]) == 0
+    assert "train DDPM" not in capsys.readouterr().err
+    assert (tiny_run / "ddpm.pt").stat().st_mtime_ns == stamp
+    sweep = json.loads((tiny_run / "sweep.json").read_text())
+    assert [row["value"] for row in sweep["rows"]] == [0.0, 5.0]
+    # lambda = 0 makes side identical to the baseline, row for row
+    assert sweep["rows"][0]["side"]["memorized"] == sweep["rows"][0]["uncond"]["memorized"]
+    assert sweep["rows"][0]["side"]["median_nn_ratio"] == sweep["rows"][0]["uncond"]["median_nn_ratio"]
+    assert (tiny_run / "figures" / "sweep_guidance.png").is_file()
+
+
+def test_checkpoint_of_another_run_is_not_loaded_silently(tiny_run, capsys):
+    assert side.main([*TINY, "--out", str(tiny_run), "--channels", "16,16"]) == 2
+    err = capsys.readouterr().err
+    assert "--channels 16,32 (checkpoint) vs 16,16 (now)" in err and "--fresh" in err
+
+
+def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    args = [*TINY, "--ckpt-every", "20", "--methods", "uncond,side"]
+    code, _, err = run_cli(*args, "--out", str(tmp_path / "a"), env={"SIDE_STOP_AT_STEP": "30"})
+    assert code == 2 and "stopped at step 30" in err and "Traceback" not in err
+    code, out, err = run_cli(*args, "--out", str(tmp_path / "a"))
+    assert code == 0 and "resuming DDPM training from step 30" in out
+    assert side.main([*args, "--out", str(tmp_path / "b")]) == 0  # the same run, never stopped
+    resumed, straight = (json.loads((tmp_path / r / "report.json").read_text())["methods"] for r in "ab")
+    assert resumed == straight
+
+
+def test_same_seed_gives_the_same_report(tiny_run, tmp_path):
+    assert side.main([*TINY, "--out", str(tmp_path)]) == 0
+    first = json.loads((tiny_run / "report.json").read_text())
+    second = json.loads((tmp_path / "report.json").read_text())
+    # tiny_run was rerun above with other guidance values; compare the guidance-independent rows
+    assert first["methods"]["uncond"] == second["methods"]["uncond"]
+    np.testing.assert_array_equal(np.load(tiny_run / "samples_uncond.npz")["images"],
+                                  np.load(tmp_path / "samples_uncond.npz")["images"])
+
+
+def test_teacher_labels_run_end_to_end(tmp_path):
+    assert side.main([*TINY, "--out", str(tmp_path), "--labels", "teacher", "--methods", "uncond,side"]) == 0
+    labels = np.load(tmp_path / "labels.npz")
+    assert labels["soft"].shape == (48, 10)  # soft teacher predictions over the 10 digit classes
+    np.testing.assert_allclose(labels["soft"].sum(1), 1, rtol=1e-5)
+
+
+@needs_shared
+def test_tiny_cifar10_run_completes(tmp_path):
+    assert side.main([*TINY, "--dataset", "cifar10", "--data-root", str(SHARED), "--out", str(tmp_path),
+                      "--methods", "uncond,side"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["methods"]["side"]["n_generated"] == 12
+    assert np.load(tmp_path / "train_subset.npz")["images"].shape == (12, 8, 8, 3)
