@@ -664,7 +664,7 @@ def fresh_training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
 
 def save_checkpoint(path: Path, state: dict, cfg: Config) -> None:
     save_torch(path, dict(model=state["model"].state_dict(), ema=state["ema"].state_dict(),
-                          opt=state["opt"].state_dict(), rng=state["generator"].get_state(),
+                          opt=state["opt"].state_dict(), rng=state["rng"],
                           step=state["step"], config=dataclasses.asdict(cfg)))
 
 
@@ -706,31 +706,40 @@ def train_ddpm(cfg: Config, train_images: np.ndarray, out: Path, device: torch.d
     return state["ema"].eval()
 
 
+def ddpm_loss(model, x0_all: torch.Tensor, gen: torch.Generator, batch_size: int, diffusion: Diffusion):
+    """L_simple on one batch: draw x_0, t ~ U{0..T-1} and eps, predict eps from x_t."""
+    batch = torch.randint(len(x0_all), (batch_size,), generator=gen)
+    t = torch.randint(T_STEPS, (batch_size,), generator=gen)
+    noise = torch.randn((batch_size, *x0_all.shape[1:]), generator=gen).to(x0_all.device)
+    x0 = x0_all[batch.to(x0_all.device)]
+    with autocast(x0.device):
+        return F.mse_loss(model(diffusion.q_sample(x0, t, noise), t.to(x0.device)).float(), noise)
+
+
 def run_training_loop(cfg: Config, state: dict, x0_all: torch.Tensor, path: Path) -> None:
-    diffusion, gen, model = Diffusion(), state["generator"], state["model"]
+    """Train to cfg.train_steps. (step, rng) in `state` always describe an iteration boundary, so a
+    checkpoint resumes with exactly the batches an uninterrupted run would have drawn."""
+    diffusion, gen, model, first = Diffusion(), state["generator"], state["model"], state["step"]
     stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", 0))  # test hook: simulate Ctrl-C at this step
-    bar = progress(range(state["step"], cfg.train_steps), desc="train DDPM", initial=state["step"], total=cfg.train_steps)
+    state["rng"] = gen.get_state()
+    bar = progress(range(first, cfg.train_steps), desc="train DDPM", initial=first, total=cfg.train_steps)
     try:
         for step in bar:
             if stop_at and step == stop_at:
                 raise KeyboardInterrupt
-            batch = torch.randint(len(x0_all), (cfg.batch_size,), generator=gen)
-            t = torch.randint(T_STEPS, (cfg.batch_size,), generator=gen)
-            noise = torch.randn((cfg.batch_size, *x0_all.shape[1:]), generator=gen).to(x0_all.device)
-            x0 = x0_all[batch.to(x0_all.device)]
-            with autocast(x0.device):
-                loss = F.mse_loss(model(diffusion.q_sample(x0, t, noise), t.to(x0.device)).float(), noise)
+            loss = ddpm_loss(model, x0_all, gen, cfg.batch_size, diffusion)
             if not torch.isfinite(loss):
                 raise UserError(f"DDPM loss became {loss.item()} at step {step}; lower --lr. "
-                                f"The last good checkpoint ({path.name}, step {state['step']}) is kept")
+                                f"The last good checkpoint ({path.name}) is kept")
+            if step > first and step % cfg.ckpt_every == 0:
+                save_checkpoint(path, state, cfg)  # these weights have just given a finite loss
             state["opt"].zero_grad(set_to_none=True)
             loss.backward()
             state["opt"].step()
             ema_update(state["ema"], model, cfg.ema, step)
-            state["step"] = step + 1
+            state["step"], state["rng"] = step + 1, gen.get_state()
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{state['step'] * cfg.batch_size / len(x0_all):.0f}", refresh=False)
-            if state["step"] % cfg.ckpt_every == 0 or state["step"] == cfg.train_steps:
-                save_checkpoint(path, state, cfg)
+        save_checkpoint(path, state, cfg)
     except KeyboardInterrupt:
         save_checkpoint(path, state, cfg)
         raise UserError(f"stopped at step {state['step']}; checkpoint saved to {path}. "

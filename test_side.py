@@ -483,3 +483,17 @@ def test_tiny_cifar10_run_completes(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["methods"]["side"]["n_generated"] == 12
     assert np.load(tmp_path / "train_subset.npz")["images"].shape == (12, 8, 8, 3)
+
+
+def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real_loss, calls = side.ddpm_loss, []
+
+    def loss_that_diverges_at_step_25(*args):
+        calls.append(1)
+        return torch.tensor(float("nan")) if len(calls) > 25 else real_loss(*args)
+    monkeypatch.setattr(side, "ddpm_loss", loss_that_diverges_at_step_25)
+    assert side.main([*TINY, "--out", str(tmp_path), "--ckpt-every", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "DDPM loss became nan at step 25" in err and "lower --lr" in err and "Traceback" not in err
+    saved = torch.load(tmp_path / "ddpm.pt", weights_only=False)
+    assert saved["step"] == 20 and all(torch.isfinite(v).all() for v in saved["model"].values())
