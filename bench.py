@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--report", default="runs/digits-n64-8px/report.json", help="report.json of a default run [%(default)s]")
     p.add_argument("--device", default="cpu", help="cpu | cuda [%(default)s]")
     p.add_argument("--windows", type=int, default=None, help="timed windows per measurement [5; quick: 3]")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core) [0]")
     p.add_argument("--out", default="bench.json", help="where to write the raw numbers [%(default)s]")
     return p.parse_args(argv)
 
@@ -248,6 +249,8 @@ def cpu_name() -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = side.resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     windows = args.windows or (3 if args.quick else 5)
     fractions = [float(f) for f in (args.nn_scale or ("0.0625,0.125" if args.quick else "0.125,0.25,0.5")).split(",")]
     side.progress = functools.partial(side.tqdm, disable=True)  # no progress bars inside timed calls

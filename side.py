@@ -86,6 +86,7 @@ class Config:
     n_gen: int = field(default=None, metadata={"help": "N_G: generations per method"})
     guidance: float = field(default=None, metadata={"help": "lambda: guidance scale (0 = unconditional)"})
     methods: str = field(default="uncond,cond,side", metadata={"help": "which rows of Table 1 to run"})
+    cond_input: str = field(default="xt", metadata={"help": "what the cond classifier judges: xt | x0 (predicted)"})
     # --- evaluation ---
     sim_model: str = field(default="", metadata={"help": "TorchScript embedding model for AMS/UMS (e.g. SSCD)"})
     bands: str = field(default="", metadata={"help": "AMS/UMS band edges low,mid,high (default per space)"})
@@ -128,7 +129,7 @@ STAGE_FIELDS = {
     "labels": ["labels", "clusters", "cohesion"],
     "classifier": ["clf_steps", "clf_lr", "clf_batch"],
     "generations": ["n_gen"],
-    "guidance": ["guidance"],
+    "guidance": ["guidance", "cond_input"],
     "report": ["sim_model", "bands"],
 }
 
@@ -187,6 +188,7 @@ def validate(cfg: Config) -> None:
         (cfg.sampler in ("ddim", "ddpm"), f"--sampler must be ddim or ddpm (got {cfg.sampler!r})"),
         (cfg.labels in ("kmeans", "teacher"), f"--labels must be kmeans or teacher (got {cfg.labels!r})"),
         (cfg.subset in ("first", "random"), f"--subset must be first or random (got {cfg.subset!r})"),
+        (cfg.cond_input in ("xt", "x0"), f"--cond-input must be xt or x0 (got {cfg.cond_input!r})"),
         (0 < cfg.sample_steps <= T_STEPS and T_STEPS % cfg.sample_steps == 0,
          f"--sample-steps must divide T={T_STEPS} (got {cfg.sample_steps}); try 50, 100 or 250"),
         (set(method_list(cfg)) <= {"uncond", "cond", "side"}, f"--methods takes uncond,cond,side (got {cfg.methods!r})"),
@@ -674,7 +676,7 @@ def load_checkpoint(path: Path, cfg: Config, in_ch: int, device: torch.device) -
     check_compatible(saved["config"], cfg, path)
     for name in ("model", "ema", "opt"):
         state[name].load_state_dict(saved[name])
-    state["generator"].set_state(saved["rng"])
+    state["generator"].set_state(saved["rng"].cpu())  # map_location may have moved it
     state["step"] = saved["step"]
     return state
 
@@ -894,9 +896,24 @@ def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, dev
 # =================================================================================================
 # 8. Extraction: Algorithm 1, Part 2. For each generation draw a target cluster c ~ U{1..K'} and
 #    sample with the guided score. `uncond` (Carlini UnCond) is the same call with lambda = 0;
-#    `cond` (Carlini Cond) guides with the time-independent classifier, applied to x_t directly,
-#    so the only difference from `side` is the time-dependence (noise-awareness) of p_phi.
+#    `cond` (Carlini Cond) guides with the time-independent classifier. By default it is applied to
+#    x_t directly, so the only difference from `side` is the time-dependence (noise-awareness) of
+#    p_phi; --cond-input x0 lets it judge the predicted x_0 instead, the stronger common variant.
 # =================================================================================================
+
+
+class SeesPredictedX0(nn.Module):
+    """--cond-input x0: the time-independent classifier judges the model's estimate of x_0,
+    x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t), instead of the noisy x_t.
+    The gradient then flows back through eps_theta too (about 3x the cost of a step)."""
+
+    def __init__(self, classifier: nn.Module, model: nn.Module, diffusion: Diffusion):
+        super().__init__()
+        self.classifier, self.model, self.diffusion = classifier, model, diffusion
+
+    def forward(self, x, t):
+        a = self.diffusion.abar(t.cpu(), x)
+        return self.classifier((x - (1 - a).sqrt() * self.model(x, t).float()) / a.sqrt(), t)
 
 
 def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
@@ -1118,9 +1135,11 @@ def stage_generations(cfg, method, model, classifiers, num_classes, out, device)
     cached = load_stage(path, key, cfg)
     if cached is None:
         targets = draw_targets(cfg.seed, cfg.n_gen, num_classes)
-        guidance = 0.0 if method == "uncond" else cfg.guidance
-        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifiers.get(method), targets,
-                        guidance, desc=f"generate {method}")
+        guidance, classifier = (0.0 if method == "uncond" else cfg.guidance), classifiers.get(method)
+        if method == "cond" and cfg.cond_input == "x0":
+            classifier = SeesPredictedX0(classifier, model, Diffusion())
+        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets, guidance,
+                        desc=f"generate {method}")
         cached = dict(images=images, seeds=np.array([[cfg.seed, STREAM_EVAL, i] for i in range(cfg.n_gen)]),
                       targets=targets if method != "uncond" else np.full(cfg.n_gen, -1), stage_key=key)
         save_npz(path, **cached)

@@ -497,3 +497,15 @@ def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_
     assert "DDPM loss became nan at step 25" in err and "lower --lr" in err and "Traceback" not in err
     saved = torch.load(tmp_path / "ddpm.pt", weights_only=False)
     assert saved["step"] == 20 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_cond_input_x0_feeds_the_classifier_the_predicted_x0():
+    cfg, unet, classifier = tiny_networks(time_dependent=False)
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    diffusion, x, t = side.Diffusion(), torch.randn(2, 1, 8, 8), torch.tensor([700, 700])
+    a = diffusion.alpha_bar[700].float()
+    with torch.no_grad():
+        x0_hat = (x - (1 - a).sqrt() * unet(x, t)) / a.sqrt()
+        wrapped = side.SeesPredictedX0(classifier, unet, diffusion)
+        assert torch.allclose(wrapped(x, t), classifier(x0_hat, t), atol=1e-5)
+        assert not torch.allclose(wrapped(x, t), classifier(x, t), atol=1e-3)
