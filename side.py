@@ -28,7 +28,9 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,15 +124,15 @@ T_STEPS = 1000  # T: diffusion steps of the target model (paper leaves it open; 
 # Which settings each stage depends on. A stage is redone when one of these (or an upstream stage)
 # changes, and skipped otherwise: `--guidance 3` reruns only guided sampling and the report.
 STAGE_FIELDS = {
-    "data": ["dataset", "n", "image_size", "subset", "split", "classes", "balanced", "seed"],
+    "data": ["dataset", "data_root", "n", "image_size", "subset", "split", "classes", "balanced", "seed"],
     "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
     "sampler": ["sampler", "sample_steps", "eta"],
     "synthetic": ["n_syn"],
     "labels": ["labels", "clusters", "cohesion"],
     "classifier": ["clf_steps", "clf_lr", "clf_batch"],
     "generations": ["n_gen"],
-    "guidance": ["guidance", "cond_input"],
-    "report": ["sim_model", "bands"],
+    "guidance": ["guidance"],
+    "cond": ["cond_input"],
 }
 
 
@@ -183,6 +185,9 @@ def validate(cfg: Config) -> None:
          f"multiple of {factor} (each level halves it), e.g. {factor * 4}, {factor * 8} or {factor * 16}"),
         (cfg.guidance >= 0, f"--guidance (lambda) must be >= 0 (got {cfg.guidance})"),
         (cfg.n_gen > 0, f"--n-gen must be positive (got {cfg.n_gen})"),
+        (cfg.train_steps > 0 and cfg.ckpt_every > 0, "--train-steps and --ckpt-every must be positive"),
+        (all(c.strip().isdigit() for c in cfg.classes.split(",")) if cfg.classes else True,
+         f"--classes takes class ids such as 3,5 (got {cfg.classes!r})"),
         (2 <= cfg.clusters <= cfg.n_syn, f"--clusters must be between 2 and --n-syn={cfg.n_syn} (got {cfg.clusters})"),
         (0 <= cfg.cohesion <= 1, f"--cohesion (tau) must lie in [0, 1] (got {cfg.cohesion})"),
         (cfg.sampler in ("ddim", "ddpm"), f"--sampler must be ddim or ddpm (got {cfg.sampler!r})"),
@@ -461,7 +466,9 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice; the time embedding scales and shifts the normalized features."""
+    """GroupNorm-SiLU-conv twice. The time embedding scales and shifts the features right after the
+    normalization that follows the first convolution: in a post-activation ResNet block that is the
+    "first BN" of the paper's refinement block (App. B, Fig. 9)."""
 
     def __init__(self, c_in: int, c_out: int, t_dim: int):
         super().__init__()
@@ -622,7 +629,8 @@ class Diffusion:
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def timesteps(self, sampler: str, sample_steps: int) -> list[int]:
-        """Original timestep indices visited by the sampler, from T-1 down to 0."""
+        """Original timestep indices visited, descending to 0: every index for DDPM; for DDIM every
+        (T / steps)-th, T - T/steps ... 0 (diffusers' "leading" spacing: 980, 960, ..., 0 for 50)."""
         stride = 1 if sampler == "ddpm" else self.steps // sample_steps
         return list(range(0, self.steps, stride))[::-1]
 
@@ -718,17 +726,36 @@ def ddpm_loss(model, x0_all: torch.Tensor, gen: torch.Generator, batch_size: int
         return F.mse_loss(model(diffusion.q_sample(x0, t, noise), t.to(x0.device)).float(), noise)
 
 
+class DeferredInterrupt:
+    """Inside this block Ctrl-C only raises a flag; training stops at the next step boundary, so the
+    checkpoint it writes never holds weights one update ahead of its step and RNG state."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.press)
+        return self
+
+    def press(self, *_):
+        self.pressed = True
+
+    def __exit__(self, *_):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def run_training_loop(cfg: Config, state: dict, x0_all: torch.Tensor, path: Path) -> None:
-    """Train to cfg.train_steps. (step, rng) in `state` always describe an iteration boundary, so a
+    """Train to cfg.train_steps. (step, rng) in `state` always describe a step boundary, so a
     checkpoint resumes with exactly the batches an uninterrupted run would have drawn."""
     diffusion, gen, model, first = Diffusion(), state["generator"], state["model"], state["step"]
-    stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", 0))  # test hook: simulate Ctrl-C at this step
+    stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))  # test hook: simulate Ctrl-C at this step
     state["rng"] = gen.get_state()
     bar = progress(range(first, cfg.train_steps), desc="train DDPM", initial=first, total=cfg.train_steps)
-    try:
+    with DeferredInterrupt() as ctrl_c:
         for step in bar:
-            if stop_at and step == stop_at:
-                raise KeyboardInterrupt
+            if ctrl_c.pressed or step == stop_at:
+                save_checkpoint(path, state, cfg)
+                raise UserError(f"stopped at step {step}; checkpoint saved to {path}. Rerun the same command to resume")
             loss = ddpm_loss(model, x0_all, gen, cfg.batch_size, diffusion)
             if not torch.isfinite(loss):
                 raise UserError(f"DDPM loss became {loss.item()} at step {step}; lower --lr. "
@@ -741,11 +768,7 @@ def run_training_loop(cfg: Config, state: dict, x0_all: torch.Tensor, path: Path
             ema_update(state["ema"], model, cfg.ema, step)
             state["step"], state["rng"] = step + 1, gen.get_state()
             bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{state['step'] * cfg.batch_size / len(x0_all):.0f}", refresh=False)
-        save_checkpoint(path, state, cfg)
-    except KeyboardInterrupt:
-        save_checkpoint(path, state, cfg)
-        raise UserError(f"stopped at step {state['step']}; checkpoint saved to {path}. "
-                        f"Rerun the same command to resume") from None
+    save_checkpoint(path, state, cfg)
 
 
 def autocast(device: torch.device):
@@ -783,12 +806,12 @@ def guided_eps(model, classifier, x, t, targets, guidance: float, diffusion: Dif
 
 
 def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
-           classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample") -> np.ndarray:
+           classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample", batch: int = 0) -> np.ndarray:
     """Draw `count` images (uint8), batch by batch; guided toward `targets` when guidance > 0."""
     diffusion, shape = Diffusion(), (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
     steps = diffusion.timesteps(cfg.sampler, cfg.sample_steps)
     eta = 1.0 if cfg.sampler == "ddpm" else cfg.eta
-    batch, images = max(1, min(count, 256 if device.type == "cpu" else 1024)), []
+    batch, images = batch or max(1, min(count, 256 if device.type == "cpu" else 1024)), []
     for start in progress(range(0, count, batch), desc=desc, unit="batch"):
         rngs = [sample_rng(cfg.seed, stream, i) for i in range(start, min(count, start + batch))]
         x = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
@@ -830,6 +853,8 @@ def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed:
         raise UserError(f"--cohesion {cohesion} keeps none of the {clusters} clusters (best cohesion "
                         f"{cohesions.max():.3f}); lower --cohesion or raise --clusters")
     labels = (features @ centroids[kept].T).argmax(1)  # nearest kept centroid by cosine
+    kept = kept[np.bincount(labels, minlength=len(kept)) > 0]  # a centroid may lose all its members
+    labels = (features @ centroids[kept].T).argmax(1)
     return dict(labels=labels, kept=kept, cohesion=cohesions[kept], all_cohesion=cohesions,
                 sizes=np.bincount(labels, minlength=len(kept)), centroids=centroids[kept])
 
@@ -905,7 +930,8 @@ def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, dev
 class SeesPredictedX0(nn.Module):
     """--cond-input x0: the time-independent classifier judges the model's estimate of x_0,
     x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t), instead of the noisy x_t.
-    The gradient then flows back through eps_theta too (about 3x the cost of a step)."""
+    The gradient then flows back through eps_theta too (about 3x the cost of a step). x0_hat is not
+    clamped: clamping would zero the gradient wherever the estimate saturates (often, at large t)."""
 
     def __init__(self, classifier: nn.Module, model: nn.Module, diffusion: Diffusion):
         super().__init__()
@@ -1011,8 +1037,10 @@ def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, ba
     normalized_l2 = d1 / (CARLINI_ALPHA * np.maximum(dist.mean(1), 1e-12))
     if featurize is None:  # pixel space: gamma = 1 - normalized L2, from the k nearest
         best_sim, best_sim_index, band_hits = pixel_similarity(dist, index, len(train), bands)
-    else:
-        best_sim, best_sim_index, band_hits = similarity_scan(generated, train, featurize, bands)
+    else:  # embed every image once, then compare the embeddings block by block
+        embedded = [torch.cat([featurize(images[s]) for s in block_slices(len(images), 256)]).cpu()
+                    for images in (generated, train)]
+        best_sim, best_sim_index, band_hits = similarity_scan(*embedded, torch.as_tensor, bands)
     memorized = ratio < GU_THRESHOLD
     per_sample = dict(nn_index=index[:, 0], nn_index2=index[:, 1 % index.shape[1]], d1=d1, d2=d2,
                       nn_ratio=ratio, normalized_l2=normalized_l2, best_sim=best_sim, best_sim_index=best_sim_index)
@@ -1073,7 +1101,8 @@ def stage_synthetic(cfg, model, out, device) -> np.ndarray:
 
 def stage_labels(cfg, synthetic, train_images, train_labels, out, device) -> dict:
     """Algorithm 1 lines 2-5 (kmeans) or the v2 teacher's soft labels (teacher)."""
-    path, key = out / "labels.npz", stage_key(cfg, "data", "ddpm", "sampler", "synthetic", "labels")
+    groups = ["data", "ddpm", "sampler", "synthetic", "labels"] + (["classifier"] if cfg.labels == "teacher" else [])
+    path, key = out / "labels.npz", stage_key(cfg, *groups)  # the v2 teacher is trained with the clf settings
     cached = load_stage(path, key, cfg)
     if cached is None:
         if cfg.labels == "kmeans":
@@ -1104,7 +1133,7 @@ def teacher_labels(cfg, synthetic, train_images, train_labels, device) -> dict:
                           to_unit_range(synthetic).to(device).split(512)]).numpy()
     labels = soft.argmax(1)
     return dict(labels=labels, soft=soft, kept=np.arange(classes), sizes=np.bincount(labels, minlength=classes),
-                cohesion=np.full(classes, np.nan))
+                cohesion=np.zeros(0))  # cohesion is a k-means notion
 
 
 def stage_classifier(cfg, synthetic, labels, time_dependent: bool, out, device) -> tuple[nn.Module, dict]:
@@ -1130,7 +1159,7 @@ def stage_generations(cfg, method, model, classifiers, num_classes, out, device)
     """Algorithm 1 lines 16-26: N_G generations of one method, with the same seeds for every method."""
     groups = ["data", "ddpm", "sampler", "generations"]
     if method != "uncond":  # the baseline does not depend on labels, classifier or lambda
-        groups += ["synthetic", "labels", "classifier", "guidance"]
+        groups += ["synthetic", "labels", "classifier", "guidance"] + (["cond"] if method == "cond" else [])
     path, key = out / f"samples_{method}.npz", stage_key(cfg, *groups)
     cached = load_stage(path, key, cfg)
     if cached is None:
@@ -1292,7 +1321,9 @@ def run_pipeline(cfg: Config) -> dict:
 
 
 def check_run_folder(cfg: Config, out: Path) -> None:
-    """A folder holding a run of other data or another network is not reused silently."""
+    """A folder holding a run of other data or another network is not reused silently. Checked here,
+    before the data stage could overwrite train_subset.npz; load_checkpoint checks again for callers
+    that train directly."""
     if cfg.fresh or not (out / "config.json").is_file():
         return
     saved = json.loads((out / "config.json").read_text())
@@ -1321,9 +1352,9 @@ def run_sweep(cfg: Config) -> dict:
     """Rerun only the stages that depend on the swept setting, and plot the side row against it."""
     name, values = parse_sweep(cfg.sweep)
     rows = []
-    for value in values:
+    for i, value in enumerate(values):
         print(f"\n=== sweep {name} = {value} ===")
-        setting = dataclasses.replace(cfg, **{name: value}, sweep="")
+        setting = dataclasses.replace(cfg, **{name: value}, sweep="", fresh=cfg.fresh and i == 0)
         validate(setting)
         report = run_pipeline(setting)
         rows.append(dict(value=value, **{m: s for m, s in report["methods"].items()}))
@@ -1337,9 +1368,9 @@ def plot_sweep(name: str, rows: list, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax1 = plt.subplots(figsize=(5, 3.5))
-    values = [r["value"] for r in rows]
-    ax1.plot(values, [100 * r["side"]["memorized_fraction"] for r in rows], "o-", label="side: Gu memorized %")
-    ax1.plot(values, [r["side"]["ums_high"] + r["side"]["ums_mid"] for r in rows], "s--", label="side: mid+high UMS")
+    values, method = [r["value"] for r in rows], "side" if "side" in rows[0] else list(rows[0])[-1]
+    ax1.plot(values, [100 * r[method]["memorized_fraction"] for r in rows], "o-", label=f"{method}: Gu memorized %")
+    ax1.plot(values, [r[method]["ums_high"] + r[method]["ums_mid"] for r in rows], "s--", label=f"{method}: mid+high UMS")
     if "uncond" in rows[0]:
         ax1.axhline(100 * rows[0]["uncond"]["memorized_fraction"], color="gray", ls=":", label="uncond memorized %")
     ax1.set(xlabel=name, ylabel="%")

@@ -55,17 +55,27 @@ def test_forward_noising_has_the_mean_and_variance_of_q():
     assert diffusion.alpha_bar[-1] < 1e-4  # x_T is (almost) pure noise with T = 1000 linear betas
 
 
-def test_ddpm_step_is_ddim_with_eta_one_and_posterior_variance():
-    """The ancestral step's added variance is beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t."""
+def test_ddpm_step_is_the_posterior_q_of_x_prev_given_x_t_and_x0():
+    """DDIM with eta = 1 and t_prev = t - 1 is ancestral DDPM: mean and variance of q(x_{t-1} | x_t, x_0)."""
     diffusion, t = side.Diffusion(), 500
-    x, eps = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
-    noise = torch.ones(1, 1, 1, 1)
-    a_t, a_prev = diffusion.alpha_bar[t], diffusion.alpha_bar[t - 1]
-    beta_tilde = (1 - a_prev) / (1 - a_t) * diffusion.betas[t]
-    step = diffusion.reverse_step(x, eps, t, t - 1, 1.0, noise) - diffusion.reverse_step(x, eps, t, t - 1, 1.0, 0 * noise)
+    x, eps, noise = torch.full((1, 1, 1, 1), 0.3), torch.full((1, 1, 1, 1), -0.8), torch.ones(1, 1, 1, 1)
+    a_t, a_prev, beta = diffusion.alpha_bar[t], diffusion.alpha_bar[t - 1], diffusion.betas[t]
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x
+    beta_tilde = (1 - a_prev) / (1 - a_t) * beta
+    no_noise = diffusion.reverse_step(x, eps, t, t - 1, 1.0, 0 * noise)
+    assert no_noise.item() == pytest.approx(mean.item(), rel=1e-4)
+    step = diffusion.reverse_step(x, eps, t, t - 1, 1.0, noise) - no_noise
     assert step.item() == pytest.approx(beta_tilde.sqrt().item(), rel=1e-4)
+    last = diffusion.reverse_step(x, eps, 0, -1, 1.0, noise)  # no noise is added on the last step
+    assert torch.equal(last, diffusion.reverse_step(x, eps, 0, -1, 1.0, 0 * noise))
+    # DDIM, eta = 0: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, deterministic
+    ddim = diffusion.reverse_step(x, eps, t, 480, 0.0, noise)
+    a_480 = diffusion.alpha_bar[480]
+    eps_clamped = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    assert ddim.item() == pytest.approx((a_480.sqrt() * x0 + (1 - a_480).sqrt() * eps_clamped).item(), rel=1e-4)
     assert diffusion.timesteps("ddpm", 50) == list(range(999, -1, -1))
-    assert diffusion.timesteps("ddim", 50)[:2] == [980, 960]
+    assert diffusion.timesteps("ddim", 50)[:2] == [980, 960] and diffusion.timesteps("ddim", 50)[-1] == 0
 
 
 def tiny_networks(num_classes=3, time_dependent=True):
@@ -91,10 +101,10 @@ def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
     for sampler in ("ddim", "ddpm"):
         cfg.sampler = sampler
         cfg.sample_steps = 10
-        three = side.sample(unet, cfg, 3, torch.device("cpu"))
-        two = side.sample(unet, cfg, 2, torch.device("cpu"))
-        np.testing.assert_array_equal(three[:2], two)
-        assert not np.array_equal(three[0], three[1])
+        in_batches_of_two = side.sample(unet, cfg, 5, torch.device("cpu"), batch=2)
+        alone = side.sample(unet, cfg, 5, torch.device("cpu"), batch=5)
+        np.testing.assert_array_equal(in_batches_of_two, alone)
+        assert not np.array_equal(alone[3], alone[4])
 
 
 class Brightness(torch.nn.Module):
@@ -202,6 +212,21 @@ def test_blocked_nearest_neighbours_match_brute_force():
     full = np.linalg.norm(gen.reshape(37, 1, -1) / 255.0 - train.reshape(1, 53, -1) / 255.0, axis=2)
     np.testing.assert_array_equal(index, np.argsort(full, axis=1)[:, :5])
     np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, :5], rtol=1e-4)
+
+
+def test_pixel_similarity_band_hits_match_brute_force_over_the_whole_training_set():
+    rng = np.random.default_rng(2)
+    train = rng.integers(0, 256, (300, 4, 4, 1), dtype=np.uint8)
+    spread = np.linspace(2, 80, 40).reshape(40, 1, 1, 1)  # from near copies to loose look-alikes
+    generated = np.clip(train[:40] + spread * rng.standard_normal((40, 4, 4, 1)), 0, 255).astype(np.uint8)
+    dist, index = side.nearest_neighbours(generated, train, side.CARLINI_NEIGHBOURS)
+    best, _, hits = side.pixel_similarity(dist, index, len(train), side.PIXEL_BANDS)
+    full = np.linalg.norm(generated.reshape(40, 1, -1) / 255.0 - train.reshape(1, 300, -1) / 255.0, axis=2)
+    gamma = 1 - full / (side.CARLINI_ALPHA * np.sort(full, axis=1)[:, :50].mean(1, keepdims=True))
+    for name, in_band in side.band_masks(gamma, side.PIXEL_BANDS).items():
+        np.testing.assert_array_equal(hits[name], in_band.any(0), err_msg=name)
+    assert all(h.any() for h in hits.values())  # the case exercises every band
+    np.testing.assert_allclose(best, gamma.max(1), rtol=1e-4)
 
 
 def test_ams_and_ums_on_a_hand_made_case():
