@@ -293,7 +293,8 @@ def test_theorem1_gap_is_negative_and_tends_to_minus_kl():
 def test_theory_md_pointers_name_code_that_exists():
     text = (ROOT / "theory.md").read_text()
     source = (ROOT / "side.py").read_text().splitlines()
-    pointers = re.findall(r"side\.py(?:#L(\d+)-L(\d+))?:?\s+([A-Za-z_][\w.]*)(?:\(\))?", text)
+    # a pointer is `side.py: name()`, `side.py: Class`, `side.py: Class.method()` or `side.py#L10-L20 name()`
+    pointers = re.findall(r"`side\.py(?:#L(\d+)-L(\d+))?:?\s+([A-Za-z_][\w.]*)(?:\(\))?`", text)
     assert len(pointers) >= 15, "theory.md should point into side.py throughout"
     for start, end, name in pointers:
         obj = side
