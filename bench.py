@@ -61,6 +61,7 @@ def params(model) -> int:
 
 
 def profile_cfg(dataset: str, device) -> side.Config:
+    """side's own profile for (dataset, device): digits -> 8x8x1, cifar10 (CPU) -> 16x16x3."""
     return side.apply_profile(side.Config(dataset=dataset, device=device.type))
 
 
@@ -73,13 +74,13 @@ def diffusers_unet(cfg: side.Config, in_ch: int):
 
 
 def training_stepper(model, forward, cfg, in_ch, device):
-    """One DDPM step as in side.run_training_loop (q_sample, MSE on eps, Adam), without EMA/checkpoints."""
+    """One DDPM step (q_sample, MSE on eps, Adam) as side trains; EMA and checkpoints left out."""
     model.to(device).train()
     opt, diffusion = torch.optim.Adam(model.parameters(), lr=cfg.lr), side.Diffusion()
     gen = torch.Generator().manual_seed(0)
     x0_all = torch.rand(cfg.n, in_ch, cfg.image_size, cfg.image_size, generator=gen).to(device) * 2 - 1
 
-    def step():
+    def step():  # the same calls, in the same order, as side.run_training_loop
         batch = torch.randint(len(x0_all), (cfg.batch_size,), generator=gen)
         t = torch.randint(side.T_STEPS, (cfg.batch_size,), generator=gen)
         noise = torch.randn((cfg.batch_size, *x0_all.shape[1:]), generator=gen).to(device)
@@ -196,54 +197,59 @@ def end_to_end(path: str):
                 ("dataset", "n", "image_size", "channels", "train_steps", "n_syn", "clf_steps", "n_gen", "device")})
 
 
-def markdown(results, args) -> str:
+def table(header: list, rows: list) -> list:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(results) -> str:
     mb = lambda b: f"{b / 2**20:,.0f} MB"
-    out = ["| training (DDPM step) | side.UNet | diffusers UNet2DModel | side / diffusers |", "|---|---|---|---|"]
-    for r in results["training"]:
-        out.append(f"| {r['config']} | {r['side']:,.0f} img/s ({r['params_side']:,} params) | "
-                   f"{r['diffusers']:,.0f} img/s ({r['params_diffusers']:,} params) | {r['ratio']:.2f} |")
-    out += ["", "| sampling (side.sample) | unguided | SIDE-guided | guided cost / unguided |", "|---|---|---|---|"]
-    for r in results["sampling"]:
-        out.append(f"| {r['config']} | {r['unguided']:,.0f} img/s | {r['guided']:,.0f} img/s | {r['cost_ratio']:.2f} |")
-    s = results["search"]
-    out += ["", f"| nearest_neighbours, k={side.CARLINI_NEIGHBOURS}, {PAPER_SIZE}x{PAPER_SIZE}x3 uint8 | N_G x n | time | ns per pair "
-            "| peak extra RSS | input data |", "|---|---|---|---|---|---|"]
-    for r in s["rows"]:
-        out.append(f"| {r['fraction']:g} of paper size | {r['n_gen']:,} x {r['n_train']:,} | {r['seconds']:.2f} s | "
-                   f"{r['ns_per_pair']:.2f} | {mb(r['extra_bytes'])} | {mb(r['data_bytes'])} |")
-    tag = "measured" if s["full"]["measured"] else "EXTRAPOLATED: time = c N_G n fitted to the rows above"
-    out.append(f"| paper size ({tag}) | {PAPER_N_GEN:,} x {PAPER_N_TRAIN:,} | {s['full']['seconds']:.0f} s | "
-               f"{1e9 * s['seconds_per_pair']:.2f} | {mb(s['full']['extra_bytes'])} | {mb((PAPER_N_GEN + PAPER_N_TRAIN) * 3 * PAPER_SIZE ** 2)} |")
-    first = s["rows"][0]
-    out += ["", f"ns per pair varies {s['full']['spread']:.2f}x over a {s['rows'][-1]['n_gen'] * s['rows'][-1]['n_train'] / (first['n_gen'] * first['n_train']):.0f}x "
-            f"range of N_G x n (linear). memorization_metrics at {first['n_gen']:,} x {first['n_train']:,}: "
-            f"{first['metrics_seconds']:.2f} s (search alone {first['seconds']:.2f} s), peak extra {mb(first['metrics_extra_bytes'])}."]
+    out = table(["training (DDPM step)", "side.UNet", "diffusers UNet2DModel", "side / diffusers"],
+                [[r["config"], f"{r['side']:,.0f} img/s ({r['params_side']:,} params)",
+                  f"{r['diffusers']:,.0f} img/s ({r['params_diffusers']:,} params)", f"{r['ratio']:.2f}"]
+                 for r in results["training"]])
+    out += [""] + table(["sampling (side.sample)", "unguided", "SIDE-guided", "guided cost / unguided"],
+                        [[r["config"], f"{r['unguided']:,.1f} img/s", f"{r['guided']:,.1f} img/s", f"{r['cost_ratio']:.2f}"]
+                         for r in results["sampling"]])
+    s, full = results["search"], results["search"]["full"]
+    rows = [[f"{r['fraction']:g} of paper size", f"{r['n_gen']:,} x {r['n_train']:,}", f"{r['seconds']:.2f} s",
+             f"{r['ns_per_pair']:.0f}", mb(r["extra_bytes"]), mb(r["data_bytes"])] for r in s["rows"]]
+    rows.append(["paper size (" + ("measured" if full["measured"] else "EXTRAPOLATED: c N_G n fitted to the rows above") + ")",
+                 f"{PAPER_N_GEN:,} x {PAPER_N_TRAIN:,}", f"{full['seconds']:.0f} s", f"{1e9 * s['seconds_per_pair']:.0f}",
+                 mb(full["extra_bytes"]), mb((PAPER_N_GEN + PAPER_N_TRAIN) * 3 * PAPER_SIZE ** 2)])
+    out += [""] + table([f"nearest_neighbours, k={side.CARLINI_NEIGHBOURS}, {PAPER_SIZE}x{PAPER_SIZE}x3", "N_G x n", "time",
+                         "ns per pair", "peak extra RSS", "input data"], rows)
+    first, last = s["rows"][0], s["rows"][-1]
+    span = last["n_gen"] * last["n_train"] / (first["n_gen"] * first["n_train"])
+    out += ["", f"Time per pair varies {full['spread']:.2f}x over a {span:.0f}x range of N_G x n "
+            f"({'linear' if full['spread'] < 1.5 else 'NOT linear'}). memorization_metrics at {first['n_gen']:,} x "
+            f"{first['n_train']:,}: {first['metrics_seconds']:.2f} s (search alone {first['seconds']:.2f} s), "
+            f"peak extra {mb(first['metrics_extra_bytes'])}."]
     e = results["end_to_end"]
     if e.get("missing"):
         out += ["", f"End to end: no report at {e['path']} (run `python side.py` first or pass --report)."]
     else:
-        out += ["", f"| default run, stage ({e['path']}) | " + " | ".join(e["timings"]) + " |",
-                "|---|" + "---|" * len(e["timings"]), "| seconds | " + " | ".join(f"{v:.1f}" for v in e["timings"].values()) + " |"]
-    targets = [("training throughput side / diffusers", min(r["ratio"] for r in results["training"]), ">= 1.0", lambda v: v >= 1.0, "{:.2f}"),
-               ("guided / unguided sampling cost", max(r["cost_ratio"] for r in results["sampling"]), "<= 2.5", lambda v: v <= 2.5, "{:.2f}"),
-               ("search peak extra memory at paper size (GB)", s["full"]["extra_bytes"] / 2**30, "< 2", lambda v: v < 2, "{:.2f}")]
+        out += [""] + table([f"default run ({e['path']})"] + list(e["timings"]),
+                            [["seconds"] + [f"{v:.1f}" for v in e["timings"].values()]])
+    targets = [("training throughput side / diffusers", min(r["ratio"] for r in results["training"]), ">= 1.0", lambda v: v >= 1),
+               ("guided / unguided sampling cost", max(r["cost_ratio"] for r in results["sampling"]), "<= 2.5", lambda v: v <= 2.5),
+               ("search peak extra memory at paper size, GB", full["extra_bytes"] / 2**30, "< 2", lambda v: v < 2)]
     if not e.get("missing"):
-        targets.append(("default run, minutes", e["timings"]["total"] / 60, "<= 10", lambda v: v <= 10, "{:.1f}"))
-    out += ["", "| target | measured (worst row) | goal | result |", "|---|---|---|---|"]
-    out += [f"| {name} | {fmt.format(v)} | {goal} | {'pass' if ok(v) else 'MISS'} |" for name, v, goal, ok, fmt in targets]
+        targets.append(("default run, minutes", e["timings"]["total"] / 60, "<= 10", lambda v: v <= 10))
+    out += [""] + table(["target", "measured (worst row)", "goal", "result"],
+                        [[name, f"{v:.2f}", goal, "pass" if ok(v) else "MISS"] for name, v, goal, ok in targets])
     m = results["machine"]
     out += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, device {m['device']}, "
-            f"torch {m['torch']}, diffusers {m['diffusers']}, float32; load average {m['load_before']} before, {m['load_after']} after."]
-    if float(m["load_before"].split()[0]) > 1.0:  # our own threads add to the load afterwards
+            f"float32, torch {m['torch']}, diffusers {m['diffusers']}; load average {m['load_before']} before, "
+            f"{m['load_after']} after."]
+    if float(m["load_before"].split()[0]) > 1.0:  # after the run the load includes our own threads
         out.append("CAUTION: other processes were using the CPU during this run; the figures are pessimistic.")
     return "\n".join(out)
 
 
 def cpu_name() -> str:
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+             if l.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return names[0] if names else platform.machine()
 
 
 def main(argv=None):
@@ -255,24 +261,25 @@ def main(argv=None):
     fractions = [float(f) for f in (args.nn_scale or ("0.0625,0.125" if args.quick else "0.125,0.25,0.5")).split(",")]
     side.progress = functools.partial(side.tqdm, disable=True)  # no progress bars inside timed calls
     import diffusers
-    machine = dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                   device=str(device), torch=torch.__version__, diffusers=diffusers.__version__,
-                   load_before=" ".join(f"{x:.1f}" for x in os.getloadavg()))
-    results = dict(machine=machine, args=vars(args))
-    print("training ...", flush=True)
-    results["training"] = [bench_training(d, c, device, windows, 5 if args.quick else 20)
-                           for d, c in (("digits", 1), ("cifar10", 3))]
-    print("sampling ...", flush=True)
-    results["sampling"] = [bench_sampling(d, c, device, max(1, windows - 2), count)
-                           for d, c, count in (("digits", 1, 256), ("cifar10", 3, 128))]
-    print(f"nearest neighbours at {fractions} of the paper's size ...", flush=True)
-    results["search"] = bench_search(fractions, device)
-    results["end_to_end"] = end_to_end(args.report)
-    machine["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    table = markdown(results, args)
+    load = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device),
+                   torch=torch.__version__, diffusers=diffusers.__version__, load_before=load())
+    results, seconds = dict(machine=machine, args=vars(args)), {}
+    sections = [("training", lambda: [bench_training(d, c, device, windows, 5 if args.quick else 20)
+                                      for d, c in (("digits", 1), ("cifar10", 3))]),
+                ("sampling", lambda: [bench_sampling(d, c, device, max(1, windows - 2), count)
+                                      for d, c, count in (("digits", 1, 256), ("cifar10", 3, 128))]),
+                ("search", lambda: bench_search(fractions, device)), ("end_to_end", lambda: end_to_end(args.report))]
+    for name, run in sections:
+        print(f"{name} ...", flush=True)
+        start = time.perf_counter()
+        results[name] = run()
+        seconds[name] = round(time.perf_counter() - start, 1)
+    machine["load_after"], results["bench_seconds"] = load(), seconds
+    table = markdown(results)
     print(table)
     Path(args.out).write_text(json.dumps(dict(results, markdown=table), indent=1))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} (bench sections, s: {seconds})")
 
 
 if __name__ == "__main__":

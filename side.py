@@ -449,7 +449,7 @@ def load_stage(path: Path, key: str, cfg: Config):
 # =================================================================================================
 # 2. Networks. A small DDPM UNet with a sinusoidal time embedding. The classifier is the UNet's
 #    encoder half plus a pooled linear head, as in guided-diffusion's noisy classifier; its time
-#    module is a scale/shift right after the first normalization of each block (paper App. B).
+#    module is a scale/shift of the normalized features inside each residual block (paper App. B).
 # =================================================================================================
 
 
@@ -1163,14 +1163,14 @@ def stage_generations(cfg, method, model, classifiers, num_classes, out, device)
     path, key = out / f"samples_{method}.npz", stage_key(cfg, *groups)
     cached = load_stage(path, key, cfg)
     if cached is None:
-        targets = draw_targets(cfg.seed, cfg.n_gen, num_classes)
+        targets = draw_targets(cfg.seed, cfg.n_gen, num_classes) if method != "uncond" else None
         guidance, classifier = (0.0 if method == "uncond" else cfg.guidance), classifiers.get(method)
         if method == "cond" and cfg.cond_input == "x0":
             classifier = SeesPredictedX0(classifier, model, Diffusion())
         images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets, guidance,
                         desc=f"generate {method}")
         cached = dict(images=images, seeds=np.array([[cfg.seed, STREAM_EVAL, i] for i in range(cfg.n_gen)]),
-                      targets=targets if method != "uncond" else np.full(cfg.n_gen, -1), stage_key=key)
+                      targets=targets if targets is not None else np.full(cfg.n_gen, -1), stage_key=key)
         save_npz(path, **cached)
     return cached
 
@@ -1217,7 +1217,8 @@ def write_report(cfg, evaluation, labels, accuracies, timings, out) -> dict:
     report = dict(config=dataclasses.asdict(cfg), timings_s=timings, methods=methods,
                   similarity=dict(space=evaluation["space"], bands=list(evaluation["bands"])),
                   labels=dict(source=cfg.labels, clusters_kept=int(len(labels["kept"])),
-                              sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist()),
+                              sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist())
+                  if labels else None,
                   classifier_accuracy_by_t=accuracies)
     if "uncond" in methods and methods["uncond"]["memorized_fraction"] > 0:
         report["gain_over_uncond"] = {m: s["memorized_fraction"] / methods["uncond"]["memorized_fraction"]
@@ -1231,7 +1232,7 @@ def report_markdown(cfg, report) -> str:
     sim = report["similarity"]
     lines = [f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
              f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, lambda = {cfg.guidance}, "
-             f"{report['labels']['clusters_kept']} surrogate labels ({cfg.labels}).", "",
+             f"{report['labels']['clusters_kept'] if report['labels'] else 'no'} surrogate labels ({cfg.labels}).", "",
              markdown_table(report["methods"]), "",
              f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} with bands "
              f"low [{sim['bands'][0]}, {sim['bands'][1]}), mid [{sim['bands'][1]}, {sim['bands'][2]}], high > {sim['bands'][2]}. "
@@ -1296,19 +1297,20 @@ def run_pipeline(cfg: Config) -> dict:
     print(f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
     model = train_ddpm(cfg, train_images, out, device)
     lap("train")
-    print(f"[3/6] surrogate labels: N_syn = {cfg.n_syn}, K = {cfg.clusters}, tau = {cfg.cohesion}")
-    synthetic = stage_synthetic(cfg, model, out, device)
-    labels = stage_labels(cfg, synthetic, train_images, train_labels, out, device)
-    lap("labels")
-    print(f"[4/6] classifiers on {len(labels['kept'])} labels")
-    classifiers, accuracies = {}, {}
-    for method, time_dependent in (("side", True), ("cond", False)):
-        if method in method_list(cfg):
-            classifiers[method], accuracies[method] = stage_classifier(cfg, synthetic, labels, time_dependent, out, device)
-    lap("classifier")
+    labels, classifiers, accuracies = None, {}, {}
+    if set(method_list(cfg)) - {"uncond"}:  # the baseline alone needs no labels or classifier
+        print(f"[3/6] surrogate labels: N_syn = {cfg.n_syn}, K = {cfg.clusters}, tau = {cfg.cohesion}")
+        synthetic = stage_synthetic(cfg, model, out, device)
+        labels = stage_labels(cfg, synthetic, train_images, train_labels, out, device)
+        lap("labels")
+        print(f"[4/6] classifiers on {len(labels['kept'])} labels")
+        for method, time_dependent in (("side", True), ("cond", False)):
+            if method in method_list(cfg):
+                classifiers[method], accuracies[method] = stage_classifier(cfg, synthetic, labels, time_dependent, out, device)
+        lap("classifier")
     print(f"[5/6] extraction: N_G = {cfg.n_gen} per method, lambda = {cfg.guidance}")
-    generations = {m: stage_generations(cfg, m, model, classifiers, len(labels["kept"]), out, device)
-                   for m in method_list(cfg)}
+    num_labels = len(labels["kept"]) if labels else 0
+    generations = {m: stage_generations(cfg, m, model, classifiers, num_labels, out, device) for m in method_list(cfg)}
     lap("sample")
     print("[6/6] memorization check")
     evaluation = evaluate(cfg, generations, train_images, out, device)

@@ -535,3 +535,10 @@ def test_cond_input_x0_feeds_the_classifier_the_predicted_x0():
         wrapped = side.SeesPredictedX0(classifier, unet, diffusion)
         assert torch.allclose(wrapped(x, t), classifier(x0_hat, t), atol=1e-5)
         assert not torch.allclose(wrapped(x, t), classifier(x, t), atol=1e-3)
+
+
+def test_the_baseline_alone_needs_no_labels_or_classifier(tmp_path):
+    assert side.main([*TINY, "--out", str(tmp_path), "--methods", "uncond"]) == 0
+    assert not (tmp_path / "labels.npz").exists() and not (tmp_path / "classifier_side.pt").exists()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["methods"]) == ["uncond"] and report["labels"] is None
