@@ -1,7 +1,7 @@
 """bench.py: speed of side.py (issue 7). Prints Markdown tables and writes bench.json.
 
-    python bench.py                      # about 6 minutes on a 2-core CPU
-    python bench.py --quick              # about 1 minute: fewer windows, smaller search sizes
+    python bench.py                      # about 7 minutes on one thread of a 2-core CPU
+    python bench.py --quick              # about 2 minutes: fewer windows, smaller search sizes
     python bench.py --nn-scale 0.25,0.5,1 --report runs/digits-n64-8px/report.json
 
 1. DDPM training throughput of side.UNet vs diffusers' UNet2DModel of a similar parameter count,
@@ -40,7 +40,7 @@ DIFFUSERS_WIDTHS = {"32,64": (32, 56)}  # its up path has one more resnet per le
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:]))
-    p.add_argument("--quick", action="store_true", help="fewer timed windows and smaller search sizes (~1 min)")
+    p.add_argument("--quick", action="store_true", help="fewer timed windows and smaller search sizes (~2 min)")
     p.add_argument("--nn-scale", default=None, help="fractions of N_G and of n for the search, e.g. 0.25,0.5,1 "
                    "(work grows as the square) [0.125,0.25,0.5; quick: 0.0625,0.125]")
     p.add_argument("--report", default="runs/digits-n64-8px/report.json", help="report.json of a default run [%(default)s]")
