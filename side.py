@@ -105,7 +105,7 @@ class Config:
 # small but non-zero part of its 64 training digits (README, "How the default run was chosen").
 _SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
               clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance=10.0)
-# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128 (README, "GPU").
+# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128 (README, "Profiles").
 _GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
             n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120, guidance=10.0)
 PROFILES = {
