@@ -417,22 +417,23 @@ def load_training_set(cfg: Config, out: Path):
 
 
 # --- atomic files: a run killed at any moment never leaves a half-written file that a rerun trusts
-def save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
+def write_atomically(path: Path, write) -> None:
+    """write(tmp) to a temporary file beside `path`, then rename it over `path` in one step."""
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)  # np.savez needs the .npz suffix
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_npz(path: Path, **arrays) -> None:
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def save_torch(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def load_stage(path: Path, key: str, cfg: Config):
