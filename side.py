@@ -853,9 +853,9 @@ def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed:
     if len(kept) == 0:
         raise UserError(f"--cohesion {cohesion} keeps none of the {clusters} clusters (best cohesion "
                         f"{cohesions.max():.3f}); lower --cohesion or raise --clusters")
-    labels = (features @ centroids[kept].T).argmax(1)  # nearest kept centroid by cosine
-    kept = kept[np.bincount(labels, minlength=len(kept)) > 0]  # a centroid may lose all its members
-    labels = (features @ centroids[kept].T).argmax(1)
+    similarity = features @ centroids[kept].T  # cosine to every kept centroid
+    nonempty = np.bincount(similarity.argmax(1), minlength=len(kept)) > 0  # a centroid may lose all members
+    kept, labels = kept[nonempty], similarity[:, nonempty].argmax(1)  # nearest kept centroid
     return dict(labels=labels, kept=kept, cohesion=cohesions[kept], all_cohesion=cohesions,
                 sizes=np.bincount(labels, minlength=len(kept)), centroids=centroids[kept])
 
@@ -1158,14 +1158,14 @@ def stage_classifier(cfg, synthetic, labels, time_dependent: bool, out, device) 
 
 def stage_generations(cfg, method, model, classifiers, num_classes, out, device) -> dict:
     """Algorithm 1 lines 16-26: N_G generations of one method, with the same seeds for every method."""
-    groups = ["data", "ddpm", "sampler", "generations"]
-    if method != "uncond":  # the baseline does not depend on labels, classifier or lambda
+    guided, groups = method != "uncond", ["data", "ddpm", "sampler", "generations"]
+    if guided:  # the baseline does not depend on labels, classifier or lambda
         groups += ["synthetic", "labels", "classifier", "guidance"] + (["cond"] if method == "cond" else [])
     path, key = out / f"samples_{method}.npz", stage_key(cfg, *groups)
     cached = load_stage(path, key, cfg)
     if cached is None:
-        targets = draw_targets(cfg.seed, cfg.n_gen, num_classes) if method != "uncond" else None
-        guidance, classifier = (0.0 if method == "uncond" else cfg.guidance), classifiers.get(method)
+        targets = draw_targets(cfg.seed, cfg.n_gen, num_classes) if guided else None
+        guidance, classifier = (cfg.guidance if guided else 0.0), classifiers.get(method)
         if method == "cond" and cfg.cond_input == "x0":
             classifier = SeesPredictedX0(classifier, model, Diffusion())
         images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets, guidance,
