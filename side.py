@@ -86,9 +86,22 @@ class Config:
     clf_batch: int = field(default=128, metadata={"help": "classifier batch size"})
     # --- extraction (Algorithm 1, Part 2) ---
     n_gen: int = field(default=None, metadata={"help": "N_G: generations per method"})
-    guidance: float = field(default=None, metadata={"help": "lambda: guidance scale (0 = unconditional)"})
-    methods: str = field(default="uncond,cond,side", metadata={"help": "which rows of Table 1 to run"})
-    cond_input: str = field(default="xt", metadata={"help": "what the cond classifier judges: xt | x0 (predicted)"})
+    guidance: float = field(default=None, metadata={
+        "help": "lambda for every guided method, fixed; unset: tuned per method on --tune-seed",
+        "default_text": "tuned"})
+    method_guidance: str = field(default="", metadata={
+        "help": "lambda per row, e.g. side=10,cond=3: fixes those (others: --guidance or tuned)"})
+    methods: str = field(default="uncond,cond,cond_x0,side,shuffled", metadata={
+        "help": "rows to run: uncond, cond, cond_x0, side, shuffled, oracle"})
+    cond_input: str = field(default="xt", metadata={
+        "help": "what the cond row's classifier judges: xt | x0 (predicted); cond_x0 always x0"})
+    # --- protocol: lambda chosen on a seed never reported, then several reported seeds ---
+    seeds: str = field(default="", metadata={
+        "help": "reported seeds, e.g. 0,1,2: the whole pipeline per seed, one aggregate report",
+        "default_text": "--seed"})
+    tune_seed: int = field(default=100, metadata={"help": "lambda is tuned on it, never reported"})
+    lambda_grid: str = field(default="0.3,1,3,10,30", metadata={"help": "lambdas tried in tuning"})
+    tune_n_gen: int = field(default=None, metadata={"help": "N_G per method and lambda, tuning"})
     # --- evaluation ---
     sim_model: str = field(default="", metadata={"help": "TorchScript embedding model for AMS/UMS (e.g. SSCD)"})
     bands: str = field(default="", metadata={"help": "AMS/UMS band edges low,mid,high (default per space)"})
@@ -104,10 +117,10 @@ class Config:
 # digits/cpu: chosen so the whole pipeline runs in minutes on 2 cores and the DDPM memorizes a
 # small but non-zero part of its 64 training digits (README, "How the default run was chosen").
 _SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
-              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance=10.0)
+              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, tune_n_gen=256)
 # gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128 (README, "Profiles").
 _GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
-            n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120, guidance=10.0)
+            n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120, tune_n_gen=1024)
 PROFILES = {
     ("digits", "cpu"): dict(_SMALL, n=64, image_size=8, train_steps=1000),
     ("digits", "gpu"): dict(_SMALL, n=64, image_size=8, train_steps=1000),
@@ -183,7 +196,8 @@ def validate(cfg: Config) -> None:
         (cfg.image_size >= 4 and cfg.image_size % factor == 0,
          f"--image-size {cfg.image_size} does not fit a UNet with {levels} resolutions: it must be a "
          f"multiple of {factor} (each level halves it), e.g. {factor * 4}, {factor * 8} or {factor * 16}"),
-        (cfg.guidance >= 0, f"--guidance (lambda) must be >= 0 (got {cfg.guidance})"),
+        (cfg.guidance is None or cfg.guidance >= 0,
+         f"--guidance (lambda) must be >= 0 (got {cfg.guidance})"),
         (cfg.n_gen > 0, f"--n-gen must be positive (got {cfg.n_gen})"),
         (cfg.train_steps > 0 and cfg.ckpt_every > 0, "--train-steps and --ckpt-every must be positive"),
         (all(c.strip().isdigit() for c in cfg.classes.split(",")) if cfg.classes else True,
@@ -196,7 +210,8 @@ def validate(cfg: Config) -> None:
         (cfg.cond_input in ("xt", "x0"), f"--cond-input must be xt or x0 (got {cfg.cond_input!r})"),
         (0 < cfg.sample_steps <= T_STEPS and T_STEPS % cfg.sample_steps == 0,
          f"--sample-steps must divide T={T_STEPS} (got {cfg.sample_steps}); try 50, 100 or 250"),
-        (set(method_list(cfg)) <= {"uncond", "cond", "side"}, f"--methods takes uncond,cond,side (got {cfg.methods!r})"),
+        (set(method_list(cfg)) <= set(METHODS) and method_list(cfg),
+         f"--methods takes some of {','.join(METHODS)} (got {cfg.methods!r})"),
     ]
     for ok, message in checks:
         if not ok:
@@ -207,6 +222,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], e.g. 0.5,0.65,0.75")
     if cfg.sim_model and not Path(cfg.sim_model).is_file():
         raise UserError(f"--sim-model {cfg.sim_model} is not a file; give a TorchScript model (torch.jit.save)")
+    validate_protocol(cfg)
     check_writable(Path(cfg.out))
 
 
@@ -860,6 +876,29 @@ def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed:
                 sizes=np.bincount(labels, minlength=len(kept)), centroids=centroids[kept])
 
 
+STREAM_SHUFFLE = 3  # the permutation of the `shuffled` control has its own random stream
+
+
+def shuffled_labels(labels: dict, seed: int) -> dict:
+    """The `shuffled` control: the surrogate labels permuted at random among the synthetic samples.
+
+    Every cluster keeps its size, but a label no longer says anything about the image it sits on:
+    p_i = p in Theorem 1, which then predicts no gain. If this control gains as much as SIDE, the
+    clusters are not what helps."""
+    order = np.random.default_rng([seed, STREAM_SHUFFLE]).permutation(len(labels["labels"]))
+    return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])
+
+
+def oracle_labels(synthetic: np.ndarray, train_images: np.ndarray) -> dict:
+    """The `oracle` control: each synthetic sample labelled with its nearest training image (pixel
+    L2). Only the model's owner could make these labels, so this is no attack: it bounds what
+    better surrogate labels could do. Classes are the training images nearest to some sample."""
+    _, index = nearest_neighbours(synthetic, train_images, 1)
+    kept, labels = np.unique(index[:, 0], return_inverse=True)
+    return dict(labels=labels, soft=np.eye(len(kept), dtype=np.float32)[labels], kept=kept,
+                sizes=np.bincount(labels, minlength=len(kept)))
+
+
 # =================================================================================================
 # 7. Classifiers. SIDE trains p_phi(y | x_t, t) with cross-entropy on x_t = q_sample(x_0, t), t
 #    uniform (Eq. 2): x_t comes from the target model's own forward process. Carlini Cond trains
@@ -947,6 +986,20 @@ def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
     """One uniformly drawn target per generation, from its own (seed, i) stream."""
     return np.array([int(torch.randint(num_classes, (1,), generator=sample_rng(seed, STREAM_TARGET, i)))
                      for i in range(count)])
+
+
+# The rows of the comparison. A guided row names the classifier that guides it; a classifier names
+# its labels and whether it sees t. `cond` and `cond_x0` share one time-independent classifier and
+# differ only in what it judges: x_t, or the predicted x_0 (SeesPredictedX0).
+METHODS = ["uncond", "cond", "cond_x0", "side", "shuffled", "oracle"]
+GUIDING_CLASSIFIER = {"cond": "cond", "cond_x0": "cond", "side": "side", "shuffled": "shuffled",
+                      "oracle": "oracle"}
+CLASSIFIERS = {"cond": ("surrogate", False), "side": ("surrogate", True),
+               "shuffled": ("shuffled", True), "oracle": ("oracle", True)}
+
+
+def judges_predicted_x0(cfg: Config, method: str) -> bool:
+    return method == "cond_x0" or (method == "cond" and cfg.cond_input == "x0")
 
 
 # =================================================================================================
@@ -1137,9 +1190,10 @@ def teacher_labels(cfg, synthetic, train_images, train_labels, device) -> dict:
                 cohesion=np.zeros(0))  # cohesion is a k-means notion
 
 
-def stage_classifier(cfg, synthetic, labels, time_dependent: bool, out, device) -> tuple[nn.Module, dict]:
+def stage_classifier(cfg, synthetic, labels, time_dependent: bool, out, device,
+                     which: str = "") -> tuple[nn.Module, dict]:
     """Algorithm 1 line 6: the surrogate classifier, trained on 90 % of the synthetic set."""
-    name = "classifier_side.pt" if time_dependent else "classifier_cond.pt"
+    name = f"classifier_{which or ('side' if time_dependent else 'cond')}.pt"
     key = stage_key(cfg, "data", "ddpm", "sampler", "synthetic", "labels", "classifier")
     path, held_out = out / name, np.arange(len(synthetic)) % 10 == 0  # accuracy on unseen samples
     net = build_classifier(cfg, synthetic.shape[-1], labels["soft"].shape[1], time_dependent).to(device)
@@ -1156,17 +1210,37 @@ def stage_classifier(cfg, synthetic, labels, time_dependent: bool, out, device) 
     return net, accuracy
 
 
-def stage_generations(cfg, method, model, classifiers, num_classes, out, device) -> dict:
+def stage_classifiers(cfg, synthetic, labels, train_images, out, device) -> tuple[dict, dict]:
+    """Every classifier the chosen rows need, each on its own labels (CLASSIFIERS)."""
+    methods = method_list(cfg)
+    label_sets = {"surrogate": labels}
+    if "shuffled" in methods:
+        label_sets["shuffled"] = shuffled_labels(labels, cfg.seed)
+    if "oracle" in methods:
+        label_sets["oracle"] = oracle_labels(synthetic, train_images)
+    classifiers, accuracies = {}, {}
+    for which, (source, time_dependent) in CLASSIFIERS.items():
+        if which in {GUIDING_CLASSIFIER.get(m) for m in methods}:
+            print(f"  classifier {which}: {len(label_sets[source]['kept'])} labels ({source})")
+            classifiers[which], accuracies[which] = stage_classifier(
+                cfg, synthetic, label_sets[source], time_dependent, out, device, which)
+    return classifiers, accuracies
+
+
+def stage_generations(cfg, method, model, classifiers, out, device) -> dict:
     """Algorithm 1 lines 16-26: N_G generations of one method, with the same seeds for every method."""
     guided, groups = method != "uncond", ["data", "ddpm", "sampler", "generations"]
     if guided:  # the baseline does not depend on labels, classifier or lambda
         groups += ["synthetic", "labels", "classifier", "guidance"] + (["cond"] if method == "cond" else [])
+        cfg = dataclasses.replace(cfg, guidance=guidance_for(cfg, method))  # this row's own lambda
     path, key = out / f"samples_{method}.npz", stage_key(cfg, *groups)
     cached = load_stage(path, key, cfg)
     if cached is None:
+        classifier = classifiers.get(GUIDING_CLASSIFIER.get(method))
+        num_classes = classifier.head[-1].out_features if guided else 0
         targets = draw_targets(cfg.seed, cfg.n_gen, num_classes) if guided else None
-        guidance, classifier = (cfg.guidance if guided else 0.0), classifiers.get(method)
-        if method == "cond" and cfg.cond_input == "x0":
+        guidance = cfg.guidance if guided else 0.0
+        if judges_predicted_x0(cfg, method):
             classifier = SeesPredictedX0(classifier, model, Diffusion())
         images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets, guidance,
                         desc=f"generate {method}")
@@ -1220,7 +1294,8 @@ def write_report(cfg, evaluation, labels, accuracies, timings, out) -> dict:
                   labels=dict(source=cfg.labels, clusters_kept=int(len(labels["kept"])),
                               sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist())
                   if labels else None,
-                  classifier_accuracy_by_t=accuracies)
+                  classifier_accuracy_by_t=accuracies,
+                  guidance={m: guidance_for(cfg, m) for m in methods if m != "uncond"})
     if "uncond" in methods and methods["uncond"]["memorized_fraction"] > 0:
         report["gain_over_uncond"] = {m: s["memorized_fraction"] / methods["uncond"]["memorized_fraction"]
                                       for m, s in methods.items()}
@@ -1232,7 +1307,8 @@ def write_report(cfg, evaluation, labels, accuracies, timings, out) -> dict:
 def report_markdown(cfg, report) -> str:
     sim = report["similarity"]
     lines = [f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
-             f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, lambda = {cfg.guidance}, "
+             f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, "
+             f"{guidance_text(cfg)}, "
              f"{report['labels']['clusters_kept'] if report['labels'] else 'no'} surrogate labels ({cfg.labels}).", "",
              markdown_table(report["methods"]), "",
              f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} with bands "
@@ -1305,13 +1381,12 @@ def run_pipeline(cfg: Config) -> dict:
         labels = stage_labels(cfg, synthetic, train_images, train_labels, out, device)
         lap("labels")
         print(f"[4/6] classifiers on {len(labels['kept'])} labels")
-        for method, time_dependent in (("side", True), ("cond", False)):
-            if method in method_list(cfg):
-                classifiers[method], accuracies[method] = stage_classifier(cfg, synthetic, labels, time_dependent, out, device)
+        classifiers, accuracies = stage_classifiers(cfg, synthetic, labels, train_images, out,
+                                                    device)
         lap("classifier")
-    print(f"[5/6] extraction: N_G = {cfg.n_gen} per method, lambda = {cfg.guidance}")
-    num_labels = len(labels["kept"]) if labels else 0
-    generations = {m: stage_generations(cfg, m, model, classifiers, num_labels, out, device) for m in method_list(cfg)}
+    print(f"[5/6] extraction: N_G = {cfg.n_gen} per method, {guidance_text(cfg)}")
+    generations = {m: stage_generations(cfg, m, model, classifiers, out, device)
+                   for m in method_list(cfg)}
     lap("sample")
     print("[6/6] memorization check")
     evaluation = evaluate(cfg, generations, train_images, out, device)
@@ -1343,6 +1418,299 @@ def print_summary(report: dict, out: Path) -> None:
     print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   total {report['timings_s']['total']:.0f} s")
 
 
+# --- the protocol: lambda chosen per method on a seed never reported, then several reported seeds,
+#     one aggregate report (README, "Protocol"). Selection and report never share a seed.
+
+TIE_RULE = "highest Gu memorized fraction; ties: more distinct images copied, then smaller lambda"
+
+
+def parse_seeds(text: str, flag: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise UserError(f"{flag} takes non-negative integers such as 0,1,2 (got {text!r})")
+    seeds = [int(p) for p in parts]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UserError(f"{flag} repeats seed {repeated[0]} ({text!r}); give each seed once")
+    return seeds
+
+
+def reported_seeds(cfg: Config) -> list[int]:
+    return parse_seeds(cfg.seeds, "--seeds") if cfg.seeds.strip() else [cfg.seed]
+
+
+def is_lambda(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
+
+
+def lambda_grid(cfg: Config) -> list[float]:
+    values = [v.strip() for v in cfg.lambda_grid.split(",") if v.strip()]
+    if not values or not all(is_lambda(v) for v in values):
+        raise UserError(f"--lambda-grid {cfg.lambda_grid!r}: give lambda values >= 0 to tune over, "
+                        f"e.g. --lambda-grid 0.3,1,3,10,30 (or fix lambda with --guidance)")
+    return [float(v) for v in values]
+
+
+def fixed_guidance(cfg: Config) -> dict:
+    """{method: lambda} given on the command line: --method-guidance, else --guidance."""
+    guided = [m for m in method_list(cfg) if m != "uncond"]
+    fixed = {m: cfg.guidance for m in guided} if cfg.guidance is not None else {}
+    for item in filter(None, (i.strip() for i in cfg.method_guidance.split(","))):
+        method, _, value = (part.strip() for part in item.partition("="))
+        if method not in METHODS[1:] or not is_lambda(value):
+            raise UserError(f"--method-guidance {cfg.method_guidance!r}: give method=lambda pairs, "
+                            f"lambda >= 0, e.g. side=10,cond=3 (methods: {','.join(METHODS[1:])})")
+        fixed[method] = float(value)
+    return fixed
+
+
+def guidance_for(cfg: Config, method: str) -> float:
+    """The lambda this row samples with: its --method-guidance entry, else --guidance."""
+    value = fixed_guidance(cfg).get(method)
+    if value is None:
+        raise UserError(f"no lambda for {method}: give --guidance, or let main() tune it")
+    return value
+
+
+def guidance_text(cfg: Config) -> str:
+    guided = [m for m in method_list(cfg) if m != "uncond"]
+    return "lambda " + (", ".join(f"{m} {guidance_for(cfg, m):g}" for m in guided) or "0 (uncond)")
+
+
+def methods_to_tune(cfg: Config) -> list[str]:
+    """Guided rows with no lambda from the command line (a guidance sweep gives every row one)."""
+    if cfg.sweep.startswith("guidance="):
+        return []
+    fixed = fixed_guidance(cfg)
+    return [m for m in method_list(cfg) if m != "uncond" and m not in fixed]
+
+
+def validate_protocol(cfg: Config) -> None:
+    """The protocol's flags, checked with the others before any slow work."""
+    seeds = reported_seeds(cfg)
+    lambda_grid(cfg)
+    parse_seeds(str(cfg.tune_seed), "--tune-seed")
+    if cfg.tune_n_gen <= 0:
+        raise UserError(f"--tune-n-gen must be positive (got {cfg.tune_n_gen})")
+    if len(seeds) > 1 and cfg.sweep:
+        raise UserError(f"--sweep runs on one seed but --seeds {cfg.seeds} gives {len(seeds)}: "
+                        f"drop --sweep, or give one seed (--seeds {seeds[0]})")
+    if methods_to_tune(cfg) and cfg.tune_seed in seeds:
+        raise UserError(f"--tune-seed {cfg.tune_seed} is also a reported seed; choose one outside "
+                        f"them (e.g. --tune-seed {max(seeds) + 100}) or fix lambda with --guidance")
+
+
+def tune_lambdas(cfg: Config, methods: list[str]) -> dict:
+    """Each method's lambda from --lambda-grid by its own Gu memorized fraction on --tune-seed
+    (TIE_RULE), with N_G = --tune-n-gen. Each lambda's result is cached, keyed by the settings."""
+    tune_cfg = dataclasses.replace(cfg, seed=cfg.tune_seed, seeds="", sweep="", method_guidance="",
+                                   n_gen=cfg.tune_n_gen, methods=",".join(["uncond", *methods]),
+                                   out=str(Path(cfg.out) / f"tune-seed{cfg.tune_seed}"))
+    settings = {k: v for k, v in dataclasses.asdict(tune_cfg).items()
+                if k not in ("out", "fresh", "guidance", "lambda_grid")}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path, grid = Path(tune_cfg.out) / f"tuning-{key}.json", [f"{v:g}" for v in lambda_grid(cfg)]
+    check_writable(path.parent)
+    points = json.loads(path.read_text())["points"] if path.is_file() and not cfg.fresh else {}
+    for value in grid:
+        if value in points:
+            print(f"  lambda = {value} on seed {cfg.tune_seed}: in {path.name}, skipping")
+            continue
+        print(f"\n=== tuning on seed {cfg.tune_seed}: lambda = {value} ({', '.join(methods)}) ===")
+        first = cfg.fresh and not points  # --fresh retrains the tune seed's stages once
+        report = run_pipeline(dataclasses.replace(tune_cfg, guidance=float(value), fresh=first))
+        points[value] = dict(methods=report["methods"], timings_s=report["timings_s"])
+        save_text(path, json.dumps(dict(settings=settings, points=points), indent=2))
+    curve = {m: {v: points[v]["methods"][m] for v in grid} for m in ["uncond", *methods]}
+    return dict(seed=cfg.tune_seed, n_gen=cfg.tune_n_gen, grid=grid, rule=TIE_RULE,
+                folder=tune_cfg.out, curve=curve, best={m: best_lambda(curve[m]) for m in methods},
+                seconds=round(sum(points[v]["timings_s"]["total"] for v in grid), 1))
+
+
+def best_lambda(curve: dict) -> float:
+    """TIE_RULE over {lambda: summary}: most Gu copies, then most distinct images, then smaller."""
+    def score(value):
+        row = curve[value]
+        return row["memorized_fraction"], row["unique_memorized"], -float(value)
+    return float(max(curve, key=score))
+
+
+def choose_lambdas(cfg: Config) -> dict:
+    """Every guided row's lambda, and how it was chosen (fixed on the command line, or tuned)."""
+    to_tune = methods_to_tune(cfg)
+    tuning = tune_lambdas(cfg, to_tune) if to_tune else None
+    lambdas = {**fixed_guidance(cfg), **(tuning["best"] if tuning else {})}
+    lambdas = {m: lambdas[m] for m in method_list(cfg) if m != "uncond"}
+    how = {m: f"tuned on seed {cfg.tune_seed}" if m in to_tune else "fixed, not tuned"
+           for m in lambdas}
+    return dict(lambdas=lambdas, how=how, tuning=tuning)
+
+
+def run_protocol(cfg: Config) -> dict:
+    """Choose every row's lambda, run the whole pipeline (a fresh DDPM) per reported seed, then
+    write the aggregate. One seed runs in --out itself, several in --out/seed<S>."""
+    seeds, out = reported_seeds(cfg), Path(cfg.out)
+    folders = {s: out if len(seeds) == 1 else out / f"seed{s}" for s in seeds}
+    for seed, folder in folders.items():  # a folder of another run stops us before any slow work
+        check_writable(folder)
+        check_run_folder(dataclasses.replace(cfg, seed=seed), folder)
+    choice = choose_lambdas(cfg)
+    pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())
+    reports = {}
+    for seed, folder in folders.items():
+        if len(seeds) > 1:
+            print(f"\n=== seed {seed} ({len(reports) + 1} of {len(seeds)}) ===")
+        reports[seed] = run_pipeline(dataclasses.replace(
+            cfg, seed=seed, seeds="", out=str(folder), method_guidance=pinned))
+    return write_aggregate(cfg, folders, reports, choice)
+
+
+def spread(values) -> dict:
+    return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)))
+
+
+def ever_extracted(folders: dict, method: str) -> dict:
+    """Training images (dataset indices) that `method` copied (Gu) on any seed, out of all the
+    training images of those seeds (the same n images unless --subset random)."""
+    copied, pool = set(), set()
+    for folder in folders.values():
+        indices = np.load(Path(folder) / "train_subset.npz")["indices"]
+        nn = np.load(Path(folder) / f"nn_{method}.npz")
+        copied |= set(indices[nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD]].tolist())
+        pool |= set(indices.tolist())
+    return dict(count=len(copied), of=len(pool), fraction=len(copied) / len(pool))
+
+
+def side_ratios(reports: dict, best_cond) -> dict:
+    """Per seed: side's Gu memorized fraction over uncond's and the best cond's (None: 0 copies)."""
+    ratios = {}
+    for seed, report in reports.items():
+        fraction = {m: row["memorized_fraction"] for m, row in report["methods"].items()}
+        others = [m for m in ("uncond", best_cond) if m in fraction] if "side" in fraction else []
+        ratios[str(seed)] = {f"side/{m}": fraction["side"] / fraction[m] if fraction[m] else None
+                             for m in others}
+    return ratios
+
+
+def aggregate(folders: dict, reports: dict) -> dict:
+    """Per method: mean, min and max over seeds of every summary number, and the training images
+    ever extracted; per seed: side / uncond and side / best cond (the better cond by mean)."""
+    first = next(iter(reports.values()))["methods"]
+    summary = {m: {k: spread([r["methods"][m][k] for r in reports.values()]) for k in first[m]}
+               for m in first}
+    conds = [m for m in ("cond", "cond_x0") if m in summary]
+    best_cond = max(conds, key=lambda m: summary[m]["memorized_fraction"]["mean"], default=None)
+    return dict(seeds=list(reports), methods=summary, best_cond=best_cond,
+                ratios=side_ratios(reports, best_cond),
+                ever_extracted={m: ever_extracted(folders, m) for m in summary},
+                verdicts=verdicts({m: s["memorized_fraction"] for m, s in summary.items()},
+                                  len(reports)))
+
+
+def verdicts(fraction: dict, seeds: int) -> list[str]:
+    """side vs uncond and the shuffled control, in words. `fraction`: {method: spread over seeds};
+    a difference exceeds the seed spread when the two min-max ranges do not overlap."""
+    def pct(m):
+        return f"{100 * fraction[m]['mean']:.2f} %"
+
+    def apart(a, b):
+        return fraction[a]["min"] > fraction[b]["max"] or fraction[b]["min"] > fraction[a]["max"]
+    lines, mean = [], {m: s["mean"] for m, s in fraction.items()}
+    spread_word = "on one seed only, no spread to compare with (try --seeds 0,1,2)" if seeds == 1 \
+        else "beyond the seed spread (the min-max ranges do not overlap)"
+    if {"side", "uncond"} <= set(fraction):
+        exceeds = seeds > 1 and apart("side", "uncond")
+        lines.append(f"side vs uncond: {pct('side')} vs {pct('uncond')} Gu memorized (mean); the "
+                     f"difference is {'' if exceeds else 'not '}{spread_word}.")
+    if {"side", "shuffled", "uncond"} <= set(fraction):
+        versus = f"({pct('shuffled')} vs side's {pct('side')}, uncond {pct('uncond')})"
+        if mean["side"] <= mean["uncond"]:
+            lines.append(f"SIDE gained nothing over uncond, so the shuffled control {versus} "
+                         "has no gain to explain.")
+        elif mean["shuffled"] >= mean["side"]:
+            lines.append(f"The shuffled control gained as much as SIDE {versus}: the clusters are "
+                         "not what helps.")
+        elif seeds > 1 and apart("side", "shuffled"):
+            lines.append(f"The shuffled control gained less than SIDE {versus}, {spread_word}: "
+                         "the cluster structure is what helps.")
+        else:
+            lines.append(f"The shuffled control gained less than SIDE {versus}, but not "
+                         f"{spread_word}: this does not show that the clusters help.")
+    return lines
+
+
+def spread_table(summary: dict) -> str:
+    """The report's table with every cell as mean (min-max) over seeds."""
+    rows = ["| method | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |",
+            "|" + " --- |" * (len(TABLE_COLUMNS) + 1)]
+    for method, columns in summary.items():
+        cells = [f"{columns[k]['mean'] * scale:.3g} ({columns[k]['min'] * scale:.3g}-"
+                 f"{columns[k]['max'] * scale:.3g})" for k, _, scale in TABLE_COLUMNS]
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def lambda_markdown(choice: dict) -> list[str]:
+    """Which lambda each row used and how it was chosen; the tune seed's curve behind the choice."""
+    lines = ["| method | lambda | chosen |", "| --- | --- | --- |"]
+    lines += [f"| {m} | {v:g} | {choice['how'][m]} |" for m, v in choice["lambdas"].items()]
+    tuning = choice["tuning"]
+    if tuning:
+        lines += ["", f"Tuned on seed {tuning['seed']}, which is never reported, with N_G = "
+                  f"{tuning['n_gen']} per method and lambda (--tune-n-gen; reported seeds use "
+                  f"--n-gen). Rule: {tuning['rule']}. Gu memorized % on the tune seed "
+                  f"({tuning['seconds']:.0f} s of pipeline runs, {tuning['folder']}):", "",
+                  "| method | " + " | ".join(f"lambda {v}" for v in tuning["grid"]) + " |",
+                  "|" + " --- |" * (len(tuning["grid"]) + 1)]
+        for method, curve in tuning["curve"].items():
+            cells = [f"{100 * row['memorized_fraction']:.2f}" for row in curve.values()]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def protocol_markdown(agg: dict, choice: dict) -> str:
+    ratio_names = [f"side/{m}" for m in ("uncond", agg["best_cond"]) if m]
+    lines = ["## Protocol", "", *lambda_markdown(choice), "",
+             f"Distinct training images copied (Gu), per seed and ever over seeds {agg['seeds']}:",
+             "", "| method | Gu unique, mean (min-max) | ever extracted | of the training set |",
+             "| --- | --- | --- | --- |"]
+    for m, columns in agg["methods"].items():
+        unique, ever = columns["unique_memorized"], agg["ever_extracted"][m]
+        lines.append(f"| {m} | {unique['mean']:.3g} ({unique['min']:g}-{unique['max']:g}) | "
+                     f"{ever['count']} of {ever['of']} | {100 * ever['fraction']:.2f} % |")
+    lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
+              "higher mean Gu memorized fraction of cond and cond_x0):", "",
+              "| seed | " + " | ".join(ratio_names) + " |", "|" + " --- |" * (len(ratio_names) + 1)]
+    for seed, ratios in agg["ratios"].items():
+        cells = [f"{ratios[r]:.2f}x" if ratios.get(r) else "n/a (0 copies)" for r in ratio_names]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", *[f"- {v}" for v in agg["verdicts"]]]) + "\n"
+
+
+def write_aggregate(cfg: Config, folders: dict, reports: dict, choice: dict) -> dict:
+    """One seed: its report gains the protocol section. Several: report.md / report.json at the
+    top of --out hold mean (min-max) over seeds, the ratios and the verdicts."""
+    agg, out = aggregate(folders, reports), Path(cfg.out)
+    if len(reports) == 1:
+        report = dict(next(iter(reports.values())), protocol=dict(agg, lambdas=choice))
+        text = (out / "report.md").read_text() + "\n" + protocol_markdown(agg, choice)
+    else:
+        report = dict(config=dataclasses.asdict(cfg), **agg, lambdas=choice)
+        links = ", ".join(f"[seed {s}]({Path(f).name}/report.md)" for s, f in folders.items())
+        text = "\n".join([
+            f"# SIDE over seeds {', '.join(map(str, reports))}: {cfg.dataset}, n = {cfg.n}, "
+            f"{cfg.image_size} px", "", f"N_G = {cfg.n_gen} per method and seed; every seed trains "
+            "its own DDPM. Mean (min-max) over seeds:", "", spread_table(agg["methods"]), "",
+            protocol_markdown(agg, choice), f"Per seed: {links}."])
+    save_text(out / "report.json", json.dumps(report, indent=2))
+    save_text(out / "report.md", text + "\n")
+    print("\n" + "\n".join(agg["verdicts"]) + f"\nprotocol report: {out / 'report.md'}")
+    return report
+
+
 def parse_sweep(text: str):
     name, _, values = text.partition("=")
     kinds = {"guidance": float, "clusters": int, "cohesion": float}
@@ -1359,7 +1727,7 @@ def run_sweep(cfg: Config) -> dict:
         print(f"\n=== sweep {name} = {value} ===")
         setting = dataclasses.replace(cfg, **{name: value}, sweep="", fresh=cfg.fresh and i == 0)
         validate(setting)
-        report = run_pipeline(setting)
+        report = run_protocol(setting)
         rows.append(dict(value=value, **{m: s for m, s in report["methods"].items()}))
     save_text(Path(cfg.out) / "sweep.json", json.dumps(dict(setting=name, rows=rows), indent=2))
     plot_sweep(name, rows, Path(cfg.out))
@@ -1447,7 +1815,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run: the SIDE pipeline; theorem1: the numerical check of Theorem 1")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        default_text = "profile" if f.default is None else f.default
+        default_text = f.metadata.get("default_text", "profile" if f.default is None else f.default)
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
@@ -1466,7 +1834,7 @@ def main(argv=None) -> int:
         apply_profile(cfg)
         validate(cfg)
         print("config: " + json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()}))
-        run_sweep(cfg) if cfg.sweep else run_pipeline(cfg)
+        run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

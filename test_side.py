@@ -18,10 +18,11 @@ ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real sample data not found at {SHARED}")
 
-# A tiny run: every stage, a few seconds on a CPU.
-TINY = ["--n", "12", "--image-size", "8", "--channels", "16,32", "--train-steps", "60", "--batch-size", "16",
-        "--n-syn", "48", "--clusters", "4", "--cohesion", "0", "--clf-steps", "15", "--clf-batch", "16",
-        "--n-gen", "12", "--sample-steps", "10", "--device", "cpu"]
+# A tiny run: every stage, a few seconds on a CPU. TINY fixes lambda, so nothing is tuned.
+TINY_TUNED = ["--n", "12", "--image-size", "8", "--channels", "16,32", "--train-steps", "60", "--batch-size", "16",
+              "--n-syn", "48", "--clusters", "4", "--cohesion", "0", "--clf-steps", "15", "--clf-batch", "16",
+              "--n-gen", "12", "--sample-steps", "10", "--device", "cpu"]
+TINY = [*TINY_TUNED, "--guidance", "10"]
 
 
 def tiny_config(**overrides) -> side.Config:
@@ -542,3 +543,121 @@ def test_the_baseline_alone_needs_no_labels_or_classifier(tmp_path):
     assert not (tmp_path / "labels.npz").exists() and not (tmp_path / "classifier_side.pt").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["methods"]) == ["uncond"] and report["labels"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the protocol: controls, lambda tuned on a seed never reported, several seeds, one aggregate
+# ------------------------------------------------------------------------------------------------
+
+def test_shuffled_control_keeps_cluster_sizes_and_changes_assignments():
+    labels = np.repeat(np.arange(5), [40, 30, 20, 6, 4])
+    surrogate = dict(labels=labels, soft=np.eye(5, dtype=np.float32)[labels], kept=np.arange(5),
+                     sizes=np.bincount(labels))
+    shuffled = side.shuffled_labels(surrogate, seed=0)
+    np.testing.assert_array_equal(np.bincount(shuffled["labels"], minlength=5), np.bincount(labels))
+    assert (shuffled["labels"] != labels).mean() > 0.5  # a random permutation moves ~70 % here
+    np.testing.assert_array_equal(shuffled["soft"].argmax(1), shuffled["labels"])  # soft rows move along
+    np.testing.assert_array_equal(side.shuffled_labels(surrogate, seed=0)["labels"], shuffled["labels"])
+    assert not np.array_equal(side.shuffled_labels(surrogate, seed=1)["labels"], shuffled["labels"])
+    np.testing.assert_array_equal(surrogate["labels"], labels)  # the surrogate labels are untouched
+
+
+def test_oracle_labels_name_each_sample_s_nearest_training_image():
+    train = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1)).astype(np.uint8)
+    synthetic = np.clip(train[[4, 4, 1, 5]].astype(int) + 3, 0, 255).astype(np.uint8)
+    oracle = side.oracle_labels(synthetic, train)
+    assert list(oracle["kept"][oracle["labels"]]) == [4, 4, 1, 5]
+    assert oracle["soft"].shape == (4, 3) and list(oracle["sizes"]) == [1, 2, 1]
+
+
+def test_cond_row_follows_cond_input_and_cond_x0_always_judges_the_predicted_x0():
+    xt, x0 = tiny_config(cond_input="xt"), tiny_config(cond_input="x0")
+    assert not side.judges_predicted_x0(xt, "cond") and side.judges_predicted_x0(x0, "cond")
+    assert side.judges_predicted_x0(xt, "cond_x0") and not side.judges_predicted_x0(x0, "side")
+
+
+def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, monkeypatch):
+    real, calls = side.run_pipeline, []
+
+    def rigged(cfg):  # the tune seed (7) favours the largest lambda, every other seed the smallest
+        report = real(cfg)
+        calls.append((cfg.seed, side.guidance_text(cfg)))
+        for method, row in report["methods"].items():
+            if method != "uncond":
+                value = side.guidance_for(cfg, method)
+                row["memorized_fraction"] = value / 100 if cfg.seed == 7 else 1 / (1 + value)
+        return report
+    monkeypatch.setattr(side, "run_pipeline", rigged)
+    args = [*TINY_TUNED, "--methods", "uncond,cond,side", "--lambda-grid", "0.3,30", "--tune-seed", "7",
+            "--tune-n-gen", "6", "--out", str(tmp_path)]
+    assert side.main(args) == 0
+    assert [seed for seed, _ in calls] == [7, 7, 0]
+    assert calls[-1] == (0, "lambda cond 30, side 30")  # the reported seed ran once, at the tuned lambdas
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["guidance"] == {"cond": 30.0, "side": 30.0}
+    assert report["protocol"]["lambdas"]["how"] == {"cond": "tuned on seed 7", "side": "tuned on seed 7"}
+    assert "| side | 30 | tuned on seed 7 |" in (tmp_path / "report.md").read_text()
+    calls.clear()
+    assert side.main(args) == 0  # the tuning is cached in the run folder: only the reported seed reruns
+    assert [seed for seed, _ in calls] == [0]
+
+
+def test_ever_extracted_is_the_union_over_seeds_in_dataset_index_space(tmp_path):
+    for name, indices, nn_index, ratio in (("a", [10, 11, 12], [0, 2, 2], [0.1, 0.5, 0.2]),
+                                           ("b", [20, 21, 22], [0, 1], [0.2, 0.9])):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "train_subset.npz", indices=np.array(indices))
+        np.savez(tmp_path / name / "nn_side.npz", nn_index=np.array(nn_index), nn_ratio=np.array(ratio))
+    ever = side.ever_extracted({0: tmp_path / "a", 1: tmp_path / "b"}, "side")
+    assert ever == dict(count=3, of=6, fraction=0.5)  # dataset images 10, 12 and 20 of 10-12, 20-22
+
+
+def test_seeds_aggregate_equals_the_per_seed_reports_and_a_stopped_run_keeps_finished_seeds(
+        tmp_path, monkeypatch):
+    args = [*TINY, "--seeds", "0,1", "--methods", ",".join(side.METHODS), "--out", str(tmp_path)]
+    real = side.run_pipeline
+
+    def stop_at_seed_1(cfg):
+        if cfg.seed == 1:
+            raise side.UserError("stopped")
+        return real(cfg)
+    monkeypatch.setattr(side, "run_pipeline", stop_at_seed_1)
+    assert side.main(args) == 2
+    stamp = (tmp_path / "seed0" / "ddpm.pt").stat().st_mtime_ns
+    monkeypatch.setattr(side, "run_pipeline", real)
+    assert side.main(args) == 0
+    assert (tmp_path / "seed0" / "ddpm.pt").stat().st_mtime_ns == stamp  # seed 0 was kept
+    aggregate = json.loads((tmp_path / "report.json").read_text())
+    per_seed = [json.loads((tmp_path / f"seed{s}" / "report.json").read_text())["methods"] for s in (0, 1)]
+    assert list(aggregate["methods"]) == side.METHODS and aggregate["seeds"] == [0, 1]
+    for method, columns in aggregate["methods"].items():
+        assert set(columns) == set(per_seed[0][method])
+        for key, stats in columns.items():
+            values = [seed[method][key] for seed in per_seed]
+            assert stats["mean"] == pytest.approx(np.mean(values)), (method, key)
+            assert (stats["min"], stats["max"]) == (min(values), max(values)), (method, key)
+    assert per_seed[0]["side"]["median_nn_ratio"] != per_seed[1]["side"]["median_nn_ratio"]  # two DDPMs
+    text = (tmp_path / "report.md").read_text()
+    assert "seed0/report.md" in text and "| shuffled |" in text and "fixed, not tuned" in text
+
+
+def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tmp_path, capsys):
+    cases = {
+        "non-integer seed": (["--seeds", "0,x"], "--seeds takes non-negative integers"),
+        "repeated seed": (["--seeds", "0,1,0"], "repeats seed 0"),
+        "tune seed reported": (["--seeds", "0,100"], "--tune-seed 100 is also a reported seed"),
+        "tune seed is --seed": (["--seed", "7", "--tune-seed", "7"], "--tune-seed 7 is also a reported seed"),
+        "empty grid": (["--lambda-grid", ""], "--lambda-grid '': give lambda values"),
+        "negative grid": (["--lambda-grid", "1,-3"], "--lambda-grid"),
+        "seeds with sweep": (["--seeds", "0,1", "--sweep", "clusters=4,8"], "--sweep runs on one seed"),
+        "bad method guidance": (["--method-guidance", "side=lots"], "--method-guidance"),
+        "unknown method": (["--methods", "uncond,magic"], "--methods takes"),
+        "tune n_gen": (["--tune-n-gen", "0"], "--tune-n-gen must be positive"),
+    }
+    for name, (args, message) in cases.items():
+        code = side.main(["--out", str(tmp_path / "run"), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (name, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+    side.validate(tiny_config(seed=100, guidance=10.0, out=str(tmp_path / "fixed")))  # fixed: no tuning
