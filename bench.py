@@ -127,6 +127,7 @@ def bench_training(dataset, in_ch, device, windows, steps):
 def bench_sampling(dataset, in_ch, device, windows, count):
     """side.sample with untrained networks (the cost does not depend on the weights)."""
     cfg = profile_cfg(dataset, device)
+    cfg.guidance = 10.0  # lambda is tuned per method in a run; the cost is the same for any lambda > 0
     torch.manual_seed(0)
     model = side.build_unet(cfg, in_ch).to(device).eval()
     clf = side.build_classifier(cfg, in_ch, cfg.clusters, time_dependent=True).to(device).eval()
