@@ -1619,12 +1619,13 @@ def verdicts(fraction: dict, seeds: int) -> list[str]:
     def apart(a, b):
         return fraction[a]["min"] > fraction[b]["max"] or fraction[b]["min"] > fraction[a]["max"]
     lines, mean = [], {m: s["mean"] for m, s in fraction.items()}
-    spread_word = "on one seed only, no spread to compare with (try --seeds 0,1,2)" if seeds == 1 \
-        else "beyond the seed spread (the min-max ranges do not overlap)"
+    one_seed = "on one seed only, no spread to compare with (try --seeds 0,1,2)"
+    beyond = "beyond the seed spread (the min-max ranges do not overlap)"
+    within = one_seed if seeds == 1 else "within the seed spread (the min-max ranges overlap)"
     if {"side", "uncond"} <= set(fraction):
         exceeds = seeds > 1 and apart("side", "uncond")
         lines.append(f"side vs uncond: {pct('side')} vs {pct('uncond')} Gu memorized (mean); the "
-                     f"difference is {'' if exceeds else 'not '}{spread_word}.")
+                     f"difference is {beyond if exceeds else within}.")
     if {"side", "shuffled", "uncond"} <= set(fraction):
         versus = f"({pct('shuffled')} vs side's {pct('side')}, uncond {pct('uncond')})"
         if mean["side"] <= mean["uncond"]:
@@ -1634,21 +1635,21 @@ def verdicts(fraction: dict, seeds: int) -> list[str]:
             lines.append(f"The shuffled control gained as much as SIDE {versus}: the clusters are "
                          "not what helps.")
         elif seeds > 1 and apart("side", "shuffled"):
-            lines.append(f"The shuffled control gained less than SIDE {versus}, {spread_word}: "
+            lines.append(f"The shuffled control gained less than SIDE {versus}, {beyond}: "
                          "the cluster structure is what helps.")
         else:
-            lines.append(f"The shuffled control gained less than SIDE {versus}, but not "
-                         f"{spread_word}: this does not show that the clusters help.")
+            lines.append(f"The shuffled control gained less than SIDE {versus}, but {within}: "
+                         "this does not show that the clusters help.")
     return lines
 
 
 def spread_table(summary: dict) -> str:
-    """The report's table with every cell as mean (min-max) over seeds."""
+    """The report's table with every cell as mean [min, max] over seeds."""
     rows = ["| method | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |",
             "|" + " --- |" * (len(TABLE_COLUMNS) + 1)]
     for method, columns in summary.items():
-        cells = [f"{columns[k]['mean'] * scale:.3g} ({columns[k]['min'] * scale:.3g}-"
-                 f"{columns[k]['max'] * scale:.3g})" for k, _, scale in TABLE_COLUMNS]
+        cells = [f"{columns[k]['mean'] * scale:.3g} [{columns[k]['min'] * scale:.3g}, "
+                 f"{columns[k]['max'] * scale:.3g}]" for k, _, scale in TABLE_COLUMNS]
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -1675,11 +1676,11 @@ def protocol_markdown(agg: dict, choice: dict) -> str:
     ratio_names = [f"side/{m}" for m in ("uncond", agg["best_cond"]) if m]
     lines = ["## Protocol", "", *lambda_markdown(choice), "",
              f"Distinct training images copied (Gu), per seed and ever over seeds {agg['seeds']}:",
-             "", "| method | Gu unique, mean (min-max) | ever extracted | of the training set |",
+             "", "| method | Gu unique, mean [min, max] | ever extracted | of the training set |",
              "| --- | --- | --- | --- |"]
     for m, columns in agg["methods"].items():
         unique, ever = columns["unique_memorized"], agg["ever_extracted"][m]
-        lines.append(f"| {m} | {unique['mean']:.3g} ({unique['min']:g}-{unique['max']:g}) | "
+        lines.append(f"| {m} | {unique['mean']:.3g} [{unique['min']:g}, {unique['max']:g}] | "
                      f"{ever['count']} of {ever['of']} | {100 * ever['fraction']:.2f} % |")
     lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
               "higher mean Gu memorized fraction of cond and cond_x0):", "",
@@ -1692,7 +1693,7 @@ def protocol_markdown(agg: dict, choice: dict) -> str:
 
 def write_aggregate(cfg: Config, folders: dict, reports: dict, choice: dict) -> dict:
     """One seed: its report gains the protocol section. Several: report.md / report.json at the
-    top of --out hold mean (min-max) over seeds, the ratios and the verdicts."""
+    top of --out hold mean [min, max] over seeds, the ratios and the verdicts."""
     agg, out = aggregate(folders, reports), Path(cfg.out)
     if len(reports) == 1:
         report = dict(next(iter(reports.values())), protocol=dict(agg, lambdas=choice))
@@ -1703,7 +1704,7 @@ def write_aggregate(cfg: Config, folders: dict, reports: dict, choice: dict) -> 
         text = "\n".join([
             f"# SIDE over seeds {', '.join(map(str, reports))}: {cfg.dataset}, n = {cfg.n}, "
             f"{cfg.image_size} px", "", f"N_G = {cfg.n_gen} per method and seed; every seed trains "
-            "its own DDPM. Mean (min-max) over seeds:", "", spread_table(agg["methods"]), "",
+            "its own DDPM. Mean [min, max] over seeds:", "", spread_table(agg["methods"]), "",
             protocol_markdown(agg, choice), f"Per seed: {links}."])
     save_text(out / "report.json", json.dumps(report, indent=2))
     save_text(out / "report.md", text + "\n")

@@ -661,3 +661,18 @@ def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tm
         assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
     assert not (tmp_path / "run").exists()  # stopped before anything was written
     side.validate(tiny_config(seed=100, guidance=10.0, out=str(tmp_path / "fixed")))  # fixed: no tuning
+
+
+def test_verdicts_say_whether_side_and_the_shuffled_control_beat_the_seed_spread():
+    def seeds(low, high):
+        return dict(mean=(low + high) / 2, min=low, max=high)
+    said = side.verdicts(dict(uncond=seeds(.05, .10), side=seeds(.20, .30), shuffled=seeds(.22, .30)), 3)
+    assert "difference is beyond the seed spread" in said[0] and "the clusters are not what helps" in said[1]
+    said = side.verdicts(dict(uncond=seeds(.05, .25), side=seeds(.20, .30), shuffled=seeds(.05, .10)), 3)
+    assert "difference is within the seed spread" in said[0] and "cluster structure is what helps" in said[1]
+    said = side.verdicts(dict(uncond=seeds(.05, .10), side=seeds(.20, .30), shuffled=seeds(.15, .25)), 3)
+    assert "does not show that the clusters help" in said[1]
+    said = side.verdicts(dict(uncond=seeds(.1, .1), side=seeds(.3, .3), shuffled=seeds(.1, .1)), 1)
+    assert "on one seed only" in said[0] and "does not show" in said[1]
+    said = side.verdicts(dict(uncond=seeds(.2, .3), side=seeds(.1, .2), shuffled=seeds(.3, .4)), 3)
+    assert "SIDE gained nothing over uncond" in said[1]
