@@ -1656,6 +1656,8 @@ def spread_table(summary: dict) -> str:
 
 def lambda_markdown(choice: dict) -> list[str]:
     """Which lambda each row used and how it was chosen; the tune seed's curve behind the choice."""
+    if not choice["lambdas"]:
+        return ["No guided rows, so no lambda."]
     lines = ["| method | lambda | chosen |", "| --- | --- | --- |"]
     lines += [f"| {m} | {v:g} | {choice['how'][m]} |" for m, v in choice["lambdas"].items()]
     tuning = choice["tuning"]
@@ -1673,7 +1675,6 @@ def lambda_markdown(choice: dict) -> list[str]:
 
 
 def protocol_markdown(agg: dict, choice: dict) -> str:
-    ratio_names = [f"side/{m}" for m in ("uncond", agg["best_cond"]) if m]
     lines = ["## Protocol", "", *lambda_markdown(choice), "",
              f"Distinct training images copied (Gu), per seed and ever over seeds {agg['seeds']}:",
              "", "| method | Gu unique, mean [min, max] | ever extracted | of the training set |",
@@ -1682,11 +1683,15 @@ def protocol_markdown(agg: dict, choice: dict) -> str:
         unique, ever = columns["unique_memorized"], agg["ever_extracted"][m]
         lines.append(f"| {m} | {unique['mean']:.3g} [{unique['min']:g}, {unique['max']:g}] | "
                      f"{ever['count']} of {ever['of']} | {100 * ever['fraction']:.2f} % |")
-    lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
-              "higher mean Gu memorized fraction of cond and cond_x0):", "",
-              "| seed | " + " | ".join(ratio_names) + " |", "|" + " --- |" * (len(ratio_names) + 1)]
-    for seed, ratios in agg["ratios"].items():
-        cells = [f"{ratios[r]:.2f}x" if ratios.get(r) else "n/a (0 copies)" for r in ratio_names]
+    ratio_names = list(next(iter(agg["ratios"].values())))
+    if ratio_names:
+        lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
+                  "higher mean Gu memorized fraction of cond and cond_x0):", "",
+                  "| seed | " + " | ".join(ratio_names) + " |",
+                  "|" + " --- |" * (len(ratio_names) + 1)]
+    for seed, ratios in agg["ratios"].items() if ratio_names else ():
+        cells = [f"{ratios[r]:.2f}x" if ratios[r] is not None else "n/a (divisor has 0 copies)"
+                 for r in ratio_names]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", *[f"- {v}" for v in agg["verdicts"]]]) + "\n"
 
@@ -1708,7 +1713,7 @@ def write_aggregate(cfg: Config, folders: dict, reports: dict, choice: dict) -> 
             protocol_markdown(agg, choice), f"Per seed: {links}."])
     save_text(out / "report.json", json.dumps(report, indent=2))
     save_text(out / "report.md", text + "\n")
-    print("\n" + "\n".join(agg["verdicts"]) + f"\nprotocol report: {out / 'report.md'}")
+    print("\n".join(["", *agg["verdicts"], f"protocol report: {out / 'report.md'}"]))
     return report
 
 
