@@ -1460,9 +1460,9 @@ def fixed_guidance(cfg: Config) -> dict:
     fixed = {m: cfg.guidance for m in guided} if cfg.guidance is not None else {}
     for item in filter(None, (i.strip() for i in cfg.method_guidance.split(","))):
         method, _, value = (part.strip() for part in item.partition("="))
-        if method not in METHODS[1:] or not is_lambda(value):
-            raise UserError(f"--method-guidance {cfg.method_guidance!r}: give method=lambda pairs, "
-                            f"lambda >= 0, e.g. side=10,cond=3 (methods: {','.join(METHODS[1:])})")
+        if method not in list(METHODS)[1:] or not is_lambda(value):
+            raise UserError(f"--method-guidance {cfg.method_guidance!r}: give row=lambda pairs, "
+                            f"lambda >= 0, e.g. side=10,cond=3 (rows: {', '.join(METHODS)})")
         fixed[method] = float(value)
     return fixed
 
@@ -1643,56 +1643,54 @@ def verdicts(fraction: dict, seeds: int) -> list[str]:
     return lines
 
 
-def spread_table(summary: dict) -> str:
-    """The report's table with every cell as mean [min, max] over seeds."""
-    rows = ["| method | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |",
-            "|" + " --- |" * (len(TABLE_COLUMNS) + 1)]
-    for method, columns in summary.items():
-        cells = [f"{columns[k]['mean'] * scale:.3g} [{columns[k]['min'] * scale:.3g}, "
-                 f"{columns[k]['max'] * scale:.3g}]" for k, _, scale in TABLE_COLUMNS]
-        rows.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+def table_lines(header: list, rows: list) -> list[str]:
+    """A Markdown table, one string per line."""
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+def spread_cell(stats: dict, scale: float = 1) -> str:
+    mean, low, high = (stats[k] * scale for k in ("mean", "min", "max"))
+    return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
 
 
 def lambda_markdown(choice: dict) -> list[str]:
     """Which lambda each row used and how it was chosen; the tune seed's curve behind the choice."""
     if not choice["lambdas"]:
         return ["No guided rows, so no lambda."]
-    lines = ["| method | lambda | chosen |", "| --- | --- | --- |"]
-    lines += [f"| {m} | {v:g} | {choice['how'][m]} |" for m, v in choice["lambdas"].items()]
+    lines = table_lines(["method", "lambda", "chosen"],
+                        [[m, f"{v:g}", choice["how"][m]] for m, v in choice["lambdas"].items()])
     tuning = choice["tuning"]
     if tuning:
+        curve = [[m, *(f"{100 * row['memorized_fraction']:.2f}" for row in by_lambda.values())]
+                 for m, by_lambda in tuning["curve"].items()]
         lines += ["", f"Tuned on seed {tuning['seed']}, which is never reported, with N_G = "
                   f"{tuning['n_gen']} per method and lambda (--tune-n-gen; reported seeds use "
                   f"--n-gen). Rule: {tuning['rule']}. Gu memorized % on the tune seed "
                   f"({tuning['seconds']:.0f} s of pipeline runs, {tuning['folder']}):", "",
-                  "| method | " + " | ".join(f"lambda {v}" for v in tuning["grid"]) + " |",
-                  "|" + " --- |" * (len(tuning["grid"]) + 1)]
-        for method, curve in tuning["curve"].items():
-            cells = [f"{100 * row['memorized_fraction']:.2f}" for row in curve.values()]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+                  *table_lines(["method", *(f"lambda {v}" for v in tuning["grid"])], curve)]
     return lines
 
 
+def ratio_cell(value) -> str:
+    return "n/a (divisor has 0 copies)" if value is None else f"{value:.2f}x"
+
+
 def protocol_markdown(agg: dict, choice: dict) -> str:
+    distinct = [[m, spread_cell(agg["methods"][m]["unique_memorized"]),
+                 f"{ever['count']} of {ever['of']}", f"{100 * ever['fraction']:.2f} %"]
+                for m, ever in agg["ever_extracted"].items()]
     lines = ["## Protocol", "", *lambda_markdown(choice), "",
              f"Distinct training images copied (Gu), per seed and ever over seeds {agg['seeds']}:",
-             "", "| method | Gu unique, mean [min, max] | ever extracted | of the training set |",
-             "| --- | --- | --- | --- |"]
-    for m, columns in agg["methods"].items():
-        unique, ever = columns["unique_memorized"], agg["ever_extracted"][m]
-        lines.append(f"| {m} | {unique['mean']:.3g} [{unique['min']:g}, {unique['max']:g}] | "
-                     f"{ever['count']} of {ever['of']} | {100 * ever['fraction']:.2f} % |")
+             "", *table_lines(["method", "Gu unique, mean [min, max]", "ever extracted",
+                               "of the training set"], distinct)]
     ratio_names = list(next(iter(agg["ratios"].values())))
     if ratio_names:
+        ratios = [[seed, *(ratio_cell(r[name]) for name in ratio_names)]
+                  for seed, r in agg["ratios"].items()]
         lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
                   "higher mean Gu memorized fraction of cond and cond_x0):", "",
-                  "| seed | " + " | ".join(ratio_names) + " |",
-                  "|" + " --- |" * (len(ratio_names) + 1)]
-    for seed, ratios in agg["ratios"].items() if ratio_names else ():
-        cells = [f"{ratios[r]:.2f}x" if ratios[r] is not None else "n/a (divisor has 0 copies)"
-                 for r in ratio_names]
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+                  *table_lines(["seed", *ratio_names], ratios)]
     return "\n".join(lines + ["", *[f"- {v}" for v in agg["verdicts"]]]) + "\n"
 
 
@@ -1709,7 +1707,10 @@ def write_aggregate(cfg: Config, folders: dict, reports: dict, choice: dict) -> 
         text = "\n".join([
             f"# SIDE over seeds {', '.join(map(str, reports))}: {cfg.dataset}, n = {cfg.n}, "
             f"{cfg.image_size} px", "", f"N_G = {cfg.n_gen} per method and seed; every seed trains "
-            "its own DDPM. Mean [min, max] over seeds:", "", spread_table(agg["methods"]), "",
+            "its own DDPM. Mean [min, max] over seeds:", "", *table_lines(
+                ["method", *(title for _, title, _ in TABLE_COLUMNS)],
+                [[m, *(spread_cell(c[key], scale) for key, _, scale in TABLE_COLUMNS)]
+                 for m, c in agg["methods"].items()]), "",
             protocol_markdown(agg, choice), f"Per seed: {links}."])
     save_text(out / "report.json", json.dumps(report, indent=2))
     save_text(out / "report.md", text + "\n")
