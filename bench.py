@@ -288,7 +288,6 @@ GPU_COMMANDS = [("python side.py --dataset celeba --n 1000 (64 px)", {}),
                 ("paper scale: CelebA-25000, 128 px", PAPER_SCALE)]
 TOY = dict(image_size=16, channels="16,32", attn_res="8", clusters=4)  # --dry-run
 METHODS = ("uncond", "cond", "side")
-SAMPLE_BATCH = 1024  # side.sample's batch on CUDA
 KMEANS_ITERATIONS = 3 * 50  # side's n_init = 3 times an ASSUMED 50 Lloyd iterations (sklearn stops at tol)
 
 
@@ -471,10 +470,10 @@ def measure_gpu(cfg: side.Config, flops: dict, device, repeats: int) -> dict:
              cfg.batch_size, flops["unet_train"]),
             ("classifier", lambda b: classifier_stepper(nets["side"], dataclasses.replace(cfg, clf_batch=b), device),
              cfg.clf_batch, flops["side_classifier_train"]),
-            ("unguided", lambda b: sampling_stepper(nets["unet"].eval(), None, cfg, b, device), SAMPLE_BATCH,
-             flops["unet_forward"]),
+            ("unguided", lambda b: sampling_stepper(nets["unet"].eval(), None, cfg, b, device),
+             side.sampling_batch(device, cfg.image_size, guided=False), flops["unet_forward"]),
             ("guided", lambda b: sampling_stepper(nets["unet"].eval(), nets["side"].eval(), cfg, b, device),
-             SAMPLE_BATCH, flops["side_guided_step"])]
+             side.sampling_batch(device, cfg.image_size, guided=True), flops["side_guided_step"])]
     results = {}
     for name, make, batch, per_image in jobs:
         print(f"  measure {name} ({cfg.image_size} px) ...", flush=True)
@@ -483,7 +482,7 @@ def measure_gpu(cfg: side.Config, flops: dict, device, repeats: int) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         first_batch = batch
-        while True:  # halve the batch until it fits (side.sample's 1024 may not at 128 px)
+        while True:  # halve the batch until it fits, and say so: side.sample would run out of memory
             try:
                 ms = timed_ms(make(batch), repeats, device)
                 break

@@ -616,3 +616,25 @@ def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(data
     for tensor in (unguided, guided, x_prev):
         assert tensor.shape == x.shape and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
     assert (guided - unguided).abs().max() > 1e-4  # the classifier's gradient reached eps
+
+
+@pytest.mark.parametrize("dataset, size, channels", [("celeba", 64, None), ("cifar10", 32, None),
+                                                     ("celeba", 128, "128,256,256,256,512")])
+def test_guided_sampling_batch_keeps_the_classifier_activations_within_a_gpus_memory(dataset, size, channels,
+                                                                                    tmp_path):
+    """A guided step keeps the classifier's activations (fp32) for its gradient; side.sample's batch on
+    CUDA must keep them inside a 24 GB card (1,024 would need about 50 GiB at 64 px, 200 at 128 px)."""
+    cfg = gpu_profile_config(dataset, tmp_path)
+    cfg.image_size, cfg.channels = size, channels or cfg.channels
+    clf = side.build_classifier(cfg, 3, cfg.clusters, time_dependent=True)
+    weights, saved = {p.data_ptr() for p in clf.parameters()}, {}
+
+    def keep(tensor):  # activations saved for the backward pass, each counted once, weights left out
+        if tensor.data_ptr() not in weights:
+            saved[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        clf(torch.randn(1, 3, size, size, requires_grad=True), torch.tensor([500]))
+    batch = side.sampling_batch(torch.device("cuda"), size, guided=True)
+    assert batch >= 32 and batch * sum(saved.values()) < 20 * 2**30
+    assert side.sampling_batch(torch.device("cuda"), size, guided=False) == 1024

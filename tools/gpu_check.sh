@@ -42,23 +42,23 @@ timeout -k 10 200 python3 bench.py "${BENCH_ARGS[@]}" || echo "bench.py FAILED o
 echo "bench: ${SECONDS} s"
 
 # Stage sizes for side.py from the measured 64-px steps: about 80 s of DDPM training, 30 s for the two
-# classifiers, 20 s for N_syn and 60 s for the three methods' generations (side.sample's batch is
-# 1,024 on CUDA, 50 DDIM steps). Far too short to memorize 500 faces: this run checks that every stage
-# works on CUDA at the real network size and times it, it does not reproduce the paper. If bench.py
-# failed, fixed sizes that fit at 60 TFLOP/s are used instead.
+# classifiers, 20 s for N_syn and 60 s for the three methods' generations (50 DDIM steps each). Far
+# too short to memorize 500 faces: this run checks that every stage works on CUDA at the real network
+# size and times it; it does not reproduce the paper. Without a measurement (bench.py failed), fixed
+# sizes that fit even at about 60 TFLOP/s are used.
 SIZES=$(python3 - "$OUT/bench_gpu.json" <<'PY'
 import json, sys
 try:
     m = json.load(open(sys.argv[1]))["commands"][0]["measured"]
+    per_image_s = {k: m[k]["ms_per_step"] / m[k]["batch"] / 1e3 for k in ("unguided", "guided")}
     clamp = lambda v, low, high, unit: int(min(high, max(low, v)) // unit * unit)
     train = clamp(80e3 / m["train"]["ms_per_step"], 200, 3000, 100)
     clf = clamp(30e3 / (2 * m["classifier"]["ms_per_step"]), 100, 1000, 50)
-    per_batch_s = 50 * m["unguided"]["ms_per_step"] / 1e3
-    n_syn = 1024 * clamp(20 / per_batch_s, 1, 4, 1)
-    n_gen = 1024 if 50 * (m["unguided"]["ms_per_step"] + 2 * m["guided"]["ms_per_step"]) / 1e3 <= 60 else 512
+    n_syn = clamp(20 / (50 * per_image_s["unguided"]), 1024, 4096, 1024)
+    n_gen = clamp(60 / (50 * (per_image_s["unguided"] + 2 * per_image_s["guided"])), 256, 1024, 256)
     print(train, clf, n_syn, n_gen)
-except Exception as error:  # no measurement: sizes that fit even at 60 TFLOP/s
-    print(600, 200, 1024, 512, "# fallback:", error.__class__.__name__, file=sys.stdout)
+except Exception as error:
+    print(600, 200, 1024, 512, "# fallback:", error.__class__.__name__)
 PY
 )
 read -r TRAIN CLF NSYN NGEN _ <<< "$SIZES"
