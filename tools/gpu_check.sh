@@ -26,9 +26,9 @@ DRY=${GPU_CHECK_DRY:-0}
 WORK=$(mktemp -d)  # side.py's run folder (checkpoints, npz): kept out of $OUT, which returns 8 files
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-exec > >(tee "$OUT/log.txt") 2>&1
 [ -d "$FACES" ] || { echo "no faces at $FACES: run 'tools/gpu_check.sh prepare' and carry data/"; exit 2; }
 
+main() {
 echo "=== versions ($(date -u))"
 nvidia-smi || echo "(no nvidia-smi)"
 python3 -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda',
@@ -81,3 +81,5 @@ cp "$WORK/figures/matches.png" "$WORK/figures/histograms.png" "$OUT/" 2>/dev/nul
 python3 -c "import json; r = json.load(open('$WORK/report.json')); print('timings (s):', r['timings_s'])" 2>/dev/null
 rm -rf "$WORK"
 echo "=== done ($(date -u)); in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+main 2>&1 | tee "$OUT/log.txt"  # a pipeline, so the log is complete when the script returns
