@@ -542,3 +542,99 @@ def test_the_baseline_alone_needs_no_labels_or_classifier(tmp_path):
     assert not (tmp_path / "labels.npz").exists() and not (tmp_path / "classifier_side.pt").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["methods"]) == ["uncond"] and report["labels"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU profiles' networks at their real sizes: one step of each kind at batch 2 on the CPU, with
+# the bf16 autocast that side.autocast turns on for CUDA, so dtype and attention paths that only a
+# GPU run would reach are exercised here
+# ------------------------------------------------------------------------------------------------
+
+GPU_PROFILE_NETWORKS = [("celeba", 64, [128, 256, 256, 256]), ("cifar10", 32, [128, 256, 256])]
+
+
+def gpu_profile_config(dataset: str, out: Path) -> side.Config:
+    """The (dataset, gpu) profile as a CUDA machine gets it; apply_profile would pick the CPU one here."""
+    cfg = side.Config(dataset=dataset, device="cpu", out=str(out))
+    for name, value in side.PROFILES[(dataset, "gpu")].items():
+        setattr(cfg, name, value)
+    side.validate(cfg)
+    return cfg
+
+
+def record_attention_calls(monkeypatch) -> list:
+    """Wrap scaled_dot_product_attention to note the shape and dtype of every query it is given."""
+    calls, original = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        calls.append((tuple(q.shape), q.dtype))
+        return original(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("dataset, size, widths", GPU_PROFILE_NETWORKS)
+def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(dataset, size, widths, tmp_path,
+                                                                              monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cfg = gpu_profile_config(dataset, tmp_path)
+    assert (cfg.image_size, side.channel_list(cfg.channels), cfg.blocks, cfg.attn_res) == (size, widths, 2, "16")
+    torch.manual_seed(0)
+    unet = side.build_unet(cfg, 3)
+    clf = side.build_classifier(cfg, 3, cfg.clusters, time_dependent=True)
+    assert sum(p.numel() for p in unet.parameters()) > 20_000_000  # the real size (31.3M, 22.9M), not a toy
+    # side.autocast(cuda) is bf16 autocast; the same autocast on the CPU runs the same dtype paths
+    monkeypatch.setattr(side, "autocast", lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
+    calls = record_attention_calls(monkeypatch)
+    diffusion, gen = side.Diffusion(), torch.Generator().manual_seed(0)
+    x0_all = torch.rand(4, 3, size, size, generator=gen) * 2 - 1
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # a fused kernel, never the math fallback
+        # DDPM training step (Adam's update is the same on any device and left out)
+        loss = side.ddpm_loss(unet, x0_all, gen, 2, diffusion)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters())
+        # attention at 16x16 (256 tokens) with 256 channels, in bf16, as a 4-D batch the fused CUDA
+        # kernels accept (3-D inputs make CUDA fall back to the math kernel)
+        assert (2, 1, 256, 256) in {shape for shape, _ in calls}
+        assert all(len(shape) == 4 and dtype == torch.bfloat16 for shape, dtype in calls)
+        # time-dependent classifier step on noised samples (Eq. 2), as train_classifier takes it
+        x_t, t = side.noised_batch(x0_all[:2], gen, True, diffusion)
+        with side.autocast(x_t.device):
+            logits = clf(x_t, t)
+        soft = torch.eye(cfg.clusters)[[3, 7]]
+        clf_loss = side.soft_cross_entropy(logits.float(), soft)
+        clf_loss.backward()
+        assert logits.dtype == torch.bfloat16 and logits.shape == (2, cfg.clusters) and torch.isfinite(clf_loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in clf.parameters())
+        # one guided DDIM step: eps from the bf16 UNet, the gradient of log p_phi(c | x_t, t) (Eq. 1)
+        torch.nn.init.normal_(unet.head[-1].weight, std=0.01)  # a zero head would hide a wrong eps
+        x, t = torch.randn(2, 3, size, size, generator=gen), torch.full((2,), 500)
+        unguided = side.guided_eps(unet, None, x, t, None, 0.0, diffusion)
+        guided = side.guided_eps(unet, clf, x, t, torch.tensor([3, 7]), cfg.guidance, diffusion)
+        x_prev = diffusion.reverse_step(x, guided, 500, 480, 0.0, 0)
+    for tensor in (unguided, guided, x_prev):
+        assert tensor.shape == x.shape and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
+    assert (guided - unguided).abs().max() > 1e-4  # the classifier's gradient reached eps
+
+
+@pytest.mark.parametrize("dataset, size, channels", [("celeba", 64, None), ("cifar10", 32, None),
+                                                     ("celeba", 128, "128,256,256,256,512")])
+def test_guided_sampling_batch_keeps_the_classifier_activations_within_a_gpus_memory(dataset, size, channels,
+                                                                                    tmp_path):
+    """A guided step keeps the classifier's activations (fp32) for its gradient; side.sample's batch on
+    CUDA must keep them inside a 24 GB card (1,024 would need about 50 GiB at 64 px, 200 at 128 px)."""
+    cfg = gpu_profile_config(dataset, tmp_path)
+    cfg.image_size, cfg.channels = size, channels or cfg.channels
+    clf = side.build_classifier(cfg, 3, cfg.clusters, time_dependent=True)
+    weights, saved = {p.data_ptr() for p in clf.parameters()}, {}
+
+    def keep(tensor):  # activations saved for the backward pass, each counted once, weights left out
+        if tensor.data_ptr() not in weights:
+            saved[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        clf(torch.randn(1, 3, size, size, requires_grad=True), torch.tensor([500]))
+    batch = side.sampling_batch(torch.device("cuda"), size, guided=True)
+    assert batch >= 32 and batch * sum(saved.values()) < 20 * 2**30
+    assert side.sampling_batch(torch.device("cuda"), size, guided=False) == 1024
