@@ -41,6 +41,21 @@ SECONDS=0
 timeout -k 10 200 python3 bench.py "${BENCH_ARGS[@]}" || echo "bench.py FAILED or timed out (exit $?)"
 echo "bench: ${SECONDS} s"
 
+# Optional (N_CURVE=1): tools/n_curve.py in the background while side.py runs below. The tiny digits
+# networks leave the card mostly idle, so the two share it; side.py's stage timings are then taken on
+# a shared GPU (bench.py's measurements above are not).
+if [ "${N_CURVE:-0}" = 1 ]; then
+    NC_DIR=$(mktemp -d)
+    NC_ARGS=(--out "$NC_DIR" --device cuda --jobs 4 --sizes "${NC_SIZES:-64,128,256,512}"
+             --clusters "${NC_CLUSTERS:-32,128}")
+    [ "$DRY" = 1 ] && NC_ARGS=(--out "$NC_DIR" --device cpu --jobs 2 --sizes 12,16 --steps-per-image 3
+                               --clusters 3,4 --grid 1,3 -- --n-syn 48 --clf-steps 10 --n-gen 12
+                               --sample-steps 10 --channels 16,32 --batch-size 16 --cohesion 0)
+    OMP_NUM_THREADS=2 timeout -k 10 "${NC_TIMEOUT:-300}" python3 tools/n_curve.py "${NC_ARGS[@]}" \
+        > "$NC_DIR/n_curve_log.txt" 2>&1 &
+    NC_PID=$!
+fi
+
 # Stage sizes for side.py from the measured 64-px steps: about 80 s of DDPM training, 30 s for the two
 # classifiers, 20 s for N_syn and 60 s for the three methods' generations (50 DDIM steps each). Far
 # too short to memorize 500 faces: this run checks that every stage works on CUDA at the real network
@@ -80,6 +95,13 @@ cp "$WORK/report.json" "$WORK/report.md" "$OUT/" 2>/dev/null
 cp "$WORK/figures/matches.png" "$WORK/figures/histograms.png" "$OUT/" 2>/dev/null
 python3 -c "import json; r = json.load(open('$WORK/report.json')); print('timings (s):', r['timings_s'])" 2>/dev/null
 rm -rf "$WORK"
+if [ -n "${NC_PID:-}" ]; then
+    wait "$NC_PID"; echo "n_curve exit $?"
+    python3 tools/n_curve.py --out "$NC_DIR" --sizes "${NC_SIZES:-64,128,256,512}" --summarize-only \
+        $([ "$DRY" = 1 ] && echo "--steps-per-image 3 --sizes 12,16") > "$OUT/n_curve.md"
+    cat "$OUT/n_curve.md"
+    tar -czf "$OUT/n_curve.tar.gz" -C "$NC_DIR" --exclude='*.pt' --exclude='*.npz' --exclude='*.png' .
+fi
 echo "=== done ($(date -u)); in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 }
 main 2>&1 | tee "$OUT/log.txt"  # a pipeline, so the log is complete when the script returns

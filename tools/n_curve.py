@@ -42,6 +42,13 @@ def run_one(n: int, steps: int, clusters: list[int], args) -> dict:
     return dict(n=n, steps=steps, sweeps=results)
 
 
+def collect(out: Path, n: int, steps: int) -> dict:
+    """The sweeps already written under out/n<n>/ (keyed by K)."""
+    sweeps = {int(p.stem.split("_K")[1]): json.loads(p.read_text())
+              for p in sorted((out / f"n{n}").glob("sweep_K*.json"))}
+    return dict(n=n, steps=steps, sweeps=sweeps)
+
+
 def best_setting(entry: dict, method: str) -> dict | None:
     """The (K, lambda) with the highest Gu memorized fraction for `method` (ties: smaller lambda)."""
     best = None
@@ -86,16 +93,21 @@ def main() -> int:
     parser.add_argument("--grid", default="0.3,1,3,10,30", help="lambda values tried per K")
     parser.add_argument("--methods", default="uncond,cond,side")
     parser.add_argument("--jobs", type=int, default=1, help="settings run in parallel")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="only tabulate the sweep_K*.json files already under --out")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more side.py flags, after --")
     args = parser.parse_args()
     args.extra = [a for a in args.extra if a != "--"]
     sizes = [int(v) for v in args.sizes.split(",")]
     clusters = [int(v) for v in args.clusters.split(",")]
-    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, n, round(n * args.steps_per_image), clusters, args)
-                   for n in sizes]
-        entries = sorted((f.result() for f in futures), key=lambda e: e["n"])
     out = Path(args.out)
+    if args.summarize_only:  # what finished of an earlier (perhaps interrupted) run
+        entries = [collect(out, n, round(n * args.steps_per_image)) for n in sizes]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_one, n, round(n * args.steps_per_image), clusters, args)
+                       for n in sizes]
+            entries = sorted((f.result() for f in futures), key=lambda e: e["n"])
     (out / "n_curve.json").write_text(json.dumps(entries, indent=1))
     table = markdown(entries, args.methods.split(","))
     (out / "n_curve.md").write_text(table)
