@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,7 +273,8 @@ def test_sim_model_loads_a_torchscript_embedding(tmp_path):
 def test_tiny_ddpm_memorizes_a_handful_of_images(tmp_path):
     cfg = tiny_config(n=6, train_steps=300, batch_size=32, lr=2e-3, sample_steps=20, out=str(tmp_path))
     train, _, _ = side.load_digits(cfg)
-    model = side.train_ddpm(cfg, train, tmp_path, torch.device("cpu"))
+    x0 = side.to_unit_range(train)
+    model = side.train_ddpm(cfg, x0, side.RunFolder(cfg, torch.device("cpu")).ddpm_training(x0))
     generated = side.sample(model, cfg, 24, torch.device("cpu"))
     summary = side.memorization_metrics(generated, train, None, side.PIXEL_BANDS, "cpu")["summary"]
     assert summary["memorized_fraction"] >= 0.5, summary
@@ -367,7 +369,7 @@ def bad_input_cases(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     return {
-        "unknown dataset": (["--dataset", "mnist"], "unknown --dataset"),
+        "unknown dataset": (["--dataset", "mnist"], "--dataset: invalid choice"),
         "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
         "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
         "too few images": (["--n", "5000"], "more than the 1797"),
@@ -472,6 +474,30 @@ def test_checkpoint_of_another_run_is_not_loaded_silently(tiny_run, capsys):
     assert side.main([*TINY, "--out", str(tiny_run), "--channels", "16,16"]) == 2
     err = capsys.readouterr().err
     assert "--channels 16,32 (checkpoint) vs 16,16 (now)" in err and "--fresh" in err
+
+
+def test_a_damaged_stage_file_is_recomputed_with_one_line_saying_why(tiny_run, tmp_path, capsys):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    (tmp_path / "run" / "labels.npz").write_bytes(b"junk, as after a hand edit")
+    assert side.main([*TINY, "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cannot be read" in line]
+    assert len(lines) == 1 and "labels.npz" in lines[0] and "recomputing" in lines[0], lines
+    labels = np.load(tmp_path / "run" / "labels.npz")
+    assert labels["soft"].shape[0] == 48 and len(labels["kept"]) > 0
+
+
+def test_an_unreadable_checkpoint_stops_with_the_fix_and_touches_nothing(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    checkpoint = (run / "ddpm.pt").read_bytes()
+    (run / "ddpm.pt").write_bytes(checkpoint[:len(checkpoint) // 2])  # as a half-copied file
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert side.main([*TINY, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "ddpm.pt cannot be read" in err and "--fresh" in err and "delete" in err, err
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert after == before
 
 
 def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
