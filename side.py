@@ -936,9 +936,9 @@ def download(cfg: Config) -> None:
         fetch()
     except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
         where = "cifar-10-batches-py/" if cfg.dataset == "cifar10" else "celeba/img_align_celeba/"
-        raise UserError(f"--download of {cfg.dataset} failed ({error.__class__.__name__}: "
-                        f"the machine seems "
-                        f"offline); put a manual copy at {root / where} and run without --download")
+        raise UserError(f"--download of {cfg.dataset} failed ({error.__class__.__name__}: the "
+                        f"machine seems offline); put a manual copy at {root / where} and run "
+                        f"without --download")
 
 
 LOADERS = {"digits": load_digits, "celeba": load_celeba, "cifar10": load_cifar10,
