@@ -108,6 +108,18 @@ def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
         assert not np.array_equal(alone[3], alone[4])
 
 
+def test_a_range_of_generations_drawn_alone_matches_the_same_range_of_a_full_draw():
+    """sample(start=...) is what lets generations be split across processes by index."""
+    cfg, unet, classifier = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    targets = np.array([0, 1, 2, 0, 1, 2])
+    full = side.sample(unet, cfg, 6, torch.device("cpu"), classifier=classifier, targets=targets,
+                       guidance=5.0)
+    tail = side.sample(unet, cfg, 4, torch.device("cpu"), classifier=classifier, targets=targets[2:],
+                       guidance=5.0, start=2)
+    np.testing.assert_array_equal(full[2:], tail)
+
+
 class Brightness(torch.nn.Module):
     """A two-class classifier with a known meaning: class 0 = bright image, class 1 = dark image."""
     def forward(self, x, t):
