@@ -108,7 +108,7 @@ def training_stepper(model, forward, cfg, in_ch, device):
     gen = torch.Generator().manual_seed(0)
     x0_all = torch.rand(cfg.n, in_ch, cfg.image_size, cfg.image_size, generator=gen).to(device) * 2 - 1
 
-    def step():  # the same calls, in the same order, as side.run_training_loop
+    def step():  # the same calls, in the same order, as side.train_ddpm
         batch = torch.randint(len(x0_all), (cfg.batch_size,), generator=gen)
         t = torch.randint(side.T_STEPS, (cfg.batch_size,), generator=gen)
         noise = torch.randn((cfg.batch_size, *x0_all.shape[1:]), generator=gen).to(device)

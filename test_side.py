@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,18 @@ def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
         alone = side.sample(unet, cfg, 5, torch.device("cpu"), batch=5)
         np.testing.assert_array_equal(in_batches_of_two, alone)
         assert not np.array_equal(alone[3], alone[4])
+
+
+def test_a_range_of_generations_drawn_alone_matches_the_same_range_of_a_full_draw():
+    """sample(start=...) is what lets generations be split across processes by index."""
+    cfg, unet, classifier = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    targets = np.array([0, 1, 2, 0, 1, 2])
+    full = side.sample(unet, cfg, 6, torch.device("cpu"), classifier=classifier, targets=targets,
+                       guidance=5.0)
+    tail = side.sample(unet, cfg, 4, torch.device("cpu"), classifier=classifier, targets=targets[2:],
+                       guidance=5.0, start=2)
+    np.testing.assert_array_equal(full[2:], tail)
 
 
 class Brightness(torch.nn.Module):
@@ -272,7 +285,8 @@ def test_sim_model_loads_a_torchscript_embedding(tmp_path):
 def test_tiny_ddpm_memorizes_a_handful_of_images(tmp_path):
     cfg = tiny_config(n=6, train_steps=300, batch_size=32, lr=2e-3, sample_steps=20, out=str(tmp_path))
     train, _, _ = side.load_digits(cfg)
-    model = side.train_ddpm(cfg, train, tmp_path, torch.device("cpu"))
+    x0 = side.to_unit_range(train)
+    model = side.train_ddpm(cfg, x0, side.RunFolder(cfg, torch.device("cpu")).ddpm_training(x0))
     generated = side.sample(model, cfg, 24, torch.device("cpu"))
     summary = side.memorization_metrics(generated, train, None, side.PIXEL_BANDS, "cpu")["summary"]
     assert summary["memorized_fraction"] >= 0.5, summary
@@ -367,7 +381,7 @@ def bad_input_cases(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     return {
-        "unknown dataset": (["--dataset", "mnist"], "unknown --dataset"),
+        "unknown dataset": (["--dataset", "mnist"], "--dataset: invalid choice"),
         "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
         "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
         "too few images": (["--n", "5000"], "more than the 1797"),
@@ -472,6 +486,30 @@ def test_checkpoint_of_another_run_is_not_loaded_silently(tiny_run, capsys):
     assert side.main([*TINY, "--out", str(tiny_run), "--channels", "16,16"]) == 2
     err = capsys.readouterr().err
     assert "--channels 16,32 (checkpoint) vs 16,16 (now)" in err and "--fresh" in err
+
+
+def test_a_damaged_stage_file_is_recomputed_with_one_line_saying_why(tiny_run, tmp_path, capsys):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    (tmp_path / "run" / "labels.npz").write_bytes(b"junk, as after a hand edit")
+    assert side.main([*TINY, "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cannot be read" in line]
+    assert len(lines) == 1 and "labels.npz" in lines[0] and "recomputing" in lines[0], lines
+    labels = np.load(tmp_path / "run" / "labels.npz")
+    assert labels["soft"].shape[0] == 48 and len(labels["kept"]) > 0
+
+
+def test_an_unreadable_checkpoint_stops_with_the_fix_and_touches_nothing(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    checkpoint = (run / "ddpm.pt").read_bytes()
+    (run / "ddpm.pt").write_bytes(checkpoint[:len(checkpoint) // 2])  # as a half-copied file
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert side.main([*TINY, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "ddpm.pt cannot be read" in err and "--fresh" in err and "delete" in err, err
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert after == before
 
 
 def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
