@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,18 @@ def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
         alone = side.sample(unet, cfg, 5, torch.device("cpu"), batch=5)
         np.testing.assert_array_equal(in_batches_of_two, alone)
         assert not np.array_equal(alone[3], alone[4])
+
+
+def test_a_range_of_generations_drawn_alone_matches_the_same_range_of_a_full_draw():
+    """sample(start=...) is what lets generations be split across processes by index."""
+    cfg, unet, classifier = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    targets = np.array([0, 1, 2, 0, 1, 2])
+    full = side.sample(unet, cfg, 6, torch.device("cpu"), classifier=classifier, targets=targets,
+                       guidance=5.0)
+    tail = side.sample(unet, cfg, 4, torch.device("cpu"), classifier=classifier, targets=targets[2:],
+                       guidance=5.0, start=2)
+    np.testing.assert_array_equal(full[2:], tail)
 
 
 class Brightness(torch.nn.Module):
@@ -273,7 +286,8 @@ def test_sim_model_loads_a_torchscript_embedding(tmp_path):
 def test_tiny_ddpm_memorizes_a_handful_of_images(tmp_path):
     cfg = tiny_config(n=6, train_steps=300, batch_size=32, lr=2e-3, sample_steps=20, out=str(tmp_path))
     train, _, _ = side.load_digits(cfg)
-    model = side.train_ddpm(cfg, train, tmp_path, torch.device("cpu"))
+    x0 = side.to_unit_range(train)
+    model = side.train_ddpm(cfg, x0, side.RunFolder(cfg, torch.device("cpu")).ddpm_training(x0))
     generated = side.sample(model, cfg, 24, torch.device("cpu"))
     summary = side.memorization_metrics(generated, train, None, side.PIXEL_BANDS, "cpu")["summary"]
     assert summary["memorized_fraction"] >= 0.5, summary
@@ -368,7 +382,7 @@ def bad_input_cases(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     return {
-        "unknown dataset": (["--dataset", "mnist"], "unknown --dataset"),
+        "unknown dataset": (["--dataset", "mnist"], "--dataset: invalid choice"),
         "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
         "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
         "too few images": (["--n", "5000"], "more than the 1797"),
@@ -475,6 +489,30 @@ def test_checkpoint_of_another_run_is_not_loaded_silently(tiny_run, capsys):
     assert "--channels 16,32 (checkpoint) vs 16,16 (now)" in err and "--fresh" in err
 
 
+def test_a_damaged_stage_file_is_recomputed_with_one_line_saying_why(tiny_run, tmp_path, capsys):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    (tmp_path / "run" / "labels.npz").write_bytes(b"junk, as after a hand edit")
+    assert side.main([*TINY, "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cannot be read" in line]
+    assert len(lines) == 1 and "labels.npz" in lines[0] and "recomputing" in lines[0], lines
+    labels = np.load(tmp_path / "run" / "labels.npz")
+    assert labels["soft"].shape[0] == 48 and len(labels["kept"]) > 0
+
+
+def test_an_unreadable_checkpoint_stops_with_the_fix_and_touches_nothing(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    checkpoint = (run / "ddpm.pt").read_bytes()
+    (run / "ddpm.pt").write_bytes(checkpoint[:len(checkpoint) // 2])  # as a half-copied file
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert side.main([*TINY, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "ddpm.pt cannot be read" in err and "--fresh" in err and "delete" in err, err
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
     args = [*TINY, "--ckpt-every", "20", "--methods", "uncond,side"]
     code, _, err = run_cli(*args, "--out", str(tmp_path / "a"), env={"SIDE_STOP_AT_STEP": "30"})
@@ -571,9 +609,11 @@ def test_oracle_labels_name_each_sample_s_nearest_training_image():
 
 
 def test_cond_row_follows_cond_input_and_cond_x0_always_judges_the_predicted_x0():
-    xt, x0 = tiny_config(cond_input="xt"), tiny_config(cond_input="x0")
-    assert not side.judges_predicted_x0(xt, "cond") and side.judges_predicted_x0(x0, "cond")
-    assert side.judges_predicted_x0(xt, "cond_x0") and not side.judges_predicted_x0(x0, "side")
+    for cond_input in ("xt", "x0"):
+        rows = side.method_rows(tiny_config(cond_input=cond_input, methods="cond,cond_x0,side,shuffled"))
+        assert [row.sees for row in rows] == [cond_input, "x0", "xt", "xt"]
+        assert [row.classifier for row in rows] == ["cond", "cond", "side", "shuffled"]
+        assert [row.labels for row in rows] == ["surrogate", "surrogate", "surrogate", "shuffled"]
 
 
 def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, monkeypatch):
@@ -629,7 +669,7 @@ def test_seeds_aggregate_equals_the_per_seed_reports_and_a_stopped_run_keeps_fin
     assert (tmp_path / "seed0" / "ddpm.pt").stat().st_mtime_ns == stamp  # seed 0 was kept
     aggregate = json.loads((tmp_path / "report.json").read_text())
     per_seed = [json.loads((tmp_path / f"seed{s}" / "report.json").read_text())["methods"] for s in (0, 1)]
-    assert list(aggregate["methods"]) == side.METHODS and aggregate["seeds"] == [0, 1]
+    assert list(aggregate["methods"]) == list(side.METHODS) and aggregate["seeds"] == [0, 1]
     for method, columns in aggregate["methods"].items():
         assert set(columns) == set(per_seed[0][method])
         for key, stats in columns.items():
@@ -676,3 +716,99 @@ def test_verdicts_say_whether_side_and_the_shuffled_control_beat_the_seed_spread
     assert "on one seed only" in said[0] and "does not show" in said[1]
     said = side.verdicts(dict(uncond=seeds(.2, .3), side=seeds(.1, .2), shuffled=seeds(.3, .4)), 3)
     assert "SIDE gained nothing over uncond" in said[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU profiles' networks at their real sizes: one step of each kind at batch 2 on the CPU, with
+# the bf16 autocast that side.autocast turns on for CUDA, so dtype and attention paths that only a
+# GPU run would reach are exercised here
+# ------------------------------------------------------------------------------------------------
+
+GPU_PROFILE_NETWORKS = [("celeba", 64, [128, 256, 256, 256]), ("cifar10", 32, [128, 256, 256])]
+
+
+def gpu_profile_config(dataset: str, out: Path) -> side.Config:
+    """The (dataset, gpu) profile as a CUDA machine gets it; apply_profile would pick the CPU one here."""
+    cfg = side.Config(dataset=dataset, device="cpu", out=str(out))
+    for name, value in side.PROFILES[(dataset, "gpu")].items():
+        setattr(cfg, name, value)
+    side.validate(cfg)
+    return cfg
+
+
+def record_attention_calls(monkeypatch) -> list:
+    """Wrap scaled_dot_product_attention to note the shape and dtype of every query it is given."""
+    calls, original = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        calls.append((tuple(q.shape), q.dtype))
+        return original(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("dataset, size, widths", GPU_PROFILE_NETWORKS)
+def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(dataset, size, widths, tmp_path,
+                                                                              monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cfg = gpu_profile_config(dataset, tmp_path)
+    assert (cfg.image_size, side.channel_list(cfg.channels), cfg.blocks, cfg.attn_res) == (size, widths, 2, "16")
+    torch.manual_seed(0)
+    unet = side.build_unet(cfg, 3)
+    clf = side.build_classifier(cfg, 3, cfg.clusters, time_dependent=True)
+    assert sum(p.numel() for p in unet.parameters()) > 20_000_000  # the real size (31.3M, 22.9M), not a toy
+    # side.autocast(cuda) is bf16 autocast; the same autocast on the CPU runs the same dtype paths
+    monkeypatch.setattr(side, "autocast", lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
+    calls = record_attention_calls(monkeypatch)
+    diffusion, gen = side.Diffusion(), torch.Generator().manual_seed(0)
+    x0_all = torch.rand(4, 3, size, size, generator=gen) * 2 - 1
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # a fused kernel, never the math fallback
+        # DDPM training step (Adam's update is the same on any device and left out)
+        loss = side.ddpm_loss(unet, x0_all, gen, 2, diffusion)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters())
+        # attention at 16x16 (256 tokens) with 256 channels, in bf16, as a 4-D batch the fused CUDA
+        # kernels accept (3-D inputs make CUDA fall back to the math kernel)
+        assert (2, 1, 256, 256) in {shape for shape, _ in calls}
+        assert all(len(shape) == 4 and dtype == torch.bfloat16 for shape, dtype in calls)
+        # time-dependent classifier step on noised samples (Eq. 2), as train_classifier takes it
+        x_t, t = side.noised_batch(x0_all[:2], gen, True, diffusion)
+        with side.autocast(x_t.device):
+            logits = clf(x_t, t)
+        soft = torch.eye(cfg.clusters)[[3, 7]]
+        clf_loss = side.soft_cross_entropy(logits.float(), soft)
+        clf_loss.backward()
+        assert logits.dtype == torch.bfloat16 and logits.shape == (2, cfg.clusters) and torch.isfinite(clf_loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in clf.parameters())
+        # one guided DDIM step: eps from the bf16 UNet, the gradient of log p_phi(c | x_t, t) (Eq. 1)
+        torch.nn.init.normal_(unet.head[-1].weight, std=0.01)  # a zero head would hide a wrong eps
+        x, t = torch.randn(2, 3, size, size, generator=gen), torch.full((2,), 500)
+        unguided = side.guided_eps(unet, None, x, t, None, 0.0, diffusion)
+        guided = side.guided_eps(unet, clf, x, t, torch.tensor([3, 7]), 10.0, diffusion)  # lambda 10
+        x_prev = diffusion.reverse_step(x, guided, 500, 480, 0.0, 0)
+    for tensor in (unguided, guided, x_prev):
+        assert tensor.shape == x.shape and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
+    assert (guided - unguided).abs().max() > 1e-4  # the classifier's gradient reached eps
+
+
+@pytest.mark.parametrize("dataset, size, channels", [("celeba", 64, None), ("cifar10", 32, None),
+                                                     ("celeba", 128, "128,256,256,256,512")])
+def test_guided_sampling_batch_keeps_the_classifier_activations_within_a_gpus_memory(dataset, size, channels,
+                                                                                    tmp_path):
+    """A guided step keeps the classifier's activations (fp32) for its gradient; side.sample's batch on
+    CUDA must keep them inside a 24 GB card (1,024 would need about 50 GiB at 64 px, 200 at 128 px)."""
+    cfg = gpu_profile_config(dataset, tmp_path)
+    cfg.image_size, cfg.channels = size, channels or cfg.channels
+    clf = side.build_classifier(cfg, 3, cfg.clusters, time_dependent=True)
+    weights, saved = {p.data_ptr() for p in clf.parameters()}, {}
+
+    def keep(tensor):  # activations saved for the backward pass, each counted once, weights left out
+        if tensor.data_ptr() not in weights:
+            saved[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        clf(torch.randn(1, 3, size, size, requires_grad=True), torch.tensor([500]))
+    batch = side.sampling_batch(torch.device("cuda"), size, guided=True)
+    assert batch >= 32 and batch * sum(saved.values()) < 20 * 2**30
+    assert side.sampling_batch(torch.device("cuda"), size, guided=False) == 1024
