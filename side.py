@@ -580,7 +580,9 @@ def fit_classifier(cfg: Config, synthetic: np.ndarray, labels: dict, time_depend
 #    sample with the guided score. `uncond` (Carlini UnCond) is the same call with lambda = 0;
 #    `cond` (Carlini Cond) guides with the time-independent classifier. By default it is applied to
 #    x_t directly, so the only difference from `side` is the time-dependence (noise-awareness) of
-#    p_phi; --cond-input x0 lets it judge the predicted x_0 instead, the stronger common variant.
+#    p_phi; `cond_x0` lets it judge the predicted x_0 instead, the stronger common variant. Two
+#    controls guide like `side` with other labels (section 5): `shuffled` and `oracle`. Each row
+#    samples at its own lambda, chosen on a seed that is never reported (appendix F).
 # =================================================================================================
 
 
