@@ -80,8 +80,10 @@ read -r TRAIN CLF NSYN NGEN _ <<< "$SIZES"
 echo "stage sizes: --train-steps $TRAIN --clf-steps $CLF --n-syn $NSYN --n-gen $NGEN ($SIZES)"
 # --cohesion 0: after a few minutes of training the samples form no clusters with tau = 0.5, and a
 # run whose filter keeps none stops with exit code 2 before the stages this check is for.
+# --guidance 10 and the three rows: the stage sizes above are for one pass of three rows; tuning
+# lambda per row (the default) would rerun the pipeline on the tune seed once per lambda.
 SIDE_ARGS=(--dataset celeba --n 500 --data-root data --out "$WORK" --train-steps "$TRAIN" --clf-steps "$CLF"
-           --n-syn "$NSYN" --n-gen "$NGEN" --cohesion 0)
+           --n-syn "$NSYN" --n-gen "$NGEN" --cohesion 0 --guidance 10 --methods uncond,cond,side)
 if [ "$DRY" = 1 ]; then
     SIDE_ARGS+=(--device cpu --n 32 --image-size 16 --channels 16,32 --attn-res 8 --train-steps 30 --clf-steps 10
                 --clf-batch 16 --batch-size 16 --n-syn 64 --clusters 4 --n-gen 16 --sample-steps 10)
