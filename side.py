@@ -727,7 +727,7 @@ def run(cfg: Config, folder, device: torch.device) -> dict:
     for row in rows:  # Part 2, lines 16-26, once for every row, at the row's own lambda
         classifier, guidance = classifiers.get(row.classifier), guidance_for(cfg, row.name)
         generations[row.name] = folder(f"samples_{row.name}", lambda: extract(
-            cfg, row, model, classifier, guidance, device))
+            cfg, row, model, classifier, guidance, device), guidance=guidance)
     return dict(train=train, labels=labels, accuracies=accuracies, generations=generations)
 
 
@@ -1034,15 +1034,16 @@ STAGE_FIELDS = {
     "labels": ["labels", "clusters", "cohesion"],
     "classifier": ["clf_steps", "clf_lr", "clf_batch"],
     "generations": ["n_gen"],
-    "guidance": ["guidance", "method_guidance"],
     "cond": ["cond_input"],
 }
 
 
-def stage_key(cfg: Config, *groups: str) -> str:
-    """A short hash of the settings in `groups`: the identity of a stage's output."""
-    values = {g: {f: getattr(cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
-    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+def stage_key(cfg: Config, *groups: str, **values) -> str:
+    """A short hash of the settings in `groups`, and of `values` (a guided row's own lambda): the
+    identity of a stage's output."""
+    settings = {g: {f: getattr(cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
+    text = json.dumps({**settings, **values}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def stage_groups(cfg: Config, name: str) -> list[str]:
@@ -1061,7 +1062,7 @@ def stage_groups(cfg: Config, name: str) -> list[str]:
     if method.classifier is None:  # the baseline does not depend on labels, classifier or lambda
         return sampled + ["generations"]
     follows_flag = ["cond"] if method.sees is None else []  # --cond-input
-    return labelled + ["classifier", "generations", "guidance"] + follows_flag
+    return labelled + ["classifier", "generations"] + follows_flag  # and the row's lambda, in run()
 
 
 def stage_path(out: Path, name: str) -> Path:
@@ -1106,8 +1107,10 @@ class RunFolder:
         self.checkpoint = read_checkpoint(self.out / "ddpm.pt", cfg, device)
         self.timings, self.current, self.clock = {}, None, time.perf_counter()
 
-    def __call__(self, name: str, compute) -> dict:
-        path, key = stage_path(self.out, name), stage_key(self.cfg, *stage_groups(self.cfg, name))
+    def __call__(self, name: str, compute, **values) -> dict:
+        """`values`: what the stage depends on beyond the settings (a guided row's own lambda)."""
+        groups = stage_groups(self.cfg, name)
+        path, key = stage_path(self.out, name), stage_key(self.cfg, *groups, **values)
         cached = None if self.cfg.fresh or not path.is_file() else self.load(path, key)
         if cached is None:
             cached = compute()

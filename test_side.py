@@ -642,6 +642,17 @@ def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, mo
     assert [seed for seed, _ in calls] == [0]
 
 
+def test_one_rows_own_lambda_reruns_only_that_row(tiny_run, capsys):
+    assert side.main([*TINY, "--out", str(tiny_run)]) == 0  # every row at lambda 10
+    rows = ("uncond", "cond", "cond_x0", "side", "shuffled")
+    before = {m: (tiny_run / f"samples_{m}.npz").stat().st_mtime_ns for m in rows}
+    assert side.main([*TINY, "--out", str(tiny_run), "--method-guidance", "side=4"]) == 0
+    after = {m: (tiny_run / f"samples_{m}.npz").stat().st_mtime_ns for m in rows}
+    assert [m for m in rows if after[m] != before[m]] == ["side"]
+    assert json.loads((tiny_run / "report.json").read_text())["guidance"]["side"] == 4.0
+    capsys.readouterr()
+
+
 def test_ever_extracted_is_the_union_over_seeds_in_dataset_index_space(tmp_path):
     for name, indices, nn_index, ratio in (("a", [10, 11, 12], [0, 2, 2], [0.1, 0.5, 0.2]),
                                            ("b", [20, 21, 22], [0, 1], [0.2, 0.9])):
