@@ -940,6 +940,9 @@ def test_compile_unavailable_and_too_many_processes_get_one_line_and_exit_code_2
     assert side.main([*TINY, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "torchrun started 13 processes but there are only 12 generations" in err and err.count("\n") == 1
+    monkeypatch.setenv("WORLD_SIZE", "5")  # tuning lambda samples --tune-n-gen generations per row
+    assert side.main([*TINY_TUNED, "--tune-n-gen", "4", "--out", str(tmp_path)]) == 2
+    assert "only 4 generations to share (--n-gen 12, --n-syn 48, --tune-n-gen 4)" in capsys.readouterr().err
 
 
 TINY_TORCHRUN = ["--n-train" if arg == "--n" else arg for arg in TINY]  # torchrun's parser reads --n itself
@@ -1043,7 +1046,9 @@ def test_torchrun_shards_sampling_and_trains_with_ddp(tmp_path):
 def test_torchrun_run_of_a_tiny_config_writes_one_report(tmp_path):
     code, output = run_torchrun("side.py", *TINY_TORCHRUN, "--methods", "uncond,side", "--out", str(tmp_path))
     assert code == 0, output
-    assert output.count("report: ") == 1 and output.count("config: ") == 1  # rank 0 alone prints
+    lines = output.splitlines()  # rank 0 alone prints
+    assert sum(line.startswith("report: ") for line in lines) == 1, output
+    assert sum(line.startswith("config: ") for line in lines) == 1, output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["methods"]["side"]["n_generated"] == 12
     assert len(np.load(tmp_path / "samples_side.npz")["images"]) == 12
