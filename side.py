@@ -120,7 +120,7 @@ class Config:
                             "a torch.export .pt2")
     bands: str = option("", "AMS/UMS band edges low,mid,high (default per space)")
     # --- run ---
-    seed: int = option(0, "seeds data subset, training and every generation")
+    seed: int = option(0, "seeds training, every generation (and --subset random)")
     device: str = option("auto", "where to compute", ("auto", "cpu", "cuda"))
     out: str = option("", "run folder (default runs/<dataset>-n<N>-<size>px)")
     fresh: bool = option(False, "ignore cached stages and redo everything")
