@@ -9,7 +9,7 @@ The lesson comes first, in the order of the paper's Algorithm 1:
     2. diffusion maths      linear beta schedule, q(x_t | x_0), the DDIM / DDPM reverse step
     3. DDPM training        L_simple, Adam, EMA: the target model
     4. guided sampling      per-sample seeds, one guidance function for both samplers (Eq. 1)
-    5. surrogate labels     Algorithm 1 lines 1-5: sample, embed, k-means, cohesion filter
+    5. surrogate labels     Algorithm 1 lines 2-5: embed, k-means, cohesion filter, relabel
     6. classifiers          Algorithm 1 line 6 / Eq. 2: p_phi(y | x_t, t) on noised samples
     7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
     8. memorization check   Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
@@ -120,7 +120,7 @@ class Config:
                             "a torch.export .pt2")
     bands: str = option("", "AMS/UMS band edges low,mid,high (default per space)")
     # --- run ---
-    seed: int = option(0, "seeds data subset, training and every generation")
+    seed: int = option(0, "seeds training, every generation (and --subset random)")
     device: str = option("auto", "where to compute", ("auto", "cpu", "cuda"))
     out: str = option("", "run folder (default runs/<dataset>-n<N>-<size>px)")
     fresh: bool = option(False, "ignore cached stages and redo everything")
@@ -438,7 +438,7 @@ def shard_of(count: int) -> range:
 
 
 # =================================================================================================
-# 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in run()).
+# 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in part1()).
 #    Features F(x): the paper uses SSCD; that needs a download, so by default we use the pixels
 #    themselves, centred on the synthetic-set mean and L2-normalized. At 8-32 px, pixel space is
 #    meaningful, it is the space the memorization check measures in, and it needs no pretrained
