@@ -1,4 +1,8 @@
-"""Tests for side.py: each one fails when the code it checks is wrong. Run: python -m pytest -q"""
+"""Tests for side.py. Run: python -m pytest -q
+
+Every step of Algorithm 1 has a test aimed at its paper-relevant behaviour, and tools/mutate.py
+plants a list of one-line bugs in a copy of side.py and reports which test catches each one;
+every bug in that list fails this suite. A bug outside that list may still pass it."""
 import json
 import os
 import pickle
@@ -41,6 +45,54 @@ def run_cli(*args, env=None):
     return result.returncode, result.stdout, result.stderr
 
 
+class Recorder(torch.nn.Module):
+    """Wraps a network (or a stand-in `respond(x, t)`) and keeps a copy of every (x, t) it is asked about."""
+
+    def __init__(self, net=None, respond=None):
+        super().__init__()
+        self.net, self.respond, self.calls = net, respond, []
+
+    def forward(self, x, t):
+        self.calls.append((x.detach().clone(), None if t is None else t.detach().clone()))
+        return self.respond(x, t) if self.respond is not None else self.net(x, t)
+
+    def seen(self):
+        return torch.cat([x for x, _ in self.calls]), torch.cat([t for _, t in self.calls])
+
+
+def one_image_repeated(count=20, seed=0):
+    """`count` copies of one random 8x8 image (uint8) and that image in [-1, 1]: every x_t has a known x_0."""
+    pattern = np.random.default_rng(seed).integers(0, 256, (1, 8, 8, 1), dtype=np.uint8)
+    return np.repeat(pattern, count, 0), torch.from_numpy(pattern).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def unit_noise(x_t, t, x0):
+    """(x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t): the eps that made x_t from x_0 at step t."""
+    abar = side.Diffusion().alpha_bar[t].float().view(-1, 1, 1, 1)
+    return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def assert_is_q_of_xt_given_x0(x_t, t, x0):
+    """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) at the t given, with t ~ U{0..T-1}."""
+    eps = unit_noise(x_t, t, x0)
+    per_sample = eps.pow(2).mean(dim=(1, 2, 3))  # chi-square(64) / 64 per sample: 0.3..2.5 is > 5 sigma
+    assert eps.pow(2).mean().item() == pytest.approx(1.0, abs=0.06), "variance around sqrt(abar_t) x_0 is not 1 - abar_t"
+    assert abs(eps.mean().item()) < 0.05
+    assert per_sample.min() > 0.3 and per_sample.max() < 2.5, "some x_t was not noised at the t it was told"
+    assert t.min() < 100 and t.max() > 900 and len(t.unique()) > len(t) // 3, "t is not drawn uniformly"
+
+
+def spy_on_classifiers(monkeypatch):
+    """Every classifier side.py builds is wrapped in a Recorder; returns the list of them."""
+    built, real = [], side.build_classifier
+
+    def build(*args, **kwargs):
+        built.append(Recorder(real(*args, **kwargs)))
+        return built[-1]
+    monkeypatch.setattr(side, "build_classifier", build)
+    return built
+
+
 # ------------------------------------------------------------------------------------------------
 # diffusion maths and samplers
 # ------------------------------------------------------------------------------------------------
@@ -76,6 +128,80 @@ def test_ddpm_step_is_the_posterior_q_of_x_prev_given_x_t_and_x0():
     assert ddim.item() == pytest.approx((a_480.sqrt() * x0 + (1 - a_480).sqrt() * eps_clamped).item(), rel=1e-4)
     assert diffusion.timesteps("ddpm", 50) == list(range(999, -1, -1))
     assert diffusion.timesteps("ddim", 50)[:2] == [980, 960] and diffusion.timesteps("ddim", 50)[-1] == 0
+
+
+def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
+    """Against a peer. Convention: Diffusion.reverse_step clamps the x_0 estimate to [-1, 1] and then
+    re-derives eps from the clamped x_0, so x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev) eps is
+    consistent with the x_0 it reports, and eta = 1 with t_prev = t - 1 is exactly the DDPM posterior.
+    In diffusers that is DDIMScheduler(clip_sample=True) stepped with use_clipped_model_output=True;
+    its default (False) keeps the network's raw eps next to the clamped x_0, and differs wherever the
+    clamp bites, which is most of the early, noisy steps."""
+    diffusers = pytest.importorskip("diffusers")
+    schedule = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True)
+    ddim = diffusers.DDIMScheduler(**schedule, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0)
+    ddim.set_timesteps(50)
+    diffusion = side.Diffusion()
+    steps = diffusion.timesteps("ddim", 50)
+    assert [int(t) for t in ddim.timesteps] == steps
+    np.testing.assert_allclose(diffusion.alpha_bar.numpy(), ddim.alphas_cumprod.numpy(), rtol=1e-5)
+
+    def eps_model(x, t):  # a deterministic stand-in, large enough that the x_0 estimate is often clamped
+        return 1.5 * torch.sin(3 * x + t / 100)
+
+    x_side = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_ref, clamped = x_side.clone(), 0
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        a_t = diffusion.alpha_bar[t].float()
+        clamped += int((((x_side - (1 - a_t).sqrt() * eps_model(x_side, t)) / a_t.sqrt()).abs() > 1).sum())
+        one_step = ddim.step(eps_model(x_side, t), t, x_side, eta=0.0, use_clipped_model_output=True).prev_sample
+        x_side = diffusion.reverse_step(x_side, eps_model(x_side, t), t, t_prev, 0.0, 0)
+        torch.testing.assert_close(x_side, one_step, atol=2e-5, rtol=1e-5)
+        x_ref = ddim.step(eps_model(x_ref, t), t, x_ref, eta=0.0, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x_side, x_ref, atol=1e-4, rtol=1e-4)  # the whole 50-step trajectory
+    assert clamped > 100  # the case exercises the clamp, where the two conventions differ
+    ddpm = diffusers.DDPMScheduler(**schedule, variance_type="fixed_small")
+    ddpm.set_timesteps(1000)
+    for t in (999, 600, 100, 10, 0):  # (near t = 1, 1 - abar_t ~ 3e-4 and float32 rounding reaches 4e-4)
+        x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(t))
+        reference = ddpm.step(eps_model(x, t), t, x, generator=torch.Generator().manual_seed(7)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # the noise diffusers drew
+        torch.testing.assert_close(diffusion.reverse_step(x, eps_model(x, t), t, t - 1, 1.0, noise), reference,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_unet_output_is_an_eps_shaped_prediction_that_depends_on_t():
+    cfg, unet, _ = tiny_networks()
+    torch.manual_seed(2)
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        early, late = unet(x, torch.tensor([10, 10])), unet(x, torch.tensor([900, 900]))
+    assert early.shape == x.shape
+    assert (early - late).abs().mean() > 1e-3  # eps_theta(x_t, t) is told t
+
+
+def test_ddpm_loss_is_l_simple_on_q_samples_at_the_t_the_model_is_told():
+    """L_simple: the model sees x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the t of that noising,
+    and its output is compared with that very eps. A zero predictor's loss is then mean(eps^2)."""
+    _, x0 = one_image_repeated()
+    model = Recorder(respond=lambda x, t: torch.zeros_like(x))
+    loss = side.ddpm_loss(model, x0.expand(20, -1, -1, -1), torch.Generator().manual_seed(0), 400, side.Diffusion())
+    x_t, t = model.seen()
+    assert_is_q_of_xt_given_x0(x_t, t, x0)
+    assert loss.item() == pytest.approx(unit_noise(x_t, t, x0).pow(2).mean().item(), rel=1e-4)
+
+
+def test_ema_update_moves_the_average_one_minus_decay_toward_the_model():
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.data.fill_(0.0)
+        p.data.fill_(1.0)
+    side.ema_update(ema, model, 0.99, step=10_000)  # past the warm-up: decay 0.99
+    assert all(torch.allclose(e, torch.full_like(e, 0.01)) for e in ema.parameters())
+    side.ema_update(ema, model, 0.99, step=0)  # warm-up: decay min(0.99, 1 / 10)
+    assert all(torch.allclose(e, torch.full_like(e, 0.01 + 0.99 * 0.9)) for e in ema.parameters())
 
 
 def tiny_networks(num_classes=3, time_dependent=True):
