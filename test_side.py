@@ -273,6 +273,62 @@ def test_guided_eps_subtracts_lambda_sqrt_one_minus_abar_times_the_gradient():
     assert torch.allclose(eps, torch.full_like(eps, expected), atol=1e-6)
 
 
+def test_guidance_asks_the_classifier_about_the_current_x_t_at_the_current_t():
+    """Algorithm 1 line 24: grad log p_phi(c | x_t, t) at the sampler's own x_t and t. The stand-in
+    classifier pushes toward bright images only while t >= 500, so asking it at another t changes the result."""
+    cfg, unet, _ = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    model = Recorder(unet)
+    model.head = unet.head  # sample() reads the image channels from the head
+
+    def bright_while_t_is_large(x, t):
+        score = 4 * x.mean(dim=(1, 2, 3)) * (t >= 500).float()
+        return torch.stack([score, -score], 1)
+    classifier, targets = Recorder(respond=bright_while_t_is_large), np.zeros(3, dtype=int)
+    guided = side.sample(model, cfg, 3, torch.device("cpu"), classifier=classifier, targets=targets, guidance=5.0)
+    steps = side.Diffusion().timesteps(cfg.sampler, cfg.sample_steps)
+    assert [int(t[0]) for _, t in classifier.calls] == steps and all((t == t[0]).all() for _, t in classifier.calls)
+    assert len(model.calls) == len(classifier.calls)
+    for (x_model, t_model), (x_clf, t_clf) in zip(model.calls, classifier.calls):
+        assert torch.equal(x_model, x_clf) and torch.equal(t_model, t_clf)
+    plain = side.sample(unet, cfg, 3, torch.device("cpu"))
+    late_only = side.sample(unet, cfg, 3, torch.device("cpu"), classifier=Recorder(
+        respond=lambda x, t: bright_while_t_is_large(x, 999 - t)), targets=targets, guidance=5.0)
+    assert guided.mean() > plain.mean() + 5 and not np.array_equal(guided, late_only)
+
+
+def test_vanishing_guidance_through_the_gradient_path_gives_the_unguided_samples():
+    """lambda -> 0 through the guided code path (not the lambda = 0 shortcut): the same sampler, noise and
+    seeds as the unconditional run, and guided_eps is linear in lambda."""
+    cfg, unet, classifier = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    for p in classifier.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    targets = np.array([0, 1, 2, 1])
+    for eta in (0.0, 0.5):  # deterministic, and with fresh noise at every step (as DDPM)
+        cfg.eta = eta
+        plain = side.sample(unet, cfg, 4, torch.device("cpu")).astype(int)
+        faint = side.sample(unet, cfg, 4, torch.device("cpu"), classifier=classifier, targets=targets, guidance=1e-6)
+        assert np.abs(faint.astype(int) - plain).max() <= 1, eta
+    diffusion, x, t = side.Diffusion(), torch.randn(4, 1, 8, 8), torch.full((4,), 300)
+    y = torch.as_tensor(targets)
+    eps0, eps1, eps2 = (side.guided_eps(unet, classifier, x, t, y, lam, diffusion) for lam in (1e-9, 1.0, 2.0))
+    assert (eps1 - eps0).abs().max() > 1e-4
+    torch.testing.assert_close(eps2 - eps0, 2 * (eps1 - eps0), atol=1e-5, rtol=1e-4)
+
+
+def test_targets_are_drawn_uniformly_over_the_kept_labels():
+    """Algorithm 1 line 17: c ~ U{1..K'}. Chi-square over K' bins with a bound far in the tail (p < 1e-8):
+    fixed seeds make it deterministic, and a constant or a missing label exceeds it a hundredfold."""
+    for kept in (2, 7, 13):
+        targets = side.draw_targets(seed=3, count=2000, num_classes=kept)
+        counts = np.bincount(targets, minlength=kept)
+        assert len(counts) == kept and targets.min() >= 0
+        chi_square = ((counts - 2000 / kept) ** 2 / (2000 / kept)).sum()
+        assert chi_square < 3 * (kept - 1) + 40, (kept, counts)
+    assert not np.array_equal(side.draw_targets(3, 50, 5), side.draw_targets(4, 50, 5))
+
+
 # ------------------------------------------------------------------------------------------------
 # surrogate labels and classifiers
 # ------------------------------------------------------------------------------------------------
