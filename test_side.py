@@ -368,6 +368,95 @@ def test_soft_cross_entropy_is_cross_entropy_for_one_hot_targets():
     assert side.soft_cross_entropy(logits, torch.eye(4)[labels]).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def planted_clusters():
+    """Five well-separated directions in 16-D: three tight clusters and two loose ones (40 each)."""
+    rng = np.random.default_rng(5)
+    spreads = [0.1, 0.1, 0.1, 0.5, 0.7]
+    blocks = [np.eye(16)[k] + s * rng.standard_normal((40, 16)) / 4 for k, s in enumerate(spreads)]
+    features = np.concatenate(blocks)
+    return (features / np.linalg.norm(features, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_cohesion_filter_drops_exactly_the_clusters_below_tau_and_relabels_to_the_nearest_kept_centroid():
+    """Algorithm 1 lines 4-5, recomputed from the planted clusters: cohesion = mean cosine to the
+    cluster's (normalized) mean, keep iff >= tau, members of dropped clusters go to the nearest kept centroid."""
+    features = planted_clusters()
+    blocks = [slice(40 * k, 40 * (k + 1)) for k in range(5)]
+    centres = np.stack([features[b].mean(0) for b in blocks])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    cohesion = np.array([(features[b] @ centres[k]).mean() for k, b in enumerate(blocks)])
+    assert cohesion[:3].min() > cohesion[3:].max() + 0.05  # the case: three tight, two loose
+    tau = (cohesion[:3].min() + cohesion[3:].max()) / 2
+    result = side.surrogate_labels(features, clusters=5, cohesion=tau, seed=0)
+    np.testing.assert_allclose(np.sort(result["cohesion"]), np.sort(cohesion[:3]), atol=1e-4)
+    label_of_block = [int(np.unique(result["labels"][blocks[k]])[0]) for k in range(3)]
+    for k in range(3):
+        assert len(np.unique(result["labels"][blocks[k]])) == 1
+    assert sorted(label_of_block) == [0, 1, 2]
+    dropped = np.arange(120, 200)
+    nearest_kept_block = (features[dropped] @ centres[:3].T).argmax(1)
+    assert len(np.unique(nearest_kept_block)) == 3  # the re-assignment is not trivially one label
+    np.testing.assert_array_equal(result["labels"][dropped], np.array(label_of_block)[nearest_kept_block])
+    np.testing.assert_array_equal(result["sizes"], np.bincount(result["labels"], minlength=3))
+    at_the_edge = side.surrogate_labels(features, clusters=5, cohesion=float(np.sort(result["cohesion"])[0]), seed=0)
+    assert len(at_the_edge["kept"]) == 3  # a cluster whose cohesion equals tau is kept (>= tau)
+
+
+def test_pixel_features_are_the_centred_pixels_scaled_to_unit_length():
+    images = np.random.default_rng(4).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    mean = images.reshape(10, -1).mean(0) / 255.0
+    expected = images.reshape(10, -1) / 255.0 - mean
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(side.pixel_features(images, mean.astype(np.float32)), expected, atol=1e-5)
+
+
+def test_time_dependent_classifier_trains_on_q_xt_given_x0_told_the_t_used(monkeypatch):
+    """Eq. 2: p_phi(y | x_t, t) is trained on x_t ~ q(x_t | x_0) with t ~ U{0..T-1}, and is told that t."""
+    cfg = tiny_config(clf_steps=12, clf_batch=32)
+    images, x0 = one_image_repeated()
+    built = spy_on_classifiers(monkeypatch)
+    side.train_classifier(cfg, images, np.eye(3, dtype=np.float32)[np.arange(20) % 3], True, torch.device("cpu"), "t")
+    x_t, t = built[-1].seen()
+    assert len(x_t) == 12 * 32
+    assert_is_q_of_xt_given_x0(x_t, t, x0)
+
+
+def test_time_independent_classifier_trains_on_clean_x0_only(monkeypatch):
+    """Carlini Cond: p(y | x) sees the clean generated images, nothing noised."""
+    cfg = tiny_config(clf_steps=5, clf_batch=16)
+    images, x0 = one_image_repeated()
+    built = spy_on_classifiers(monkeypatch)
+    side.train_classifier(cfg, images, np.eye(3, dtype=np.float32)[np.arange(20) % 3], False, torch.device("cpu"), "c")
+    x, _ = built[-1].seen()
+    assert len(x) == 5 * 16 and torch.equal(x, x0.expand_as(x))
+
+
+def bright_and_dark(count, seed):
+    """Two classes a classifier must learn from x_t: label 0 = bright images, label 1 = dark images."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    images = np.where(labels[:, None, None, None] == 0, 200, 55) + rng.integers(-40, 41, (count, 8, 8, 1))
+    return images.astype(np.uint8), labels
+
+
+def test_classifier_learns_its_labels_and_accuracy_by_t_scores_each_range_of_t():
+    cfg = tiny_config(clf_steps=40, clf_batch=32)
+    images, labels = bright_and_dark(64, seed=0)
+    net = side.train_classifier(cfg, images, np.eye(2, dtype=np.float32)[labels], True, torch.device("cpu"), "b")
+    held_out, held_labels = bright_and_dark(40, seed=1)
+    accuracy = side.accuracy_by_t(net, held_out, held_labels, torch.device("cpu"), seed=0)
+    assert accuracy["t0-199"] >= 0.9, accuracy  # the labels were learnt, each with its own image
+    recorder = Recorder(respond=lambda x, t: torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1))
+    by_sign = side.accuracy_by_t(recorder, held_out, held_labels, torch.device("cpu"), seed=0)
+    assert list(by_sign) == [f"t{a}-{b - 1}" for a, b in side.T_RANGES]
+    for (x_t, t), (low, high) in zip(recorder.calls, side.T_RANGES):  # each range is scored on its own x_t
+        assert t.min() >= low and t.max() < high
+        x0 = torch.from_numpy(held_out).permute(0, 3, 1, 2).float() / 127.5 - 1
+        eps = unit_noise(x_t, t, x0)
+        assert eps.pow(2).mean().item() == pytest.approx(1.0, abs=0.1)
+    assert by_sign["t0-199"] == 1.0 and by_sign["t800-999"] < 0.9  # the sign of the mean fades with noise
+
+
 # ------------------------------------------------------------------------------------------------
 # memorization metrics
 # ------------------------------------------------------------------------------------------------
