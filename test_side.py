@@ -686,11 +686,103 @@ def test_cli_errors_have_no_traceback_and_download_offline_names_the_fix(tmp_pat
 # end to end, caching, resume and determinism
 # ------------------------------------------------------------------------------------------------
 
+def snapshot(out: Path) -> dict:
+    """Every saved array, the report, and the weights of every saved network in a run folder."""
+    saved = {path.name: dict(np.load(path)) for path in out.glob("*.npz")}
+    saved["report.json"] = json.loads((out / "report.json").read_text())
+    for name in ("ddpm.pt", "classifier_side.pt", "classifier_cond.pt"):
+        checkpoint = torch.load(out / name, weights_only=False)
+        saved[name] = {part: checkpoint[part] for part in ("model", "ema", "state") if part in checkpoint}
+    return saved
+
+
+SPIED = ("sample", "train_classifier", "accuracy_by_t", "memorization_metrics")
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    assert side.main([*TINY, "--out", str(out)]) == 0
-    return out
+def tiny_run_record(tmp_path_factory):
+    """The tiny run, with every call of the SPIED lesson functions recorded as (arguments by name, result),
+    and a snapshot of the run folder before later tests rerun it with other settings."""
+    import inspect
+    out, calls = tmp_path_factory.mktemp("tiny"), {name: [] for name in SPIED}
+    with pytest.MonkeyPatch.context() as patch:
+        for name in SPIED:
+            def spy(*args, _real=getattr(side, name), _name=name, **kwargs):
+                result = _real(*args, **kwargs)
+                bound = inspect.signature(_real).bind(*args, **kwargs)
+                bound.apply_defaults()
+                calls[_name].append((bound.arguments, result))
+                return result
+            patch.setattr(side, name, spy)
+        assert side.main([*TINY, "--out", str(out)]) == 0
+    return out, calls, snapshot(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_run_record):
+    return tiny_run_record[0]
+
+
+def rows_of(images: np.ndarray) -> list:
+    return [image.tobytes() for image in images]
+
+
+def test_classifiers_learn_from_generated_samples_only_and_are_scored_on_held_out_ones(tiny_run_record):
+    """Threat model: on the k-means path the attacker's classifiers never see a training image, only the
+    N_syn generations; and the accuracy reported for each is measured on generations it was not trained on."""
+    _, calls, saved = tiny_run_record
+    (synthetic,) = [images for args, images in calls["sample"] if args["count"] == 48]  # N_syn of TINY
+    index_of = {row: i for i, row in enumerate(rows_of(synthetic))}
+    assert len(index_of) == 48  # every generation is distinct, so rows identify samples
+    training_rows = set(rows_of(saved["train_subset.npz"]["images"]))
+    labels = saved["labels.npz"]
+    trained = calls["train_classifier"]
+    assert sorted(args["time_dependent"] for args, _ in trained) == [False, True]
+    for (args, net), (scored, _) in zip(trained, calls["accuracy_by_t"]):
+        assert scored["net"] is net
+        rows = rows_of(args["images_u8"])
+        assert not training_rows & set(rows), "a classifier was trained on a training-set image"
+        assert all(row in index_of for row in rows), "a classifier was trained on something not generated"
+        fit = np.array([index_of[row] for row in rows])
+        held = np.array([index_of[row] for row in rows_of(scored["images_u8"])])
+        assert len(held) > 0 and not set(fit) & set(held), "accuracy measured on samples the classifier saw"
+        np.testing.assert_array_equal(args["targets"], labels["soft"][fit])
+        np.testing.assert_array_equal(scored["labels"], labels["labels"][held])
+    for method in ("uncond", "cond", "side"):  # the evaluation draws are fresh, not the synthetic set again
+        assert not set(rows_of(saved[f"samples_{method}.npz"]["images"])) & set(index_of), method
+
+
+def test_cond_classifier_is_time_independent_and_side_classifier_is_not(tiny_run_record):
+    _, _, saved = tiny_run_record
+    assert not any(".time" in key for key in saved["classifier_cond.pt"]["state"])
+    assert any(".time" in key for key in saved["classifier_side.pt"]["state"])
+
+
+def test_memorization_check_scores_every_method_against_exactly_the_train_subset(tiny_run_record):
+    """The nearest neighbour of each generation is its true nearest image in train_subset.npz, by brute force."""
+    _, calls, saved = tiny_run_record
+    train = saved["train_subset.npz"]["images"]
+    report = saved["report.json"]["methods"]
+    for method in ("uncond", "cond", "side"):
+        generated, per = saved[f"samples_{method}.npz"]["images"], saved[f"nn_{method}.npz"]
+        dist = np.linalg.norm(generated.reshape(len(generated), 1, -1) / 255.0
+                              - train.reshape(1, len(train), -1) / 255.0, axis=2)
+        ranked = np.sort(dist, axis=1)
+        np.testing.assert_array_equal(per["nn_index"], dist.argmin(1), err_msg=method)
+        np.testing.assert_allclose(per["d1"], ranked[:, 0], rtol=1e-4, atol=1e-6, err_msg=method)
+        np.testing.assert_allclose(per["d2"], ranked[:, 1], rtol=1e-4, atol=1e-6, err_msg=method)
+        assert report[method]["memorized"] == int((ranked[:, 0] / ranked[:, 1] < 1 / 3).sum())
+    assert all(args["train"] is not None and len(args["train"]) == len(train) for args, _ in calls["memorization_metrics"])
+
+
+def test_guided_methods_share_their_targets_and_draw_them_from_the_kept_labels(tiny_run_record):
+    _, _, saved = tiny_run_record
+    kept = len(saved["labels.npz"]["kept"])
+    side_targets, cond_targets = saved["samples_side.npz"]["targets"], saved["samples_cond.npz"]["targets"]
+    np.testing.assert_array_equal(side_targets, cond_targets)
+    assert side_targets.min() >= 0 and side_targets.max() < kept
+    for method in ("cond", "side"):  # every method uses the same per-sample seeds
+        np.testing.assert_array_equal(saved[f"samples_{method}.npz"]["seeds"], saved["samples_uncond.npz"]["seeds"])
 
 
 def test_tiny_run_writes_every_output_with_sane_contents(tiny_run):
@@ -733,9 +825,11 @@ def test_sweep_reuses_the_trained_ddpm(tiny_run, capsys):
     assert (tiny_run / "ddpm.pt").stat().st_mtime_ns == stamp
     sweep = json.loads((tiny_run / "sweep.json").read_text())
     assert [row["value"] for row in sweep["rows"]] == [0.0, 5.0]
-    # lambda = 0 makes side identical to the baseline, row for row
-    assert sweep["rows"][0]["side"]["memorized"] == sweep["rows"][0]["uncond"]["memorized"]
-    assert sweep["rows"][0]["side"]["median_nn_ratio"] == sweep["rows"][0]["uncond"]["median_nn_ratio"]
+    # lambda = 0: side and cond draw the same seeds through the same sampler as the baseline, so every
+    # number agrees; at lambda = 5 guidance must move them
+    for method in ("side", "cond"):
+        assert sweep["rows"][0][method] == sweep["rows"][0]["uncond"], method
+    assert sweep["rows"][1]["side"] != sweep["rows"][1]["uncond"]
     assert (tiny_run / "figures" / "sweep_guidance.png").is_file()
 
 
@@ -756,14 +850,23 @@ def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path)
     assert resumed == straight
 
 
-def test_same_seed_gives_the_same_report(tiny_run, tmp_path):
+def test_same_seed_reproduces_every_number_and_every_saved_array(tiny_run_record, tmp_path):
+    """Every method's numbers, the classifier accuracies, every .npz array and every network's weights."""
+    first = tiny_run_record[2]
     assert side.main([*TINY, "--out", str(tmp_path)]) == 0
-    first = json.loads((tiny_run / "report.json").read_text())
-    second = json.loads((tmp_path / "report.json").read_text())
-    # tiny_run was rerun above with other guidance values; compare the guidance-independent rows
-    assert first["methods"]["uncond"] == second["methods"]["uncond"]
-    np.testing.assert_array_equal(np.load(tiny_run / "samples_uncond.npz")["images"],
-                                  np.load(tmp_path / "samples_uncond.npz")["images"])
+    second = snapshot(tmp_path)
+    assert sorted(first) == sorted(second)
+    for key in ("methods", "classifier_accuracy_by_t", "labels", "similarity"):
+        assert first["report.json"][key] == second["report.json"][key], key
+    for name in first:
+        if name == "report.json":
+            continue
+        assert sorted(first[name]) == sorted(second[name]), name
+        for part, value in first[name].items():
+            if isinstance(value, dict):  # network weights
+                assert all(torch.equal(value[k], second[name][part][k]) for k in value), (name, part)
+            else:
+                np.testing.assert_array_equal(value, second[name][part], err_msg=f"{name}: {part}")
 
 
 def test_teacher_labels_run_end_to_end(tmp_path):
