@@ -182,6 +182,23 @@ def test_unet_output_is_an_eps_shaped_prediction_that_depends_on_t():
     assert (early - late).abs().mean() > 1e-3  # eps_theta(x_t, t) is told t
 
 
+def test_networks_judge_each_sample_on_its_own():
+    """Guidance differentiates the sum of per-sample log-probabilities (and eps_theta runs on a batch), so
+    no layer, attention included, may mix the samples of a batch: batched outputs equal one-at-a-time ones."""
+    cfg, unet, classifier = tiny_networks()
+    cfg.attn_res = "8,4"
+    torch.manual_seed(3)
+    attended = side.build_classifier(cfg, 1, 3, True).eval()  # self-attention at both resolutions
+    for net in (unet, classifier, attended):
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 950])
+    with torch.no_grad():
+        for net in (unet, classifier, attended):
+            alone = torch.cat([net(x[i:i + 1], t[i:i + 1]) for i in range(3)])
+            torch.testing.assert_close(net(x, t), alone, atol=1e-5, rtol=1e-4)
+
+
 def test_ddpm_loss_is_l_simple_on_q_samples_at_the_t_the_model_is_told():
     """L_simple: the model sees x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the t of that noising,
     and its output is compared with that very eps. A zero predictor's loss is then mean(eps^2)."""
@@ -219,18 +236,6 @@ def test_guidance_zero_gives_exactly_the_unguided_samples():
     np.testing.assert_array_equal(plain, guided)
     pushed = side.sample(unet, cfg, 5, torch.device("cpu"), classifier=classifier, targets=targets, guidance=50.0)
     assert not np.array_equal(plain, pushed)  # ...and guidance > 0 does change them
-
-
-def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
-    cfg, unet, _ = tiny_networks()
-    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
-    for sampler in ("ddim", "ddpm"):
-        cfg.sampler = sampler
-        cfg.sample_steps = 10
-        in_batches_of_two = side.sample(unet, cfg, 5, torch.device("cpu"), batch=2)
-        alone = side.sample(unet, cfg, 5, torch.device("cpu"), batch=5)
-        np.testing.assert_array_equal(in_batches_of_two, alone)
-        assert not np.array_equal(alone[3], alone[4])
 
 
 class Brightness(torch.nn.Module):
@@ -916,3 +921,16 @@ def test_the_baseline_alone_needs_no_labels_or_classifier(tmp_path):
     assert not (tmp_path / "labels.npz").exists() and not (tmp_path / "classifier_side.pt").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["methods"]) == ["uncond"] and report["labels"] is None
+
+
+# slow (every one of the 1000 DDPM steps), so last: tools/mutate.py stops at the first failure
+def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
+    cfg, unet, _ = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    for sampler in ("ddim", "ddpm"):
+        cfg.sampler = sampler
+        cfg.sample_steps = 10
+        in_batches_of_two = side.sample(unet, cfg, 5, torch.device("cpu"), batch=2)
+        alone = side.sample(unet, cfg, 5, torch.device("cpu"), batch=5)
+        np.testing.assert_array_equal(in_batches_of_two, alone)
+        assert not np.array_equal(alone[3], alone[4])

@@ -71,6 +71,9 @@ MUTATIONS = [
     ("time embedding ignores t",
      "angles = t.float()[:, None] * freqs[None]",
      "angles = 0 * t.float()[:, None] * freqs[None]"),
+    ("self-attention mixes the samples of a batch",
+     "reshape(b, 3, c, h * w).unbind(1)",
+     "reshape(3, b, c, h * w).unbind(0)"),
     # --- diffusion maths (section 3)
     ("q_sample noise scaled by 1 - abar_t, not its square root",
      "return a.sqrt() * x0 + (1 - a).sqrt() * noise",
@@ -175,11 +178,11 @@ def blocker(folder: Path) -> Path:
     return package.parent
 
 
-def run_suite(source: str, timeout: int, no_diffusers: bool, pytest_args: list) -> tuple:
-    """(exit code, first failing test, seconds) of the suite on a copy of the project with `source`."""
+def run_suite(source: str, timeout: int, no_diffusers: bool, pytest_args: list, origin: Path = ROOT) -> tuple:
+    """(exit code, first failing test, seconds) of the suite on a copy of `origin` with `source` as side.py."""
     with tempfile.TemporaryDirectory(prefix="side-mutant-") as tmp:
         project = Path(tmp) / ROOT.name
-        shutil.copytree(ROOT, project, ignore=IGNORED)
+        shutil.copytree(origin, project, ignore=IGNORED)
         if (ROOT.parent / "shared").is_dir():  # the tests look for real sample data at ../shared/data
             (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")
         (project / "side.py").write_text(source)
@@ -217,14 +220,22 @@ def main() -> int:
         print("\n".join(f"{name}: {old!r} -> {new!r}" for name, old, new in chosen))
         print(f"{len(chosen)} mutations; every `old` occurs exactly once in side.py")
         return 0
+    with tempfile.TemporaryDirectory(prefix="side-frozen-") as frozen:
+        origin = Path(frozen) / ROOT.name  # the project as it was at the start: edits made meanwhile do not leak in
+        shutil.copytree(ROOT, origin, ignore=IGNORED)
+        return run_all(chosen, source, args, origin)
+
+
+def run_all(chosen: list, source: str, args, origin: Path) -> int:
     if args.clean:
-        code, first, seconds = run_suite(source, args.timeout, args.no_diffusers, args.pytest_args)
+        code, first, seconds = run_suite(source, args.timeout, args.no_diffusers, args.pytest_args, origin)
         print(f"unmodified side.py: exit {code} in {seconds:.0f} s ({first})", flush=True)
         if code != 0:
             return 2
     rows = []
     for i, (name, old, new) in enumerate(chosen, 1):
-        code, first, seconds = run_suite(source.replace(old, new), args.timeout, args.no_diffusers, args.pytest_args)
+        code, first, seconds = run_suite(source.replace(old, new), args.timeout, args.no_diffusers,
+                                         args.pytest_args, origin)
         verdict = "SURVIVED" if code == 0 else "caught"
         rows.append((name, verdict, first if code != 0 else "-", seconds))
         print(f"[{i}/{len(chosen)}] {verdict:8s} {seconds:5.0f} s  {name}  <- {first}", flush=True)
