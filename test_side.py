@@ -162,6 +162,8 @@ def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
     assert clamped > 100  # the case exercises the clamp, where the two conventions differ
     ddpm = diffusers.DDPMScheduler(**schedule, variance_type="fixed_small")
     ddpm.set_timesteps(1000)
+    x0, noise, t = torch.rand(5, 1, 8, 8) * 2 - 1, torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 250, 700, 999])
+    torch.testing.assert_close(diffusion.q_sample(x0, t, noise), ddpm.add_noise(x0, noise, t))  # q(x_t | x_0)
     for t in (999, 600, 100, 10, 0):  # (near t = 1, 1 - abar_t ~ 3e-4 and float32 rounding reaches 4e-4)
         x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(t))
         reference = ddpm.step(eps_model(x, t), t, x, generator=torch.Generator().manual_seed(7)).prev_sample
