@@ -336,6 +336,27 @@ def test_targets_are_drawn_uniformly_over_the_kept_labels():
     assert not np.array_equal(side.draw_targets(3, 50, 5), side.draw_targets(4, 50, 5))
 
 
+def test_ddpm_sampler_is_ancestral_and_ddim_follows_its_eta(monkeypatch):
+    """--sampler ddpm visits t = 999..0 with eta = 1 (fresh noise every step: ancestral DDPM); DDIM takes
+    its stride and its --eta. A stand-in eps model keeps the 1000 steps cheap."""
+    steps_taken, real_step = [], side.Diffusion.reverse_step
+
+    def spy(self, x, eps, t, t_prev, eta, noise):
+        steps_taken.append((t, t_prev, eta, float(torch.as_tensor(noise).abs().sum())))
+        return real_step(self, x, eps, t, t_prev, eta, noise)
+    monkeypatch.setattr(side.Diffusion, "reverse_step", spy)
+    model = Recorder(respond=lambda x, t: 0.1 * x)
+    model.head = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))  # sample() reads the image channels from the head
+    cfg = tiny_config(sampler="ddpm", eta=0.0)
+    side.sample(model, cfg, 2, torch.device("cpu"))
+    assert [(t, t_prev) for t, t_prev, _, _ in steps_taken] == [(t, t - 1) for t in range(999, -1, -1)]
+    assert all(eta == 1.0 and noise > 0 for _, _, eta, noise in steps_taken)
+    steps_taken.clear()
+    side.sample(model, tiny_config(sampler="ddim", sample_steps=10, eta=0.3), 2, torch.device("cpu"))
+    assert [(t, t_prev) for t, t_prev, _, _ in steps_taken] == [(t, t - 100) for t in range(900, 0, -100)] + [(0, -1)]
+    assert all(eta == 0.3 and noise > 0 for _, _, eta, noise in steps_taken)
+
+
 # ------------------------------------------------------------------------------------------------
 # surrogate labels and classifiers
 # ------------------------------------------------------------------------------------------------
