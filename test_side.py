@@ -76,7 +76,8 @@ def assert_is_q_of_xt_given_x0(x_t, t, x0):
     """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) at the t given, with t ~ U{0..T-1}."""
     eps = unit_noise(x_t, t, x0)
     per_sample = eps.pow(2).mean(dim=(1, 2, 3))  # chi-square(64) / 64 per sample: 0.3..2.5 is > 5 sigma
-    assert eps.pow(2).mean().item() == pytest.approx(1.0, abs=0.06), "variance around sqrt(abar_t) x_0 is not 1 - abar_t"
+    assert eps.pow(2).mean().item() == pytest.approx(1.0, abs=0.06), \
+        "the variance around sqrt(abar_t) x_0 is not 1 - abar_t"
     assert abs(eps.mean().item()) < 0.05
     assert per_sample.min() > 0.3 and per_sample.max() < 2.5, "some x_t was not noised at the t it was told"
     assert t.min() < 100 and t.max() > 900 and len(t.unique()) > len(t) // 3, "t is not drawn uniformly"
@@ -800,7 +801,7 @@ def test_memorization_check_scores_every_method_against_exactly_the_train_subset
         np.testing.assert_allclose(per["d1"], ranked[:, 0], rtol=1e-4, atol=1e-6, err_msg=method)
         np.testing.assert_allclose(per["d2"], ranked[:, 1], rtol=1e-4, atol=1e-6, err_msg=method)
         assert report[method]["memorized"] == int((ranked[:, 0] / ranked[:, 1] < 1 / 3).sum())
-    assert all(args["train"] is not None and len(args["train"]) == len(train) for args, _ in calls["memorization_metrics"])
+    assert all(len(args["train"]) == len(train) for args, _ in calls["memorization_metrics"])
 
 
 def test_guided_methods_share_their_targets_and_draw_them_from_the_kept_labels(tiny_run_record):

@@ -194,8 +194,8 @@ def run_suite(source: str, timeout: int, no_diffusers: bool, pytest_args: list, 
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocker(Path(tmp))), env.get("PYTHONPATH")]))
         start = time.perf_counter()
         try:
-            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args],
-                                    cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+            command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args]
+            result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return None, f"(timed out after {timeout} s)", time.perf_counter() - start
         failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.M)
