@@ -1,22 +1,20 @@
 """side.py: SIDE (Surrogate condItional Data Extraction) in one readable file.
 
 Chen, Wang, Zou, Ma, "SIDE: Surrogate Conditional Data Extraction from Diffusion Models",
-arXiv:2410.02467 (v7). The file reads top to bottom in the order of the paper's Algorithm 1:
+arXiv:2410.02467 (v7). `python side.py --help` lists every flag; the default run is offline.
+The lesson comes first, in the order of the paper's Algorithm 1:
 
-    0. configuration            every setting in one block, one override path (the command line)
-    1. data                     the training set D (used to train the DPM and, later, only to score)
-    2. networks                 a small UNet eps_theta(x_t, t) and its encoder half, the classifier
-    3. diffusion maths          linear beta schedule, q(x_t | x_0), the DDIM / DDPM reverse step
-    4. DDPM training            Adam, EMA, resumable checkpoints
-    5. sampling                 per-sample seeds, one guidance function for both samplers (Eq. 1)
-    6. surrogate labels         Algorithm 1 lines 1-5: sample, embed, k-means, cohesion filter
-    7. classifiers              Algorithm 1 line 6 / Eq. 2: p_phi(y | x_t, t) on noised samples
-    8. extraction               Algorithm 1 Part 2: guided sampling toward one cluster at a time
-    9. memorization check       Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
-   10. report and pipeline      tables, pictures, stage caching, the command line
-
-Run `python side.py --help`. The default run (`python side.py`) is offline: it uses scikit-learn's
-bundled handwritten digits. theory.md maps each function here onto the paper.
+    0. configuration        every setting in one block; the command line is the one override path
+    1. networks             a small UNet eps_theta(x_t, t); its encoder half is the classifier's
+    2. diffusion maths      linear beta schedule, q(x_t | x_0), the DDIM / DDPM reverse step
+    3. DDPM training        L_simple, Adam, EMA: the target model
+    4. guided sampling      per-sample seeds, one guidance function for both samplers (Eq. 1)
+    5. surrogate labels     Algorithm 1 lines 1-5: sample, embed, k-means, cohesion filter
+    6. classifiers          Algorithm 1 line 6 / Eq. 2: p_phi(y | x_t, t) on noised samples
+    7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
+    8. memorization check   Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
+    9. Algorithm 1          run(): the whole attack, top to bottom, with no file handling
+    Appendix (plumbing)     datasets, the run folder, report, sweeps, Theorem 1 toy, command line
 """
 from __future__ import annotations
 
@@ -44,413 +42,81 @@ from tqdm import tqdm
 progress = functools.partial(tqdm, mininterval=1.0, dynamic_ncols=True)  # bars with loss and ETA
 
 # =================================================================================================
-# 0. Configuration. Every setting is a field here; the command line is the one override path.
-#    Fields left as None are filled by the profile for (dataset, device) in PROFILES below.
+# 0. Configuration. Every setting is a field; the command line is the one override path. Fields
+#    left as None are filled by the profile for (dataset, device) (appendix A, PROFILES).
 # =================================================================================================
+
+
+def option(default, help: str, choices: tuple | None = None, shown: str = "profile"):
+    """A Config field; `shown` is what --help prints as the default when it is None."""
+    return field(default=default, metadata=dict(help=help, choices=choices, shown=shown))
 
 
 @dataclass
 class Config:
     # --- data: the training set D of the target model ---
-    dataset: str = field(default="digits", metadata={"help": "digits | celeba | cifar10 | folder"})
-    data_root: str = field(default="data", metadata={"help": "where celeba / cifar10 / folder images live"})
-    n: int = field(default=None, metadata={"help": "training-set size N (the DPM memorizes small N)"})
-    image_size: int = field(default=None, metadata={"help": "side length in pixels"})
-    subset: str = field(default="first", metadata={"help": "first | random: which n images to take"})
-    split: str = field(default="train", metadata={"help": "cifar10: train (data_batch_*) | test"})
-    classes: str = field(default="", metadata={"help": "cifar10: keep only these class ids, e.g. 3,5"})
-    balanced: bool = field(default=False, metadata={"help": "cifar10: take n/classes images per class"})
-    download: bool = field(default=False, metadata={"help": "fetch cifar10/celeba via torchvision"})
+    dataset: str = option("digits", "training set D", ("digits", "celeba", "cifar10", "folder"))
+    data_root: str = option("data", "where celeba / cifar10 / folder images live")
+    n: int = option(None, "training-set size N (the DPM memorizes small N)")
+    image_size: int = option(None, "side length in pixels")
+    subset: str = option("first", "which n images to take", ("first", "random"))
+    split: str = option("train", "cifar10: data_batch_* or test_batch", ("train", "test"))
+    classes: str = option("", "cifar10: keep only these class ids, e.g. 3,5")
+    balanced: bool = option(False, "cifar10: take n/classes images per class")
+    download: bool = option(False, "fetch cifar10/celeba via torchvision")
     # --- the denoiser eps_theta (a small DDPM UNet) ---
-    channels: str = field(default=None, metadata={"help": "UNet width per resolution, e.g. 32,64"})
-    blocks: int = field(default=None, metadata={"help": "residual blocks per resolution"})
-    attn_res: str = field(default=None, metadata={"help": "resolutions with self-attention, e.g. 16"})
+    channels: str = option(None, "UNet width per resolution, e.g. 32,64")
+    blocks: int = option(None, "residual blocks per resolution")
+    attn_res: str = option(None, "resolutions with self-attention, e.g. 16")
     # --- DDPM training (Ho et al. 2020: linear betas, T = 1000, epsilon prediction) ---
-    train_steps: int = field(default=None, metadata={"help": "DDPM optimizer steps"})
-    batch_size: int = field(default=None, metadata={"help": "DDPM batch size"})
-    lr: float = field(default=None, metadata={"help": "Adam learning rate"})
-    ema: float = field(default=0.999, metadata={"help": "EMA decay of the weights used to sample"})
-    ckpt_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    train_steps: int = option(None, "DDPM optimizer steps")
+    batch_size: int = option(None, "DDPM batch size")
+    lr: float = option(None, "Adam learning rate")
+    ema: float = option(0.999, "EMA decay of the weights used to sample")
+    ckpt_every: int = option(500, "steps between checkpoints")
     # --- sampling (the paper uses diffusers' DDIM scheduler) ---
-    sampler: str = field(default="ddim", metadata={"help": "ddim | ddpm (ancestral, all T steps)"})
-    sample_steps: int = field(default=50, metadata={"help": "DDIM steps"})
-    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0 = deterministic)"})
+    sampler: str = option("ddim", "ddpm = ancestral, all T steps", ("ddim", "ddpm"))
+    sample_steps: int = option(50, "DDIM steps")
+    eta: float = option(0.0, "DDIM eta (0 = deterministic)")
     # --- surrogate labels (Algorithm 1, Part 1) ---
-    labels: str = field(default="kmeans", metadata={"help": "kmeans (v7) | teacher (v2, TDKD)"})
-    n_syn: int = field(default=None, metadata={"help": "N_syn: generated images to cluster"})
-    clusters: int = field(default=None, metadata={"help": "K: k-means clusters"})
-    cohesion: float = field(default=None, metadata={"help": "tau: keep clusters with cohesion >= tau"})
+    labels: str = option("kmeans", "kmeans (v7) | teacher (v2, TDKD)", ("kmeans", "teacher"))
+    n_syn: int = option(None, "N_syn: generated images to cluster")
+    clusters: int = option(None, "K: k-means clusters")
+    cohesion: float = option(None, "tau: keep clusters with cohesion >= tau")
     # --- the classifiers p_phi(y | x_t, t) (SIDE) and p(y | x) (Carlini Cond) ---
-    clf_steps: int = field(default=None, metadata={"help": "classifier optimizer steps"})
-    clf_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (paper: 1e-4, ResNet34)"})
-    clf_batch: int = field(default=128, metadata={"help": "classifier batch size"})
+    clf_steps: int = option(None, "classifier optimizer steps")
+    clf_lr: float = option(1e-3, "AdamW learning rate (paper: 1e-4, ResNet34)")
+    clf_batch: int = option(128, "classifier batch size")
     # --- extraction (Algorithm 1, Part 2) ---
-    n_gen: int = field(default=None, metadata={"help": "N_G: generations per method"})
-    guidance: float = field(default=None, metadata={"help": "lambda: guidance scale (0 = unconditional)"})
-    methods: str = field(default="uncond,cond,side", metadata={"help": "which rows of Table 1 to run"})
-    cond_input: str = field(default="xt", metadata={"help": "what the cond classifier judges: xt | x0 (predicted)"})
+    n_gen: int = option(None, "N_G: generations per method")
+    guidance: float = option(None, "lambda for every guided row, fixed (unset: tuned per row)",
+                             shown="tuned on --tune-seed")
+    method_guidance: str = option("", "lambda per row, e.g. side=10,cond=3 (fixes those rows)")
+    methods: str = option("uncond,cond,cond_x0,side,shuffled",
+                          "rows: uncond, cond, cond_x0, side, shuffled, oracle")
+    cond_input: str = option("xt", "what the cond row's classifier judges: x_t or the predicted "
+                             "x_0 (cond_x0 always judges x_0)", ("xt", "x0"))
+    # --- the protocol: lambda tuned per row on a seed never reported, several reported seeds ---
+    seeds: str = option("", "reported seeds, e.g. 0,1,2: the pipeline per seed, one aggregate "
+                        "report", shown="--seed")
+    tune_seed: int = option(100, "the seed lambda is tuned on, never reported")
+    lambda_grid: str = option("0.3,1,3,10,30", "the lambdas tried on --tune-seed")
+    tune_n_gen: int = option(None, "N_G per row and lambda when tuning")
     # --- evaluation ---
-    sim_model: str = field(default="", metadata={"help": "TorchScript embedding model for AMS/UMS (e.g. SSCD)"})
-    bands: str = field(default="", metadata={"help": "AMS/UMS band edges low,mid,high (default per space)"})
+    sim_model: str = option("", "TorchScript embedding model for AMS/UMS (e.g. SSCD)")
+    bands: str = option("", "AMS/UMS band edges low,mid,high (default per space)")
     # --- run ---
-    seed: int = field(default=0, metadata={"help": "seeds data subset, training and every generation"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    out: str = field(default="", metadata={"help": "run folder (default runs/<dataset>-n<N>-<size>px)"})
-    fresh: bool = field(default=False, metadata={"help": "ignore cached stages and redo everything"})
-    sweep: str = field(default="", metadata={"help": "e.g. guidance=0,1,3,10,30 (also clusters, cohesion)"})
-
-
-# Defaults that depend on the dataset and the device. Every value can be overridden by its flag.
-# digits/cpu: chosen so the whole pipeline runs in minutes on 2 cores and the DDPM memorizes a
-# small but non-zero part of its 64 training digits (README, "How the default run was chosen").
-_SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
-              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance=10.0)
-# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128 (README, "Profiles").
-_GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
-            n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120, guidance=10.0)
-PROFILES = {
-    ("digits", "cpu"): dict(_SMALL, n=64, image_size=8, train_steps=1000),
-    ("digits", "gpu"): dict(_SMALL, n=64, image_size=8, train_steps=1000),
-    ("cifar10", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
-    ("celeba", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
-    ("folder", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
-    ("cifar10", "gpu"): dict(_GPU, n=1000, image_size=32, train_steps=40000, channels="128,256,256"),
-    ("celeba", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
-    ("folder", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
-}
-
-T_STEPS = 1000  # T: diffusion steps of the target model (paper leaves it open; DDPM's choice)
-
-# Which settings each stage depends on. A stage is redone when one of these (or an upstream stage)
-# changes, and skipped otherwise: `--guidance 3` reruns only guided sampling and the report.
-STAGE_FIELDS = {
-    "data": ["dataset", "data_root", "n", "image_size", "subset", "split", "classes", "balanced", "seed"],
-    "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
-    "sampler": ["sampler", "sample_steps", "eta"],
-    "synthetic": ["n_syn"],
-    "labels": ["labels", "clusters", "cohesion"],
-    "classifier": ["clf_steps", "clf_lr", "clf_batch"],
-    "generations": ["n_gen"],
-    "guidance": ["guidance"],
-    "cond": ["cond_input"],
-}
-
-
-class UserError(Exception):
-    """A problem the user can fix. main() prints it as one line on stderr and exits with code 2."""
-
-
-def stage_key(cfg: Config, *groups: str) -> str:
-    """A short hash of the settings in `groups`: the identity of a stage's output."""
-    values = {g: {f: getattr(cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
-    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available here; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown --device {name!r}; use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def apply_profile(cfg: Config) -> Config:
-    """Fill every None field from the (dataset, device) profile."""
-    kind = "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
-    profile = PROFILES.get((cfg.dataset, kind))
-    if profile is None:
-        raise UserError(f"unknown --dataset {cfg.dataset!r}; use one of: digits, celeba, cifar10, folder")
-    for name, value in profile.items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
-    if not cfg.out:
-        cfg.out = f"runs/{cfg.dataset}-n{cfg.n}-{cfg.image_size}px"
-    return cfg
-
-
-def channel_list(text: str) -> list[int]:
-    return [int(c) for c in text.split(",") if c.strip()]
-
-
-def validate(cfg: Config) -> None:
-    """Check every flag before any slow work starts (one clear line per problem)."""
-    levels = len(channel_list(cfg.channels))
-    factor = 2 ** (levels - 1)
-    checks = [
-        (cfg.n > 0, f"--n must be positive (got {cfg.n})"),
-        (cfg.image_size >= 4 and cfg.image_size % factor == 0,
-         f"--image-size {cfg.image_size} does not fit a UNet with {levels} resolutions: it must be a "
-         f"multiple of {factor} (each level halves it), e.g. {factor * 4}, {factor * 8} or {factor * 16}"),
-        (cfg.guidance >= 0, f"--guidance (lambda) must be >= 0 (got {cfg.guidance})"),
-        (cfg.n_gen > 0, f"--n-gen must be positive (got {cfg.n_gen})"),
-        (cfg.train_steps > 0 and cfg.ckpt_every > 0, "--train-steps and --ckpt-every must be positive"),
-        (all(c.strip().isdigit() for c in cfg.classes.split(",")) if cfg.classes else True,
-         f"--classes takes class ids such as 3,5 (got {cfg.classes!r})"),
-        (2 <= cfg.clusters <= cfg.n_syn, f"--clusters must be between 2 and --n-syn={cfg.n_syn} (got {cfg.clusters})"),
-        (0 <= cfg.cohesion <= 1, f"--cohesion (tau) must lie in [0, 1] (got {cfg.cohesion})"),
-        (cfg.sampler in ("ddim", "ddpm"), f"--sampler must be ddim or ddpm (got {cfg.sampler!r})"),
-        (cfg.labels in ("kmeans", "teacher"), f"--labels must be kmeans or teacher (got {cfg.labels!r})"),
-        (cfg.subset in ("first", "random"), f"--subset must be first or random (got {cfg.subset!r})"),
-        (cfg.cond_input in ("xt", "x0"), f"--cond-input must be xt or x0 (got {cfg.cond_input!r})"),
-        (0 < cfg.sample_steps <= T_STEPS and T_STEPS % cfg.sample_steps == 0,
-         f"--sample-steps must divide T={T_STEPS} (got {cfg.sample_steps}); try 50, 100 or 250"),
-        (set(method_list(cfg)) <= {"uncond", "cond", "side"}, f"--methods takes uncond,cond,side (got {cfg.methods!r})"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    if cfg.dataset == "digits" and cfg.labels == "teacher" and cfg.n < 10:
-        raise UserError("--labels teacher needs every digit class in the training set; use --n 10 or more")
-    if cfg.bands and not valid_bands(cfg.bands):
-        raise UserError(f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], e.g. 0.5,0.65,0.75")
-    if cfg.sim_model and not Path(cfg.sim_model).is_file():
-        raise UserError(f"--sim-model {cfg.sim_model} is not a file; give a TorchScript model (torch.jit.save)")
-    check_writable(Path(cfg.out))
-
-
-def valid_bands(text: str) -> bool:
-    try:
-        low, mid, high = (float(b) for b in text.split(","))
-    except ValueError:
-        return False
-    return 0 <= low < mid <= high <= 1
-
-
-def method_list(cfg: Config) -> list[str]:
-    return [m.strip() for m in cfg.methods.split(",") if m.strip()]
-
-
-def check_writable(out: Path) -> None:
-    try:
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"--out {out} is not writable ({error.strerror}); choose another folder with --out")
+    seed: int = option(0, "seeds data subset, training and every generation")
+    device: str = option("auto", "where to compute", ("auto", "cpu", "cuda"))
+    out: str = option("", "run folder (default runs/<dataset>-n<N>-<size>px)")
+    fresh: bool = option(False, "ignore cached stages and redo everything")
+    sweep: str = option("", "e.g. guidance=0,1,3,10,30 (also clusters, cohesion)")
 
 
 # =================================================================================================
-# 1. Data: the training set D. Images are stored as uint8 N x H x W x C exactly as trained on and
-#    scaled to [-1, 1] for the DPM (paper, Setup). No flips or other augmentation: memorization of
-#    the exact images is what is studied.
-# =================================================================================================
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-CELEBA_FACE_CENTER = (89, 121)  # (x, y) of the face in a 178x218 aligned image (as in the DDIM code)
-CELEBA_CROP = 140               # the usual square face crop of DDPM/DDIM CelebA models
-
-
-def to_unit_range(images_u8: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
-    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float N x C x H x W in [-1, 1] -> uint8 N x H x W x C."""
-    scaled = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return scaled.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def pick_indices(total: int, cfg: Config, what: str) -> np.ndarray:
-    if cfg.n > total:
-        raise UserError(f"--n {cfg.n} is more than the {total} images found in {what}; lower --n or add images")
-    if cfg.subset == "random":
-        return np.sort(np.random.default_rng(cfg.seed).choice(total, cfg.n, replace=False))
-    return np.arange(cfg.n)
-
-
-def resize_all(images_u8: np.ndarray, size: int) -> np.ndarray:
-    """Resize square uint8 images with PIL's bicubic filter (identity when already at size)."""
-    from PIL import Image
-    if images_u8.shape[1] == size:
-        return images_u8
-    mode = "L" if images_u8.shape[-1] == 1 else "RGB"
-    resized = [np.asarray(Image.fromarray(im.squeeze(-1) if mode == "L" else im, mode).resize(
-        (size, size), Image.BICUBIC)) for im in images_u8]
-    return np.stack(resized).reshape(len(images_u8), size, size, -1)
-
-
-def load_digits(cfg: Config):
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 17 grey levels): offline."""
-    from sklearn.datasets import load_digits as sklearn_digits
-    bunch = sklearn_digits()
-    images = np.round(bunch.images * (255 / 16)).astype(np.uint8)[..., None]
-    indices = pick_indices(len(images), cfg, "scikit-learn's digits")
-    return resize_all(images[indices], cfg.image_size), indices, bunch.target[indices]
-
-
-def load_image_file(path: Path, crop_box=None, size: int = 32) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if crop_box is None:  # a centred square
-                side = min(image.size)
-                left, top = (image.width - side) // 2, (image.height - side) // 2
-                crop_box = (left, top, left + side, top + side)
-            return np.asarray(image.crop(crop_box).resize((size, size), Image.BICUBIC))
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserError(f"cannot read image {path} ({error.__class__.__name__}); remove or replace that file")
-
-
-def load_files(paths: list[Path], indices: np.ndarray, cfg: Config, crop_box=None) -> np.ndarray:
-    chosen = [paths[i] for i in indices]
-    return np.stack([load_image_file(p, crop_box, cfg.image_size)
-                     for p in progress(chosen, desc="decode images", leave=False, disable=len(chosen) < 200)])
-
-
-def celeba_folder(root: Path) -> Path:
-    for folder in (root / "celeba" / "img_align_celeba", root / "img_align_celeba", root):
-        if folder.is_dir() and any(folder.glob("*.jpg")):
-            return folder
-    raise UserError(f"no CelebA images under {root}: expected {root}/celeba/img_align_celeba/000001.jpg "
-                    f"(torchvision layout), {root}/img_align_celeba/ or a flat folder of those jpgs; "
-                    f"set --data-root, or add --download")
-
-
-def load_celeba(cfg: Config):
-    """Aligned CelebA (178x218 jpgs). Only the image folder is needed, not the annotation files."""
-    folder = celeba_folder(Path(cfg.data_root))
-    paths = sorted(folder.glob("*.jpg"))
-    indices = pick_indices(len(paths), cfg, str(folder))
-    (cx, cy), half = CELEBA_FACE_CENTER, CELEBA_CROP // 2
-    images = load_files(paths, indices, cfg, crop_box=(cx - half, cy - half, cx + half, cy + half))
-    return images, indices, celeba_identities(folder, [paths[i].name for i in indices])
-
-
-def celeba_identities(folder: Path, names: list[str]) -> np.ndarray | None:
-    """Identity labels from identity_CelebA.txt when present (only the v2 teacher needs them)."""
-    for candidate in (folder.parent / "identity_CelebA.txt", folder / "identity_CelebA.txt"):
-        if candidate.is_file():
-            table = dict(line.split() for line in candidate.read_text().splitlines() if line.strip())
-            if all(name in table for name in names):
-                _, dense = np.unique([int(table[name]) for name in names], return_inverse=True)
-                return dense
-    return None
-
-
-def cifar_folder(root: Path) -> Path:
-    for folder in (root / "cifar-10-batches-py", root):
-        if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
-            return folder
-    raise UserError(f"no CIFAR-10 under {root}: expected {root}/cifar-10-batches-py/data_batch_1 ... "
-                    f"(the official python version); set --data-root, or add --download")
-
-
-def load_cifar10(cfg: Config):
-    """The official CIFAR-10 python pickles (written by Python 2, hence encoding='latin1')."""
-    folder = cifar_folder(Path(cfg.data_root))
-    names = ["test_batch"] if cfg.split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
-    batches = []
-    for name in names:
-        if (folder / name).is_file():
-            with open(folder / name, "rb") as handle:
-                batches.append(pickle.load(handle, encoding="latin1"))
-    if not batches:
-        raise UserError(f"no {' or '.join(names[:1])} in {folder}; the official cifar-10-batches-py layout is expected")
-    images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = np.concatenate([b["labels"] for b in batches])
-    pool = np.arange(len(images))
-    if cfg.classes:
-        pool = pool[np.isin(labels, [int(c) for c in cfg.classes.split(",")])]
-    if cfg.balanced:
-        pool = balanced_pool(pool, labels, cfg.n)
-    chosen = pool[pick_indices(len(pool), cfg, f"{folder} (after --classes/--balanced)")]
-    return resize_all(images[chosen], cfg.image_size), chosen, labels[chosen]
-
-
-def balanced_pool(pool: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """The first ceil(n / classes) images of every class, interleaved class by class."""
-    classes = np.unique(labels[pool])
-    per_class = -(-n // len(classes))
-    columns = [pool[labels[pool] == c][:per_class] for c in classes]
-    depth = min(len(c) for c in columns)
-    return np.stack([c[:depth] for c in columns], axis=1).reshape(-1)
-
-
-def load_folder(cfg: Config):
-    """Any folder of images (recursive, sorted by path), centre-cropped to a square."""
-    root = Path(cfg.data_root)
-    if not root.is_dir():
-        raise UserError(f"--data-root {root} does not exist; point it at a folder of png/jpg/webp images")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"no images (png/jpg/jpeg/webp) under {root}; point --data-root at a folder of images")
-    indices = pick_indices(len(paths), cfg, str(root))
-    return load_files(paths, indices, cfg), indices, None
-
-
-def download(cfg: Config) -> None:
-    """--download: torchvision fetches the dataset into --data-root (needs the network)."""
-    import torchvision
-    root = Path(cfg.data_root)
-    fetch = {"cifar10": lambda: torchvision.datasets.CIFAR10(root, download=True),
-             "celeba": lambda: torchvision.datasets.CelebA(root, download=True)}.get(cfg.dataset)
-    if fetch is None:
-        raise UserError(f"--download works for cifar10 and celeba, not {cfg.dataset}")
-    try:
-        fetch()
-    except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
-        where = "cifar-10-batches-py/" if cfg.dataset == "cifar10" else "celeba/img_align_celeba/"
-        raise UserError(f"--download of {cfg.dataset} failed ({error.__class__.__name__}: the machine seems "
-                        f"offline); put a manual copy at {root / where} and run without --download")
-
-
-LOADERS = {"digits": load_digits, "celeba": load_celeba, "cifar10": load_cifar10, "folder": load_folder}
-
-
-def load_training_set(cfg: Config, out: Path):
-    """Decode the subset once; train_subset.npz is what every later stage and rerun reads."""
-    path, key = out / "train_subset.npz", stage_key(cfg, "data")
-    cached = load_stage(path, key, cfg)
-    if cached is None:
-        if cfg.download:
-            download(cfg)
-        images, indices, labels = LOADERS[cfg.dataset](cfg)
-        cached = dict(images=images, indices=indices, stage_key=key,
-                      labels=labels if labels is not None else np.full(len(images), -1))
-        save_npz(path, **cached)
-    return cached["images"], cached["labels"]
-
-
-# --- atomic files: a run killed at any moment never leaves a half-written file that a rerun trusts
-def write_atomically(path: Path, write) -> None:
-    """write(tmp) to a temporary file beside `path`, then rename it over `path` in one step."""
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)  # np.savez needs the .npz suffix
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_npz(path: Path, **arrays) -> None:
-    write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
-
-
-def save_torch(path: Path, obj) -> None:
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_text(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text))
-
-
-def load_stage(path: Path, key: str, cfg: Config):
-    """The cached output of a stage when it exists and was made with the same settings."""
-    if cfg.fresh or not path.is_file():
-        return None
-    data = dict(np.load(path, allow_pickle=False))
-    if str(data.get("stage_key")) != key:
-        return None
-    print(f"  {path.name}: up to date, skipping")
-    return data
-
-
-# =================================================================================================
-# 2. Networks. A small DDPM UNet with a sinusoidal time embedding. The classifier is the UNet's
-#    encoder half plus a pooled linear head, as in guided-diffusion's noisy classifier; its time
-#    module is a scale/shift of the normalized features inside each residual block (paper App. B).
+# 1. Networks. A small DDPM UNet with a sinusoidal time embedding. The classifier (section 6) is
+#    the UNet's encoder half plus a pooled linear head, as in guided-diffusion's noisy classifier;
+#    its time module scales/shifts the normalized features in each residual block (paper App. B).
 # =================================================================================================
 
 
@@ -496,25 +162,35 @@ class SelfAttention(nn.Module):
     def forward(self, x, t_emb=None):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
-        attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        # one head as a contiguous 4-D (b, 1, h*w, c) batch: the fused CUDA kernels (flash,
+        # memory-efficient) take only that; other layouts fall back silently to the slow one
+        q, k, v = (part.transpose(1, 2).unsqueeze(1).contiguous() for part in (q, k, v))
+        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (b, h*w, c)
         return x + self.proj(attended.transpose(1, 2).reshape(b, c, h, w))
+
+
+def resolution_level(c_in: int, c_out: int, blocks: int, t_dim: int, attention: bool,
+                     skip: int = 0) -> nn.ModuleList:  # skip: skip-input channels (way up)
+    level = nn.ModuleList()
+    for _ in range(blocks):
+        level.append(ResBlock(c_in + skip, c_out, t_dim))
+        if attention:
+            level.append(SelfAttention(c_out))
+        c_in = c_out
+    return level
 
 
 class Encoder(nn.Module):
     """Stem and down path, shared by the UNet and the classifier. Returns features and skips."""
 
-    def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int], size: int, t_dim: int):
+    def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int],
+                 size: int, t_dim: int):
         super().__init__()
         self.stem = nn.Conv2d(in_ch, channels[0], 3, padding=1)
         self.levels, c_prev = nn.ModuleList(), channels[0]
         for i, ch in enumerate(channels):
-            level = nn.ModuleList()
-            for _ in range(blocks):
-                level.append(ResBlock(c_prev, ch, t_dim))
-                if size >> i in attn_res:
-                    level.append(SelfAttention(ch))
-                c_prev = ch
-            self.levels.append(level)
+            self.levels.append(resolution_level(c_prev, ch, blocks, t_dim, size >> i in attn_res))
+            c_prev = ch
         self.downs = nn.ModuleList(nn.Conv2d(c, c, 3, stride=2, padding=1) for c in channels[:-1])
 
     def forward(self, x, t_emb):
@@ -533,7 +209,8 @@ class TimeEmbedding(nn.Module):
     def __init__(self, base: int):
         super().__init__()
         self.base = base
-        self.mlp = nn.Sequential(nn.Linear(base, 4 * base), nn.SiLU(), nn.Linear(4 * base, 4 * base))
+        self.mlp = nn.Sequential(nn.Linear(base, 4 * base), nn.SiLU(),
+                                 nn.Linear(4 * base, 4 * base))
 
     def forward(self, t):
         return self.mlp(timestep_embedding(t, self.base))
@@ -542,25 +219,23 @@ class TimeEmbedding(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t): predicts the noise that was added to x_0 (epsilon prediction)."""
 
-    def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int], size: int):
+    def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int],
+                 size: int):
         super().__init__()
-        t_dim = 4 * channels[0]
+        t_dim, deepest = 4 * channels[0], channels[-1]
         self.time = TimeEmbedding(channels[0])
         self.encoder = Encoder(in_ch, channels, blocks, attn_res, size, t_dim)
-        deepest = channels[-1]
         self.middle = nn.ModuleList([ResBlock(deepest, deepest, t_dim), SelfAttention(deepest),
                                      ResBlock(deepest, deepest, t_dim)])
         self.up_levels, c_prev = nn.ModuleList(), deepest
         for i in reversed(range(len(channels))):
-            level = nn.ModuleList()
-            for _ in range(blocks):
-                level.append(ResBlock(c_prev + channels[i], channels[i], t_dim))
-                if size >> i in attn_res:
-                    level.append(SelfAttention(channels[i]))
-                c_prev = channels[i]
-            self.up_levels.append(level)
-        self.ups = nn.ModuleList(nn.Conv2d(channels[i], channels[i], 3, padding=1) for i in reversed(range(1, len(channels))))
-        self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(), nn.Conv2d(channels[0], in_ch, 3, padding=1))
+            self.up_levels.append(resolution_level(c_prev, channels[i], blocks, t_dim,
+                                                   size >> i in attn_res, skip=channels[i]))
+            c_prev = channels[i]
+        self.ups = nn.ModuleList(nn.Conv2d(channels[i], channels[i], 3, padding=1)
+                                 for i in reversed(range(1, len(channels))))
+        self.head = nn.Sequential(group_norm(channels[0]), nn.SiLU(),
+                                  nn.Conv2d(channels[0], in_ch, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)  # start as "predict zero noise": stable early training
         nn.init.zeros_(self.head[-1].bias)
 
@@ -571,46 +246,27 @@ class UNet(nn.Module):
             h = layer(h, t_emb)
         for i, level in enumerate(self.up_levels):
             for layer in level:
-                h = layer(torch.cat([h, skips.pop()], 1), t_emb) if isinstance(layer, ResBlock) else layer(h)
+                if isinstance(layer, ResBlock):
+                    h = layer(torch.cat([h, skips.pop()], 1), t_emb)
+                else:
+                    h = layer(h)
             if i < len(self.ups):
                 h = self.ups[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.head(h)
 
 
-class Classifier(nn.Module):
-    """p_phi(y | x_t, t) (time_dependent=True, SIDE) or p(y | x) (time_dependent=False, Carlini Cond).
-
-    The time-independent variant has no time module, so t cannot influence it. The label it is
-    guided toward is never an input (a bug in one public reimplementation)."""
-
-    def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int], size: int,
-                 num_classes: int, time_dependent: bool):
-        super().__init__()
-        t_dim = 4 * channels[0] if time_dependent else 0
-        self.time = TimeEmbedding(channels[0]) if time_dependent else None
-        self.encoder = Encoder(in_ch, channels, blocks, attn_res, size, t_dim)
-        self.head = nn.Sequential(group_norm(channels[-1]), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Linear(channels[-1], num_classes))
-
-    def forward(self, x, t):
-        h, _ = self.encoder(x, self.time(t) if self.time is not None else None)
-        return self.head(h)
-
-
 def build_unet(cfg: Config, in_ch: int) -> UNet:
-    return UNet(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res), cfg.image_size)
-
-
-def build_classifier(cfg: Config, in_ch: int, num_classes: int, time_dependent: bool) -> Classifier:
-    return Classifier(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
-                      cfg.image_size, num_classes, time_dependent)
+    return UNet(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
+                cfg.image_size)
 
 
 # =================================================================================================
-# 3. Diffusion maths. Linear betas 1e-4..0.02 over T = 1000 (Ho et al. 2020). Forward process
+# 2. Diffusion maths. Linear betas 1e-4..0.02 over T = 1000 (Ho et al. 2020). Forward process
 #    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I); this same process noises the classifier's
 #    training inputs (Eq. 2), so the classifier sees exactly the x_t the sampler produces.
 # =================================================================================================
+
+T_STEPS = 1000  # T: diffusion steps of the target model (paper leaves it open; DDPM's choice)
 
 
 class Diffusion:
@@ -629,9 +285,16 @@ class Diffusion:
         a = self.abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def noised(self, x0: torch.Tensor, gen: torch.Generator, low: int = 0, high: int = T_STEPS):
+        """(x_t, t, eps), t ~ U{low..high-1}, eps ~ N(0, I) from `gen`: the one place that noises
+        training images, for the DPM (L_simple) and for the classifiers (Eq. 2)."""
+        t = torch.randint(low, high, (len(x0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        return self.q_sample(x0, t, noise), t, noise
+
     def timesteps(self, sampler: str, sample_steps: int) -> list[int]:
-        """Original timestep indices visited, descending to 0: every index for DDPM; for DDIM every
-        (T / steps)-th, T - T/steps ... 0 (diffusers' "leading" spacing: 980, 960, ..., 0 for 50)."""
+        """Original timestep indices visited, descending to 0: all for DDPM; for DDIM every
+        (T / steps)-th, T - T/steps ... 0 (diffusers' "leading" spacing: 980, ..., 0 for 50)."""
         stride = 1 if sampler == "ddpm" else self.steps // sample_steps
         return list(range(0, self.steps, stride))[::-1]
 
@@ -650,10 +313,22 @@ class Diffusion:
         return x_prev + sigma * noise if t_prev >= 0 else x_prev
 
 
+DIFFUSION = Diffusion()  # the target model's schedule, built once; every function below uses it
+
+
 # =================================================================================================
-# 4. DDPM training: L_simple = || eps - eps_theta(x_t, t) ||^2 with t uniform (Ho et al. 2020),
-#    Adam, EMA weights for sampling, checkpoints that carry everything needed to resume exactly.
+# 3. DDPM training: L_simple = || eps - eps_theta(x_t, t) ||^2, t uniform (Ho et al. 2020), Adam,
+#    EMA weights for sampling. This is the target model the attack starts from.
 # =================================================================================================
+
+
+def ddpm_loss(model, x0_all, gen, batch_size: int, diffusion: Diffusion) -> torch.Tensor:
+    """L_simple on one batch: draw x_0, t ~ U{0..T-1} and eps, predict eps from x_t."""
+    batch = torch.randint(len(x0_all), (batch_size,), generator=gen)
+    x0 = x0_all[batch.to(x0_all.device)]
+    x_t, t, noise = diffusion.noised(x0, gen)
+    with autocast(x0.device):
+        return F.mse_loss(model(x_t, t.to(x0.device)).float(), noise)
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
@@ -663,31 +338,863 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
             e.lerp_(p, 1 - decay)
 
 
-def fresh_training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
+def train_ddpm(cfg: Config, x0_all: torch.Tensor, training, diffusion: Diffusion = DIFFUSION):
+    """The target DPM; returns its EMA network. `training` (appendix C) holds model, EMA copy,
+    Adam and batch generator, and yields the steps to do; resume, checkpoints, Ctrl-C live there."""
+    model, ema, opt, gen = (training.state[k] for k in ("model", "ema", "opt", "generator"))
+    for step in training.steps():
+        loss = ddpm_loss(model, x0_all, gen, cfg.batch_size, diffusion)
+        training.check(loss, step)  # stops on a non-finite loss before it reaches the weights
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema_update(ema, model, cfg.ema, step)
+    return ema.eval()
+
+
+# =================================================================================================
+# 4. Guided sampling. The guided score (paper Eq. 1 / Algorithm 1 line 24) is
+#    s_theta + lambda grad log p_phi(c | x_t); since s_theta = -eps / sqrt(1 - abar_t), in
+#    eps-space it is eps - lambda sqrt(1 - abar_t) grad. One guidance function serves both samplers.
+# =================================================================================================
+
+
+def guided_eps(model, classifier, x, t, targets, guidance: float, diffusion: Diffusion):
+    """eps_theta(x_t, t) - lambda sqrt(1 - abar_t) grad_x log p_phi(c | x_t, t)  (paper Eq. 1)."""
+    with torch.no_grad(), autocast(x.device):
+        eps = model(x, t).float()
+    if classifier is None or guidance == 0:
+        return eps  # lambda = 0 is exactly the unconditional model
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        log_probs = F.log_softmax(classifier(x_in, t).float(), dim=1)
+        selected = log_probs[torch.arange(len(x), device=x.device), targets].sum()
+        grad = torch.autograd.grad(selected, x_in)[0]
+    return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad
+
+
+STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # independent random streams per purpose
+
+
+def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
+    """Generation i draws all its randomness from its own (seed, stream, i) generator: any one
+    sample can be regenerated alone, and any range of generations can be drawn on its own."""
+    entropy = np.random.SeedSequence([seed, stream, index]).generate_state(2)
+    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
+           classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample",
+           batch: int = 0, start: int = 0, diffusion: Diffusion = DIFFUSION) -> np.ndarray:
+    """Generations start .. start+count-1 (uint8), batch by batch; guided toward `targets` (one per
+    generation, aligned with them) when guidance > 0."""
+    shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
+    steps = diffusion.timesteps(cfg.sampler, cfg.sample_steps)
+    eta = 1.0 if cfg.sampler == "ddpm" else cfg.eta
+    guided = classifier is not None and guidance > 0
+    batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
+    images = []
+    for first in progress(range(0, count, batch), desc=desc, unit="batch"):
+        indices = range(start + first, start + min(count, first + batch))
+        rngs = [sample_rng(cfg.seed, stream, i) for i in indices]
+        x = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
+        target = None if targets is None else torch.as_tensor(
+            targets[first:first + len(rngs)], device=device)
+        for t, t_prev in zip(steps, steps[1:] + [-1]):
+            t_batch = torch.full((len(x),), t, device=device, dtype=torch.long)  # original index
+            eps = guided_eps(model, classifier, x, t_batch, target, guidance, diffusion)
+            noise = 0
+            if eta > 0:
+                noise = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
+            x = diffusion.reverse_step(x, eps, t, t_prev, eta, noise)
+        images.append(to_uint8(x))
+    return np.concatenate(images)
+
+
+# =================================================================================================
+# 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in run()).
+#    Features F(x): the paper uses SSCD; that needs a download, so we use the pixels themselves,
+#    centred on the synthetic-set mean and L2-normalized. At 8-32 px, pixel space is meaningful,
+#    it is the space the memorization check measures in, and it needs no pretrained network.
+# =================================================================================================
+
+
+def flat_pixels(images_u8: np.ndarray) -> np.ndarray:
+    """uint8 N x H x W x C -> float32 N x D grey levels (0..255): the one pixel flattener."""
+    return images_u8.reshape(len(images_u8), -1).astype(np.float32)
+
+
+def pixel_features(images_u8: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    flat = flat_pixels(images_u8) / 255.0 - mean
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-8)
+
+
+def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed: int) -> dict:
+    """k-means, the cohesion filter, and relabelling to the nearest kept centroid.
+
+    Cohesion of cluster k = mean cosine(z, mu_k) over its members (Algorithm 1 line 4). Samples of
+    dropped clusters are re-assigned to the nearest kept centroid (line 5, as written)."""
+    from sklearn.cluster import KMeans
+    kmeans = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(features)
+    centers = kmeans.cluster_centers_
+    centroids = centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    cosines = (features * centroids[kmeans.labels_]).sum(1)
+    cohesions = np.array([cosines[kmeans.labels_ == k].mean() for k in range(clusters)])
+    kept = np.flatnonzero(cohesions >= cohesion)
+    if len(kept) == 0:
+        raise UserError(f"--cohesion {cohesion} keeps none of the {clusters} clusters (best "
+                        f"cohesion {cohesions.max():.3f}); lower --cohesion or raise --clusters")
+    similarity = features @ centroids[kept].T  # cosine to every kept centroid
+    # a kept centroid may lose all its members to another one: it is dropped too
+    nonempty = np.bincount(similarity.argmax(1), minlength=len(kept)) > 0
+    kept, labels = kept[nonempty], similarity[:, nonempty].argmax(1)  # nearest kept centroid
+    return dict(labels=labels, kept=kept, cohesion=cohesions[kept], all_cohesion=cohesions,
+                sizes=np.bincount(labels, minlength=len(kept)), centroids=centroids[kept])
+
+
+def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device) -> dict:
+    """Algorithm 1 lines 2-5 (--labels kmeans), or the v2 teacher's soft labels (teacher); "soft"
+    holds the classifiers' targets (one-hot for k-means)."""
+    if cfg.labels == "teacher":
+        return teacher_labels(cfg, synthetic, train["images"], train["labels"], device)
+    mean = flat_pixels(synthetic).mean(0) / 255.0
+    labels = surrogate_labels(pixel_features(synthetic, mean), cfg.clusters, cfg.cohesion, cfg.seed)
+    labels["soft"] = np.eye(len(labels["kept"]), dtype=np.float32)[labels["labels"]]
+    return labels
+
+
+STREAM_SHUFFLE = 3  # the permutation of the `shuffled` control has its own random stream
+
+
+def shuffled_labels(labels: dict, seed: int) -> dict:
+    """The `shuffled` control: the surrogate labels permuted at random among the synthetic samples.
+
+    Every cluster keeps its size, but a label no longer says anything about the image it sits on:
+    p_i = p in Theorem 1, which then predicts no gain. If this control gains as much as SIDE, the
+    clusters are not what helps."""
+    order = np.random.default_rng([seed, STREAM_SHUFFLE]).permutation(len(labels["labels"]))
+    return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])
+
+
+def oracle_labels(synthetic: np.ndarray, train_images: np.ndarray) -> dict:
+    """The `oracle` control: each synthetic sample labelled with its nearest training image (pixel
+    L2). Only the model's owner could make these labels, so this is no attack: it bounds what
+    better surrogate labels could do. Classes are the training images nearest to some sample."""
+    _, index = nearest_neighbours(synthetic, train_images, 1)
+    kept, labels = np.unique(index[:, 0], return_inverse=True)
+    return dict(labels=labels, soft=np.eye(len(kept), dtype=np.float32)[labels], kept=kept,
+                sizes=np.bincount(labels, minlength=len(kept)))
+
+
+def classifier_labels(cfg: Config, source: str, labels: dict, synthetic, train: dict) -> dict:
+    """What a row's classifier learns: the surrogate labels, or a control made from them."""
+    if source == "shuffled":
+        return shuffled_labels(labels, cfg.seed)
+    if source == "oracle":
+        return oracle_labels(synthetic, train["images"])
+    return labels
+
+
+# =================================================================================================
+# 6. Classifiers. SIDE trains p_phi(y | x_t, t) with cross-entropy on x_t = q_sample(x_0, t), t
+#    uniform (Eq. 2): x_t comes from the target model's own forward process. Carlini Cond trains
+#    the same network without a time module on clean x_0 only. With soft targets (the v2 teacher)
+#    the same loss is the distillation loss KL(teacher || student) up to a constant.
+# =================================================================================================
+
+
+class Classifier(nn.Module):
+    """p_phi(y | x_t, t) (time_dependent=True, SIDE) or p(y | x) (False, Carlini Cond).
+
+    The time-independent variant has no time module, so t cannot influence it. The label it is
+    guided toward is never an input (a bug in one public reimplementation)."""
+
+    def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int], size: int,
+                 num_classes: int, time_dependent: bool):
+        super().__init__()
+        t_dim = 4 * channels[0] if time_dependent else 0
+        self.time = TimeEmbedding(channels[0]) if time_dependent else None
+        self.encoder = Encoder(in_ch, channels, blocks, attn_res, size, t_dim)
+        self.head = nn.Sequential(group_norm(channels[-1]), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(channels[-1], num_classes))
+
+    def forward(self, x, t):
+        h, _ = self.encoder(x, self.time(t) if self.time is not None else None)
+        return self.head(h)
+
+
+def build_classifier(cfg: Config, in_ch: int, num_classes: int, time_dependent: bool) -> Classifier:
+    return Classifier(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
+                      cfg.image_size, num_classes, time_dependent)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-sum_y q(y) log p(y | x): cross-entropy for one-hot q, KL-distillation for soft q."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def noised_batch(x0, gen, time_dependent: bool, diffusion: Diffusion):
+    """(x_t, t): noised by q(x_t | x_0) for the time-dependent classifier, clean for the other."""
+    if not time_dependent:
+        return x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)
+    x_t, t, _ = diffusion.noised(x0, gen)
+    return x_t, t.to(x0.device)
+
+
+def train_classifier(cfg: Config, images_u8: np.ndarray, targets: np.ndarray, time_dependent: bool,
+                     device: torch.device, desc: str, diffusion: Diffusion = DIFFUSION):
+    """Fit a classifier on (images, soft targets); AdamW as in the paper (Setup)."""
+    torch.manual_seed(cfg.seed + 1)
+    x0_all = to_unit_range(images_u8).to(device)
+    soft = torch.as_tensor(targets, dtype=torch.float32, device=device)
+    net = build_classifier(cfg, x0_all.shape[1], soft.shape[1], time_dependent).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.clf_lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    bar = progress(range(cfg.clf_steps), desc=desc)
+    for _ in bar:
+        batch = torch.randint(len(x0_all), (cfg.clf_batch,), generator=gen).to(device)
+        x, t = noised_batch(x0_all[batch], gen, time_dependent, diffusion)
+        with autocast(device):
+            loss = soft_cross_entropy(net(x, t).float(), soft[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return net.eval()
+
+
+def fit_classifier(cfg: Config, synthetic: np.ndarray, labels: dict, time_dependent: bool,
+                   device: torch.device) -> dict:
+    """Algorithm 1 line 6: train on 90 % of the synthetic set; measure the accuracy by t on the
+    other 10 % (every 10th image), which it never saw. Returns its weights and that accuracy."""
+    held_out = np.arange(len(synthetic)) % 10 == 0
+    desc = f"train {'p(y|x_t,t)' if time_dependent else 'p(y|x)'}"
+    net = train_classifier(cfg, synthetic[~held_out], labels["soft"][~held_out], time_dependent,
+                           device, desc)
+    accuracy = accuracy_by_t(net, synthetic[held_out], labels["labels"][held_out], device, cfg.seed)
+    return dict(state=net.state_dict(), accuracy=accuracy)
+
+
+# =================================================================================================
+# 7. Extraction: Algorithm 1, Part 2. For each generation draw a target cluster c ~ U{1..K'} and
+#    sample with the guided score. `uncond` (Carlini UnCond) is the same call with lambda = 0;
+#    `cond` (Carlini Cond) guides with the time-independent classifier. By default it is applied to
+#    x_t directly, so the only difference from `side` is the time-dependence (noise-awareness) of
+#    p_phi; `cond_x0` lets it judge the predicted x_0 instead, the stronger common variant. Two
+#    controls guide like `side` with other labels (section 5): `shuffled` and `oracle`. Each row
+#    samples at its own lambda, chosen on a seed that is never reported (appendix F).
+# =================================================================================================
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of Table 1, as data: a new row is a new entry in METHODS."""
+    name: str                    # the row's name; its generations go to samples_<name>.npz
+    classifier: str | None       # the classifier that guides it (classifier_<classifier>.pt)
+    time_dependent: bool = True  # that classifier is p_phi(y | x_t, t) (SIDE) or p(y | x)
+    sees: str | None = "xt"      # it judges x_t or the predicted x_0; None: --cond-input decides
+    labels: str = "surrogate"    # what that classifier learns: surrogate, shuffled or oracle labels
+
+
+METHODS = {"uncond": Method("uncond", classifier=None),  # no classifier: lambda = 0
+           "cond": Method("cond", classifier="cond", time_dependent=False, sees=None),
+           "cond_x0": Method("cond_x0", classifier="cond", time_dependent=False, sees="x0"),
+           "side": Method("side", classifier="side", time_dependent=True),
+           "shuffled": Method("shuffled", classifier="shuffled", labels="shuffled"),  # a control
+           "oracle": Method("oracle", classifier="oracle", labels="oracle")}  # an upper bound
+
+
+def method_rows(cfg: Config) -> list[Method]:
+    """The rows --methods asks for, in its order, with --cond-input filled in."""
+    rows = [METHODS[name] for name in method_names(cfg)]
+    return [dataclasses.replace(r, sees=cfg.cond_input) if r.sees is None else r for r in rows]
+
+
+def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
+    """One uniformly drawn target per generation, from its own (seed, i) stream."""
+    rngs = (sample_rng(seed, STREAM_TARGET, i) for i in range(count))
+    return np.array([int(torch.randint(num_classes, (1,), generator=g)) for g in rngs])
+
+
+def extract(cfg: Config, method: Method, model, classifier, guidance: float, device) -> dict:
+    """Algorithm 1 lines 16-26: N_G generations of one method. Every method uses the same seeds,
+    and every guided one the same targets c (line 17), so the rows differ only in their guidance."""
+    targets, desc = np.full(cfg.n_gen, -1), f"generate {method.name}"
+    if method.classifier is None:  # Carlini UnCond: the unguided model, lambda = 0
+        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, desc=desc)
+    else:
+        targets = draw_targets(cfg.seed, cfg.n_gen, classifier.head[-1].out_features)
+        if method.sees == "x0":
+            classifier = SeesPredictedX0(classifier, model, DIFFUSION)
+        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets,
+                        guidance, desc=desc)
+    seeds = np.array([[cfg.seed, STREAM_EVAL, i] for i in range(cfg.n_gen)])
+    return dict(images=images, seeds=seeds, targets=targets)
+
+
+# =================================================================================================
+# 8. Memorization check. Pixel L2 nearest neighbours, computed block by block so the N_G x n x
+#    pixels tensor is never built. Gu et al. 2023: memorized iff d1 / d2 < 1/3. Carlini et al. 2023:
+#    normalized L2 = d1 / (alpha * mean distance to the 50 nearest), alpha = 0.5. AMS / UMS (paper
+#    Eq. 6-9) need a similarity gamma: with --sim-model, the cosine of its embeddings (SSCD in the
+#    paper); by default gamma = 1 - normalized L2, the paper's own measure for low-resolution data.
+# =================================================================================================
+
+GU_THRESHOLD = 1 / 3
+CARLINI_NEIGHBOURS, CARLINI_ALPHA = 50, 0.5
+PIXEL_BANDS, EMBEDDING_BANDS = (0.50, 0.65, 0.75), (0.40, 0.50, 0.60)  # README, "Metrics"
+
+
+def nearest_neighbours(generated: np.ndarray, train: np.ndarray, k: int, device="cpu",
+                       block: int = 1024):
+    """The k smallest pixel-L2 distances (and indices) from each generation to the training set."""
+    k = min(k, len(train))
+    dist = torch.full((len(generated), k), float("inf"))
+    index = torch.zeros((len(generated), k), dtype=torch.long)
+
+    def unit_pixels(images_u8):  # in [0, 1]
+        return torch.as_tensor(flat_pixels(images_u8), device=device) / 255.0
+    for qs, ks, q, x in pairwise_blocks(generated, train, unit_pixels, block):
+        d2 = (q * q).sum(1, keepdim=True) + (x * x).sum(1)[None] - 2 * q @ x.T  # ||q - x||^2
+        cand_d = torch.cat([dist[qs], d2.clamp(min=0).sqrt().cpu()], 1)
+        cand_i = torch.cat([index[qs], torch.arange(ks.start, ks.stop).expand(len(q), -1)], 1)
+        dist[qs], order = cand_d.topk(k, dim=1, largest=False)
+        index[qs] = cand_i.gather(1, order)
+    return dist.numpy(), index.numpy()
+
+
+def pixel_similarity(dist: np.ndarray, index: np.ndarray, n_train: int, bands):
+    """gamma = 1 - normalized L2 for the k nearest; the same outputs as similarity_scan.
+
+    gamma >= 0 means d <= alpha * (mean of the k nearest) < (largest of the k nearest), so every
+    training image in a band (all have gamma >= bands[0] >= 0) is among the k nearest: no second
+    pass."""
+    gamma = 1 - dist / (CARLINI_ALPHA * np.maximum(dist.mean(1, keepdims=True), 1e-12))
+    hit = {name: np.zeros(n_train, dtype=bool) for name in ("low", "mid", "high")}
+    for name, in_band in band_masks(gamma, bands).items():
+        hit[name][index[in_band]] = True
+    return gamma[:, 0], index[:, 0], hit
+
+
+def band_masks(similarity, bands) -> dict:
+    low, mid, high = bands
+    return {"low": (similarity >= low) & (similarity < mid),
+            "mid": (similarity >= mid) & (similarity <= high),
+            "high": similarity > high}
+
+
+def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, bands, device):
+    """Every per-sample statistic and the summary numbers of one method."""
+    dist, index = nearest_neighbours(generated, train, CARLINI_NEIGHBOURS, device)
+    d1, d2 = dist[:, 0], dist[:, min(1, dist.shape[1] - 1)]
+    ratio = d1 / np.maximum(d2, 1e-12)
+    normalized_l2 = d1 / (CARLINI_ALPHA * np.maximum(dist.mean(1), 1e-12))
+    if featurize is None:  # pixel space: gamma = 1 - normalized L2, from the k nearest
+        best_sim, best_sim_index, band_hits = pixel_similarity(dist, index, len(train), bands)
+    else:  # embed every image once, then compare the embeddings block by block
+        embedded = [torch.cat([featurize(images[s]) for s in block_slices(len(images), 256)])
+                    .cpu() for images in (generated, train)]
+        best_sim, best_sim_index, band_hits = similarity_scan(*embedded, torch.as_tensor, bands)
+    memorized = ratio < GU_THRESHOLD
+    per_sample = dict(nn_index=index[:, 0], nn_index2=index[:, 1 % index.shape[1]], d1=d1, d2=d2,
+                      nn_ratio=ratio, normalized_l2=normalized_l2, best_sim=best_sim,
+                      best_sim_index=best_sim_index)
+    summary = summarize(memorized, index[:, 0], ratio, normalized_l2, best_sim, band_hits, bands)
+    return dict(per_sample=per_sample, summary=summary)
+
+
+# =================================================================================================
+# 9. Algorithm 1, top to bottom. No file handling here: `folder`, the run folder (appendix C), is
+#    called as folder(name, compute) and returns compute()'s result, or the one an earlier run
+#    with the same settings saved under that name; folder.phase() names and times each step.
+# =================================================================================================
+
+
+def run(cfg: Config, folder, device: torch.device) -> dict:
+    """Input: the target DPM trained on D. Output: D_ext, N_G generations for every method."""
+    rows = method_rows(cfg)
+    folder.phase("data", f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
+    train = folder("data", lambda: load_training_set(cfg))
+    folder.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
+    x0_train = to_unit_range(train["images"]).to(device)
+    model = train_ddpm(cfg, x0_train, folder.ddpm_training(x0_train))  # the target DPM
+    labels, classifiers, accuracies = None, {}, {}
+    if any(row.classifier for row in rows):  # the baseline alone needs no labels or classifier
+        labels, classifiers, accuracies = part1(cfg, folder, model, train, rows, device)
+    folder.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per method, "
+                           f"{guidance_text(cfg)}")
+    generations = {}
+    for row in rows:  # Part 2, lines 16-26, once for every row, at the row's own lambda
+        classifier, guidance = classifiers.get(row.classifier), guidance_for(cfg, row.name)
+        generations[row.name] = folder(f"samples_{row.name}", lambda: extract(
+            cfg, row, model, classifier, guidance, device), guidance=guidance)
+    return dict(train=train, labels=labels, accuracies=accuracies, generations=generations)
+
+
+def part1(cfg: Config, folder, model, train: dict, rows: list, device: torch.device):
+    """Algorithm 1, Part 1: surrogate labels from the model's own samples, then the classifiers."""
+    folder.phase("labels", f"[3/6] surrogate labels: N_syn = {cfg.n_syn}, K = {cfg.clusters}, "
+                           f"tau = {cfg.cohesion}")
+    synthetic = folder("synthetic", lambda: dict(images=sample(  # line 1: D_syn, its own stream
+        model, cfg, cfg.n_syn, device, STREAM_SYNTHETIC, desc="sample N_syn")))["images"]
+    labels = folder("labels", lambda: label_synthetic(cfg, synthetic, train, device))  # lines 2-5
+    folder.phase("classifier", f"[4/6] classifiers on {len(labels['kept'])} labels")
+    classifiers, accuracies = {}, {}
+    for row in rows:  # line 6, once for every classifier the rows ask for
+        if row.classifier is None or row.classifier in classifiers:
+            continue
+        learns = classifier_labels(cfg, row.labels, labels, synthetic, train)
+        fitted = folder(f"classifier_{row.classifier}", lambda: fit_classifier(
+            cfg, synthetic, learns, row.time_dependent, device))
+        in_ch, classes = synthetic.shape[-1], learns["soft"].shape[1]
+        net = build_classifier(cfg, in_ch, classes, row.time_dependent)
+        net.load_state_dict(fitted["state"])  # the weights fit_classifier() returned (or saved)
+        classifiers[row.classifier] = net.to(device).eval()
+        accuracies[row.classifier] = fitted["accuracy"]
+    return labels, classifiers, accuracies
+
+
+# =================================================================================================
+# Appendix: the plumbing. Nothing below is needed to follow SIDE; it feeds run() its data and
+# keeps what it computes.   A. profiles and devices   B. datasets   C. the run folder
+# D. variants (v2 teacher labels, Cond on x0)   E. memorization report and figures   F. sweeps
+# and the protocol (lambda tuned per row on a seed never reported, several seeds, the aggregate)
+# G. Theorem 1 on a toy   H. validation and the command line
+# =================================================================================================
+
+# --- A. Profiles and devices ----------------------------------------------------------------------
+# Defaults that depend on the dataset and the device. Every value can be overridden by its flag.
+# digits: n = 128 with 2,000 steps and K = 64, chosen on the tune seed 100 (tools/n_curve.py) so
+# that the DDPM copies some, but at most a third, of its training digits: room to copy more
+# distinct images (README, "How the default run was chosen").
+_SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
+              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, tune_n_gen=256)
+# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128 (README, "Profiles").
+_GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
+            n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
+            tune_n_gen=1024)
+PROFILES = {
+    ("digits", "cpu"): dict(_SMALL, n=128, image_size=8, train_steps=2000, clusters=64),
+    ("digits", "gpu"): dict(_SMALL, n=128, image_size=8, train_steps=2000, clusters=64),
+    ("cifar10", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
+    ("celeba", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
+    ("folder", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
+    ("cifar10", "gpu"): dict(_GPU, n=1000, image_size=32, train_steps=40000,
+                             channels="128,256,256"),
+    ("celeba", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
+    ("folder", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available here; "
+                        "use --device cpu or auto")
+    return torch.device(name)
+
+
+def apply_profile(cfg: Config) -> Config:
+    """Fill every None field from the (dataset, device) profile."""
+    kind = "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
+    profile = PROFILES.get((cfg.dataset, kind))
+    if profile is None:
+        raise UserError(f"unknown --dataset {cfg.dataset!r}; use one of: digits, celeba, cifar10, "
+                        f"folder")
+    for name, value in profile.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if not cfg.out:
+        cfg.out = f"runs/{cfg.dataset}-n{cfg.n}-{cfg.image_size}px"
+    return cfg
+
+
+def sampling_batch(device: torch.device, image_size: int, guided: bool) -> int:
+    """256 on the CPU; 1,024 on CUDA. A guided step keeps the classifier's activations in fp32 for
+    its gradient: about 50 MB an image at 64 px and 200 MB at 128 px, so the guided batch shrinks
+    with the image area instead: 1,024 at 32 px, 256 at 64 px, 64 at 128 px (13-15 GB each)."""
+    if device.type == "cpu":
+        return 256
+    return max(1, 1024 * 32 ** 2 // image_size ** 2) if guided else 1024
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA only; on the CPU full precision is both faster and exact."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def channel_list(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+# --- B. Datasets: the training set D ----------------------------------------------------------
+# Images are stored as uint8 N x H x W x C exactly as trained on and scaled to [-1, 1] for the DPM
+# (paper, Setup). No flips or other augmentation: memorization of the exact images is studied.
+
+def to_unit_range(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float N x C x H x W in [-1, 1] -> uint8 N x H x W x C."""
+    scaled = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return scaled.permute(0, 2, 3, 1).cpu().numpy()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CELEBA_FACE_CENTER = (89, 121)  # (x, y) of the face in a 178x218 aligned image (the DDIM code's)
+CELEBA_CROP = 140               # the usual square face crop of DDPM/DDIM CelebA models
+
+
+def pick_indices(total: int, cfg: Config, what: str) -> np.ndarray:
+    if cfg.n > total:
+        raise UserError(f"--n {cfg.n} is more than the {total} images found in {what}; "
+                        f"lower --n or add images")
+    if cfg.subset == "random":
+        return np.sort(np.random.default_rng(cfg.seed).choice(total, cfg.n, replace=False))
+    return np.arange(cfg.n)
+
+
+def resize_all(images_u8: np.ndarray, size: int) -> np.ndarray:
+    """Resize square uint8 images with PIL's bicubic filter (identity when already at size)."""
+    from PIL import Image
+    if images_u8.shape[1] == size:
+        return images_u8
+    mode = "L" if images_u8.shape[-1] == 1 else "RGB"
+    resized = [np.asarray(Image.fromarray(im.squeeze(-1) if mode == "L" else im, mode).resize(
+        (size, size), Image.BICUBIC)) for im in images_u8]
+    return np.stack(resized).reshape(len(images_u8), size, size, -1)
+
+
+def load_digits(cfg: Config):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 17 grey levels)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    bunch = sklearn_digits()
+    images = np.round(bunch.images * (255 / 16)).astype(np.uint8)[..., None]
+    indices = pick_indices(len(images), cfg, "scikit-learn's digits")
+    return resize_all(images[indices], cfg.image_size), indices, bunch.target[indices]
+
+
+def load_image_file(path: Path, crop_box=None, size: int = 32) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if crop_box is None:  # a centred square
+                side = min(image.size)
+                left, top = (image.width - side) // 2, (image.height - side) // 2
+                crop_box = (left, top, left + side, top + side)
+            return np.asarray(image.crop(crop_box).resize((size, size), Image.BICUBIC))
+    except (UnidentifiedImageError, OSError) as error:
+        raise UserError(f"cannot read image {path} ({error.__class__.__name__}); "
+                        f"remove or replace that file")
+
+
+def load_files(paths: list[Path], indices: np.ndarray, cfg: Config, crop_box=None) -> np.ndarray:
+    chosen = [paths[i] for i in indices]
+    return np.stack([load_image_file(p, crop_box, cfg.image_size)
+                     for p in progress(chosen, desc="decode images", leave=False,
+                                       disable=len(chosen) < 200)])
+
+
+def celeba_folder(root: Path) -> Path:
+    for folder in (root / "celeba" / "img_align_celeba", root / "img_align_celeba", root):
+        if folder.is_dir() and any(folder.glob("*.jpg")):
+            return folder
+    raise UserError(f"no CelebA images under {root}: expected "
+                    f"{root}/celeba/img_align_celeba/000001.jpg (torchvision layout), "
+                    f"{root}/img_align_celeba/ or a flat folder of those jpgs; "
+                    f"set --data-root, or add --download")
+
+
+def load_celeba(cfg: Config):
+    """Aligned CelebA (178x218 jpgs). Only the image folder is needed, not the annotation files."""
+    folder = celeba_folder(Path(cfg.data_root))
+    paths = sorted(folder.glob("*.jpg"))
+    indices = pick_indices(len(paths), cfg, str(folder))
+    (cx, cy), half = CELEBA_FACE_CENTER, CELEBA_CROP // 2
+    images = load_files(paths, indices, cfg, crop_box=(cx - half, cy - half, cx + half, cy + half))
+    return images, indices, celeba_identities(folder, [paths[i].name for i in indices])
+
+
+def celeba_identities(folder: Path, names: list[str]) -> np.ndarray | None:
+    """Identity labels from identity_CelebA.txt when present (only the v2 teacher needs them)."""
+    for candidate in (folder.parent / "identity_CelebA.txt", folder / "identity_CelebA.txt"):
+        if candidate.is_file():
+            lines = candidate.read_text().splitlines()
+            table = dict(line.split() for line in lines if line.strip())
+            if all(name in table for name in names):
+                _, dense = np.unique([int(table[name]) for name in names], return_inverse=True)
+                return dense
+    return None
+
+
+def cifar_folder(root: Path) -> Path:
+    for folder in (root / "cifar-10-batches-py", root):
+        if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
+            return folder
+    raise UserError(f"no CIFAR-10 under {root}: expected "
+                    f"{root}/cifar-10-batches-py/data_batch_1 ... "
+                    f"(the official python version); set --data-root, or add --download")
+
+
+def load_cifar10(cfg: Config):
+    """The official CIFAR-10 python pickles (written by Python 2, hence encoding='latin1')."""
+    folder = cifar_folder(Path(cfg.data_root))
+    names = ["test_batch"] if cfg.split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    batches = []
+    for name in names:
+        if (folder / name).is_file():
+            with open(folder / name, "rb") as handle:
+                batches.append(pickle.load(handle, encoding="latin1"))
+    if not batches:
+        raise UserError(f"no {' or '.join(names[:1])} in {folder}; the official "
+                        f"cifar-10-batches-py layout is expected")
+    images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    images = images.transpose(0, 2, 3, 1)
+    labels = np.concatenate([b["labels"] for b in batches])
+    pool = np.arange(len(images))
+    if cfg.classes:
+        pool = pool[np.isin(labels, [int(c) for c in cfg.classes.split(",")])]
+    if cfg.balanced:
+        pool = balanced_pool(pool, labels, cfg.n)
+    chosen = pool[pick_indices(len(pool), cfg, f"{folder} (after --classes/--balanced)")]
+    return resize_all(images[chosen], cfg.image_size), chosen, labels[chosen]
+
+
+def balanced_pool(pool: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """The first ceil(n / classes) images of every class, interleaved class by class."""
+    classes = np.unique(labels[pool])
+    per_class = -(-n // len(classes))
+    columns = [pool[labels[pool] == c][:per_class] for c in classes]
+    depth = min(len(c) for c in columns)
+    return np.stack([c[:depth] for c in columns], axis=1).reshape(-1)
+
+
+def load_folder(cfg: Config):
+    """Any folder of images (recursive, sorted by path), centre-cropped to a square."""
+    root = Path(cfg.data_root)
+    if not root.is_dir():
+        raise UserError(f"--data-root {root} does not exist; point it at a folder of "
+                        f"png/jpg/webp images")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"no images (png/jpg/jpeg/webp) under {root}; point --data-root at a "
+                        f"folder of images")
+    indices = pick_indices(len(paths), cfg, str(root))
+    return load_files(paths, indices, cfg), indices, None
+
+
+def download(cfg: Config) -> None:
+    """--download: torchvision fetches the dataset into --data-root (needs the network)."""
+    import torchvision
+    root = Path(cfg.data_root)
+    fetch = {"cifar10": lambda: torchvision.datasets.CIFAR10(root, download=True),
+             "celeba": lambda: torchvision.datasets.CelebA(root, download=True)}.get(cfg.dataset)
+    if fetch is None:
+        raise UserError(f"--download works for cifar10 and celeba, not {cfg.dataset}")
+    try:
+        fetch()
+    except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
+        where = "cifar-10-batches-py/" if cfg.dataset == "cifar10" else "celeba/img_align_celeba/"
+        raise UserError(f"--download of {cfg.dataset} failed ({error.__class__.__name__}: the "
+                        f"machine seems offline); put a manual copy at {root / where} and run "
+                        f"without --download")
+
+
+LOADERS = {"digits": load_digits, "celeba": load_celeba, "cifar10": load_cifar10,
+           "folder": load_folder}
+
+
+def load_training_set(cfg: Config) -> dict:
+    """Decode the subset once; its stage file is what every later stage and rerun reads."""
+    if cfg.download:
+        download(cfg)
+    images, indices, labels = LOADERS[cfg.dataset](cfg)
+    return dict(images=images, indices=indices,
+                labels=labels if labels is not None else np.full(len(images), -1))
+
+
+# --- C. The run folder: one load -> compute -> save mechanism for every stage, and the DDPM's
+#     checkpoint. Files are written atomically: a run killed at any moment never leaves a
+#     half-written file that a rerun trusts.
+# ----------------------------------------------------------------------------------------------
+
+# Which settings each stage depends on. A stage is redone when one of these (or an upstream stage)
+# changes, and skipped otherwise: `--guidance 3` reruns only guided sampling and the report.
+STAGE_FIELDS = {
+    "data": ["dataset", "data_root", "n", "image_size", "subset", "split", "classes", "balanced",
+             "seed"],
+    "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
+    "sampler": ["sampler", "sample_steps", "eta"],
+    "synthetic": ["n_syn"],
+    "labels": ["labels", "clusters", "cohesion"],
+    "classifier": ["clf_steps", "clf_lr", "clf_batch"],
+    "generations": ["n_gen"],
+    "cond": ["cond_input"],
+}
+
+
+def stage_key(cfg: Config, *groups: str, **values) -> str:
+    """A short hash of the settings in `groups`, and of `values` (a guided row's own lambda): the
+    identity of a stage's output."""
+    settings = {g: {f: getattr(cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
+    text = json.dumps({**settings, **values}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def stage_groups(cfg: Config, name: str) -> list[str]:
+    """The settings groups the stage `name` (as run() calls it) depends on."""
+    sampled = ["data", "ddpm", "sampler"]  # every stage after training samples the target model
+    labelled = sampled + ["synthetic", "labels"]
+    if name == "data":
+        return ["data"]
+    if name == "synthetic":
+        return sampled + ["synthetic"]
+    if name == "labels":  # the v2 teacher is trained with the classifier settings
+        return labelled + (["classifier"] if cfg.labels == "teacher" else [])
+    if name.startswith("classifier_"):
+        return labelled + ["classifier"]
+    method = METHODS[name.removeprefix("samples_")]
+    if method.classifier is None:  # the baseline does not depend on labels, classifier or lambda
+        return sampled + ["generations"]
+    follows_flag = ["cond"] if method.sees is None else []  # --cond-input
+    return labelled + ["classifier", "generations"] + follows_flag  # and the row's lambda, in run()
+
+
+def stage_path(out: Path, name: str) -> Path:
+    if name == "data":
+        return out / "train_subset.npz"
+    return out / (f"{name}.pt" if name.startswith("classifier_") else f"{name}.npz")
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(tmp) to a temporary file beside `path`, then rename it over `path` in one step."""
+    tmp = path.with_name(path.name + ".tmp" + path.suffix)  # np.savez needs the .npz suffix
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_npz(path: Path, **arrays) -> None:
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def save_torch(path: Path, obj) -> None:
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def why_unreadable(error: Exception) -> str:
+    """One line about an exception raised while reading a file."""
+    detail = (str(error).splitlines() or [""])[0][:80]
+    return f"{error.__class__.__name__}: {detail}" if detail else error.__class__.__name__
+
+
+class RunFolder:
+    """run()'s `folder`. folder(name, compute) returns the stage's saved result when it was made
+    with the same settings, and otherwise compute()'s, saved with the hash of those settings. A
+    stage file that cannot be read (a full disk, a half-copied folder, a hand edit) is recomputed,
+    with one line saying so. ddpm.pt is read once, here, before anything is written."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.out, self.device = cfg, Path(cfg.out), device
+        self.checkpoint = read_checkpoint(self.out / "ddpm.pt", cfg, device)
+        self.timings, self.current, self.clock = {}, None, time.perf_counter()
+
+    def __call__(self, name: str, compute, **values) -> dict:
+        """`values`: what the stage depends on beyond the settings (a guided row's own lambda)."""
+        groups = stage_groups(self.cfg, name)
+        path, key = stage_path(self.out, name), stage_key(self.cfg, *groups, **values)
+        cached = None if self.cfg.fresh or not path.is_file() else self.load(path, key)
+        if cached is None:
+            cached = compute()
+            if path.suffix == ".pt":
+                save_torch(path, dict(cached, stage_key=key))
+            else:
+                save_npz(path, **cached, stage_key=key)
+        return cached
+
+    def load(self, path: Path, key: str) -> dict | None:
+        try:
+            if path.suffix == ".pt":
+                data = dict(torch.load(path, map_location=self.device, weights_only=False))
+            else:
+                data = dict(np.load(path, allow_pickle=False))
+            made_with = str(data.pop("stage_key", None))
+        except Exception as error:  # numpy, zipfile and pickle each raise their own kinds
+            print(f"  {path.name}: cannot be read ({why_unreadable(error)}); recomputing it")
+            return None
+        if made_with != key:
+            return None
+        print(f"  {path.name}: up to date, skipping")
+        return data
+
+    def phase(self, name: str, message: str) -> None:
+        """Print `message` and start timing the phase `name` (the previous one ends here)."""
+        self.lap()
+        self.current = name
+        print(message)
+
+    def lap(self) -> None:
+        if self.current is not None:
+            self.timings[self.current] = round(time.perf_counter() - self.clock, 2)
+        self.clock = time.perf_counter()
+
+    def finish(self) -> dict:
+        """The wall time of every phase and their total, in seconds, for the report."""
+        self.lap()
+        self.current = None
+        return dict(self.timings, total=round(sum(self.timings.values()), 2))
+
+    def ddpm_training(self, x0_all: torch.Tensor) -> DDPMTraining:
+        """A fresh training state, or the one in ddpm.pt, ready for train_ddpm()."""
+        cfg, path = self.cfg, self.out / "ddpm.pt"
+        state = training_state(cfg, x0_all.shape[1], self.device)
+        if self.checkpoint is not None:
+            for name in ("model", "ema", "opt"):
+                state[name].load_state_dict(self.checkpoint[name])
+            state["generator"].set_state(self.checkpoint["rng"].cpu())  # map_location moved it
+            state["step"] = self.checkpoint["step"]
+        if state["step"] > cfg.train_steps:
+            raise UserError(f"{path} is at step {state['step']}, beyond --train-steps "
+                            f"{cfg.train_steps}; raise --train-steps, use another --out, "
+                            f"or --fresh")
+        return DDPMTraining(cfg, path, state, len(x0_all))
+
+
+def training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
+    """Model, EMA copy, Adam (Ho et al. 2020) and the generator of batches, t and noise."""
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_unet(cfg, in_ch).to(device)
     ema = build_unet(cfg, in_ch).to(device)
     ema.load_state_dict(model.state_dict())
-    generator = torch.Generator().manual_seed(cfg.seed)  # batches, t and noise; saved in checkpoints
+    generator = torch.Generator().manual_seed(cfg.seed)  # saved in checkpoints
     return dict(model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
                 generator=generator, step=0)
 
 
-def save_checkpoint(path: Path, state: dict, cfg: Config) -> None:
-    save_torch(path, dict(model=state["model"].state_dict(), ema=state["ema"].state_dict(),
-                          opt=state["opt"].state_dict(), rng=state["rng"],
-                          step=state["step"], config=dataclasses.asdict(cfg)))
-
-
-def load_checkpoint(path: Path, cfg: Config, in_ch: int, device: torch.device) -> dict:
-    state = fresh_training_state(cfg, in_ch, device)
-    saved = torch.load(path, map_location=device, weights_only=False)
-    check_compatible(saved["config"], cfg, path)
-    for name in ("model", "ema", "opt"):
-        state[name].load_state_dict(saved[name])
-    state["generator"].set_state(saved["rng"].cpu())  # map_location may have moved it
-    state["step"] = saved["step"]
-    return state
+def read_checkpoint(path: Path, cfg: Config, device: torch.device) -> dict | None:
+    """ddpm.pt when there is one to resume from. One that cannot be read, or that was trained with
+    other data or another network, stops the run: a checkpoint is never replaced silently."""
+    if cfg.fresh or not path.is_file():
+        return None
+    try:
+        # onto the CPU: load_state_dict moves weights and Adam's moments to `device` but keeps
+        # Adam's step counters where they are (on CUDA: a device sync per parameter and step)
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        trained_with = saved["config"]
+    except Exception as error:  # truncated, half-copied, or not a checkpoint at all
+        raise UserError(f"{path} cannot be read ({why_unreadable(error)}); rerun with --fresh to "
+                        f"train again from scratch, or delete {path}")
+    check_compatible(trained_with, cfg, path)
+    return saved
 
 
 def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
@@ -700,31 +1207,10 @@ def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
                         f"Use the old settings, another --out, or --fresh to retrain")
 
 
-def train_ddpm(cfg: Config, train_images: np.ndarray, out: Path, device: torch.device) -> nn.Module:
-    """Train (or resume) the target DPM; returns the EMA network used for all sampling."""
-    path, x0_all = out / "ddpm.pt", to_unit_range(train_images).to(device)
-    state = load_checkpoint(path, cfg, x0_all.shape[1], device) if path.is_file() and not cfg.fresh \
-        else fresh_training_state(cfg, x0_all.shape[1], device)
-    if state["step"] > cfg.train_steps:
-        raise UserError(f"{path} is at step {state['step']}, beyond --train-steps {cfg.train_steps}; "
-                        f"raise --train-steps, use another --out, or --fresh")
-    if state["step"] == cfg.train_steps:
-        print(f"  ddpm.pt: trained ({cfg.train_steps} steps), skipping")
-        return state["ema"].eval()
-    if state["step"]:
-        print(f"  resuming DDPM training from step {state['step']}")
-    run_training_loop(cfg, state, x0_all, path)
-    return state["ema"].eval()
-
-
-def ddpm_loss(model, x0_all: torch.Tensor, gen: torch.Generator, batch_size: int, diffusion: Diffusion):
-    """L_simple on one batch: draw x_0, t ~ U{0..T-1} and eps, predict eps from x_t."""
-    batch = torch.randint(len(x0_all), (batch_size,), generator=gen)
-    t = torch.randint(T_STEPS, (batch_size,), generator=gen)
-    noise = torch.randn((batch_size, *x0_all.shape[1:]), generator=gen).to(x0_all.device)
-    x0 = x0_all[batch.to(x0_all.device)]
-    with autocast(x0.device):
-        return F.mse_loss(model(diffusion.q_sample(x0, t, noise), t.to(x0.device)).float(), noise)
+def save_checkpoint(path: Path, state: dict, cfg: Config) -> None:
+    save_torch(path, dict(model=state["model"].state_dict(), ema=state["ema"].state_dict(),
+                          opt=state["opt"].state_dict(), rng=state["rng"],
+                          step=state["step"], config=dataclasses.asdict(cfg)))
 
 
 class DeferredInterrupt:
@@ -745,194 +1231,76 @@ class DeferredInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def run_training_loop(cfg: Config, state: dict, x0_all: torch.Tensor, path: Path) -> None:
-    """Train to cfg.train_steps. (step, rng) in `state` always describe a step boundary, so a
-    checkpoint resumes with exactly the batches an uninterrupted run would have drawn."""
-    diffusion, gen, model, first = Diffusion(), state["generator"], state["model"], state["step"]
-    stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))  # test hook: simulate Ctrl-C at this step
-    state["rng"] = gen.get_state()
-    bar = progress(range(first, cfg.train_steps), desc="train DDPM", initial=first, total=cfg.train_steps)
-    with DeferredInterrupt() as ctrl_c:
-        for step in bar:
-            if ctrl_c.pressed or step == stop_at:
-                save_checkpoint(path, state, cfg)
-                raise UserError(f"stopped at step {step}; checkpoint saved to {path}. Rerun the same command to resume")
-            loss = ddpm_loss(model, x0_all, gen, cfg.batch_size, diffusion)
-            if not torch.isfinite(loss):
-                raise UserError(f"DDPM loss became {loss.item()} at step {step}; lower --lr. "
-                                f"The last good checkpoint ({path.name}) is kept")
-            if step > first and step % cfg.ckpt_every == 0:
-                save_checkpoint(path, state, cfg)  # these weights have just given a finite loss
-            state["opt"].zero_grad(set_to_none=True)
-            loss.backward()
-            state["opt"].step()
-            ema_update(state["ema"], model, cfg.ema, step)
-            state["step"], state["rng"] = step + 1, gen.get_state()
-            bar.set_postfix(loss=f"{loss.item():.4f}", epoch=f"{state['step'] * cfg.batch_size / len(x0_all):.0f}", refresh=False)
-    save_checkpoint(path, state, cfg)
+class DDPMTraining:
+    """All of the DDPM loop that is not DDPM: the progress bar, checkpoints, Ctrl-C, the NaN guard
+    and the SIDE_STOP_AT_STEP test hook. (step, rng) in `state` always describe a step boundary,
+    so a checkpoint resumes with exactly the batches an uninterrupted run would have drawn."""
+
+    def __init__(self, cfg: Config, path: Path, state: dict, n_images: int):
+        self.cfg, self.path, self.state, self.n_images = cfg, path, state, n_images
+        self.first, self.loss = state["step"], None
+
+    def steps(self):
+        """Yield the steps still to do; save a checkpoint when stopped and at the end."""
+        cfg, state, gen = self.cfg, self.state, self.state["generator"]
+        if self.first == cfg.train_steps:
+            print(f"  ddpm.pt: trained ({cfg.train_steps} steps), skipping")
+            return
+        if self.first:
+            print(f"  resuming DDPM training from step {self.first}")
+        stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))  # test hook: Ctrl-C at this step
+        state["rng"] = gen.get_state()
+        bar = progress(range(self.first, cfg.train_steps), desc="train DDPM", initial=self.first,
+                       total=cfg.train_steps)
+        with DeferredInterrupt() as ctrl_c:
+            for step in bar:
+                if ctrl_c.pressed or step == stop_at:
+                    save_checkpoint(self.path, state, cfg)
+                    raise UserError(f"stopped at step {step}; checkpoint saved to {self.path}. "
+                                    f"Rerun the same command to resume")
+                yield step
+                state["step"], state["rng"] = step + 1, gen.get_state()
+                epoch = state["step"] * cfg.batch_size / self.n_images
+                bar.set_postfix(loss=f"{self.loss.item():.4f}", epoch=f"{epoch:.0f}", refresh=False)
+        save_checkpoint(self.path, state, cfg)
+
+    def check(self, loss: torch.Tensor, step: int) -> None:
+        """Stop on a non-finite loss; otherwise checkpoint the weights that have just given it."""
+        if not torch.isfinite(loss):
+            raise UserError(f"DDPM loss became {loss.item()} at step {step}; lower --lr. "
+                            f"The last good checkpoint ({self.path.name}) is kept")
+        if step > self.first and step % self.cfg.ckpt_every == 0:
+            save_checkpoint(self.path, self.state, self.cfg)
+        self.loss = loss
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA only; on the CPU full precision is both faster and exact."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+# --- D. Variants: the v2 teacher's labels (--labels teacher) and Carlini Cond judging the
+#     predicted x_0 (--cond-input x0). Each replaces one step of the lesson. ----------------------
 
 
-# =================================================================================================
-# 5. Sampling. Generation i draws all its randomness from a generator seeded with (seed, stream, i),
-#    so any one sample can be regenerated alone. One guidance function serves both samplers.
-#    The guided score (paper Eq. 1 / Algorithm 1 line 24) is s_theta + lambda grad log p_phi(c | x_t);
-#    since s_theta = -eps / sqrt(1 - abar_t), in eps-space this is eps - lambda sqrt(1-abar_t) grad.
-# =================================================================================================
-
-STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # independent random streams per purpose
-
-
-def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
-    entropy = np.random.SeedSequence([seed, stream, index]).generate_state(2)
-    return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
-
-
-def guided_eps(model, classifier, x, t, targets, guidance: float, diffusion: Diffusion) -> torch.Tensor:
-    """eps_theta(x_t, t) - lambda sqrt(1 - abar_t) grad_x log p_phi(c | x_t, t)  (paper Eq. 1)."""
-    with torch.no_grad(), autocast(x.device):
-        eps = model(x, t).float()
-    if classifier is None or guidance == 0:
-        return eps  # lambda = 0 is exactly the unconditional model
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        log_probs = F.log_softmax(classifier(x_in, t).float(), dim=1)
-        selected = log_probs[torch.arange(len(x)), targets].sum()
-        grad = torch.autograd.grad(selected, x_in)[0]
-    return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad
-
-
-def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
-           classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample", batch: int = 0) -> np.ndarray:
-    """Draw `count` images (uint8), batch by batch; guided toward `targets` when guidance > 0."""
-    diffusion, shape = Diffusion(), (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
-    steps = diffusion.timesteps(cfg.sampler, cfg.sample_steps)
-    eta = 1.0 if cfg.sampler == "ddpm" else cfg.eta
-    batch, images = batch or max(1, min(count, 256 if device.type == "cpu" else 1024)), []
-    for start in progress(range(0, count, batch), desc=desc, unit="batch"):
-        rngs = [sample_rng(cfg.seed, stream, i) for i in range(start, min(count, start + batch))]
-        x = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
-        target = None if targets is None else torch.as_tensor(targets[start:start + len(rngs)], device=device)
-        for t, t_prev in zip(steps, steps[1:] + [-1]):
-            t_batch = torch.full((len(x),), t, device=device, dtype=torch.long)  # original index
-            eps = guided_eps(model, classifier, x, t_batch, target, guidance, diffusion)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device) if eta > 0 else 0
-            x = diffusion.reverse_step(x, eps, t, t_prev, eta, noise)
-        images.append(to_uint8(x))
-    return np.concatenate(images)
-
-
-# =================================================================================================
-# 6. Surrogate labels: Algorithm 1, Part 1, lines 1-5.
-#    Features F(x): the paper uses SSCD; that needs a download, so we use the pixels themselves,
-#    centred on the synthetic-set mean and L2-normalized. At 8-32 px, pixel space is meaningful,
-#    it is the space the memorization check measures in, and it needs no pretrained network.
-# =================================================================================================
-
-
-def pixel_features(images_u8: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    flat = images_u8.reshape(len(images_u8), -1).astype(np.float32) / 255.0 - mean
-    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-8)
-
-
-def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed: int) -> dict:
-    """k-means, the cohesion filter, and relabelling to the nearest kept centroid.
-
-    Cohesion of cluster k = mean cosine(z, mu_k) over its members (Algorithm 1 line 4). Samples of
-    dropped clusters are re-assigned to the nearest kept centroid (line 5, as written)."""
-    from sklearn.cluster import KMeans
-    kmeans = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(features)
-    centroids = kmeans.cluster_centers_ / np.linalg.norm(kmeans.cluster_centers_, axis=1, keepdims=True)
-    cosines = (features * centroids[kmeans.labels_]).sum(1)
-    cohesions = np.array([cosines[kmeans.labels_ == k].mean() for k in range(clusters)])
-    kept = np.flatnonzero(cohesions >= cohesion)
-    if len(kept) == 0:
-        raise UserError(f"--cohesion {cohesion} keeps none of the {clusters} clusters (best cohesion "
-                        f"{cohesions.max():.3f}); lower --cohesion or raise --clusters")
-    similarity = features @ centroids[kept].T  # cosine to every kept centroid
-    nonempty = np.bincount(similarity.argmax(1), minlength=len(kept)) > 0  # a centroid may lose all members
-    kept, labels = kept[nonempty], similarity[:, nonempty].argmax(1)  # nearest kept centroid
-    return dict(labels=labels, kept=kept, cohesion=cohesions[kept], all_cohesion=cohesions,
-                sizes=np.bincount(labels, minlength=len(kept)), centroids=centroids[kept])
-
-
-# =================================================================================================
-# 7. Classifiers. SIDE trains p_phi(y | x_t, t) with cross-entropy on x_t = q_sample(x_0, t), t
-#    uniform (Eq. 2): x_t comes from the target model's own forward process. Carlini Cond trains
-#    the same network without a time module on clean x_0 only. With soft targets (the v2 teacher)
-#    the same loss is the distillation loss KL(teacher || student) up to a constant.
-# =================================================================================================
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-sum_y q(y) log p(y | x): cross-entropy for one-hot q, KL-distillation for soft q."""
-    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
-def noised_batch(x0, gen, time_dependent: bool, diffusion: Diffusion):
-    """(x_t, t): noised by q(x_t | x_0) for the time-dependent classifier, clean for the other."""
-    if not time_dependent:
-        return x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)
-    t = torch.randint(T_STEPS, (len(x0),), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-    return diffusion.q_sample(x0, t, noise), t.to(x0.device)
-
-
-def train_classifier(cfg: Config, images_u8: np.ndarray, targets: np.ndarray, time_dependent: bool,
-                     device: torch.device, desc: str) -> nn.Module:
-    """Fit a classifier on (images, soft targets); AdamW as in the paper (Setup)."""
-    torch.manual_seed(cfg.seed + 1)
-    x0_all = to_unit_range(images_u8).to(device)
-    soft = torch.as_tensor(targets, dtype=torch.float32, device=device)
-    net = build_classifier(cfg, x0_all.shape[1], soft.shape[1], time_dependent).to(device)
-    opt, gen, diffusion = torch.optim.AdamW(net.parameters(), lr=cfg.clf_lr), torch.Generator().manual_seed(cfg.seed + 1), Diffusion()
-    bar = progress(range(cfg.clf_steps), desc=desc)
-    for _ in bar:
-        batch = torch.randint(len(x0_all), (cfg.clf_batch,), generator=gen).to(device)
-        x, t = noised_batch(x0_all[batch], gen, time_dependent, diffusion)
-        with autocast(device):
-            loss = soft_cross_entropy(net(x, t).float(), soft[batch])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return net.eval()
-
-
-T_RANGES = [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
-
-
-@torch.no_grad()
-def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, device: torch.device, seed: int) -> dict:
-    """Accuracy on x_t for each range of t. Low accuracy at large t is expected by design."""
-    x0, diffusion, gen = to_unit_range(images_u8).to(device), Diffusion(), torch.Generator().manual_seed(seed)
-    truth, result = torch.as_tensor(labels, device=device), {}
-    for low, high in T_RANGES:
-        t = torch.randint(low, high, (len(x0),), generator=gen)
-        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen).to(device))
-        predicted = torch.cat([net(x_t[s], t[s].to(device)).argmax(1) for s in block_slices(len(x0), 512)])
-        result[f"t{low}-{high - 1}"] = round((predicted == truth).float().mean().item(), 4)
-    return result
-
-
-# =================================================================================================
-# 8. Extraction: Algorithm 1, Part 2. For each generation draw a target cluster c ~ U{1..K'} and
-#    sample with the guided score. `uncond` (Carlini UnCond) is the same call with lambda = 0;
-#    `cond` (Carlini Cond) guides with the time-independent classifier. By default it is applied to
-#    x_t directly, so the only difference from `side` is the time-dependence (noise-awareness) of
-#    p_phi; --cond-input x0 lets it judge the predicted x_0 instead, the stronger common variant.
-# =================================================================================================
+def teacher_labels(cfg, synthetic, train_images, train_labels, device) -> dict:
+    """v2 (TDKD): a time-independent teacher trained on the real labels labels the generations."""
+    if (train_labels < 0).any():
+        raise UserError(f"--labels teacher needs real labels; {cfg.dataset} has none here "
+                        f"(celeba needs identity_CelebA.txt beside img_align_celeba)")
+    classes = int(train_labels.max()) + 1
+    teacher = train_classifier(cfg, train_images, np.eye(classes, dtype=np.float32)[train_labels],
+                               False, device, "train teacher")
+    with torch.no_grad():
+        soft = torch.cat([F.softmax(teacher(x, None), 1).cpu() for x in
+                          to_unit_range(synthetic).to(device).split(512)]).numpy()
+    labels = soft.argmax(1)
+    return dict(labels=labels, soft=soft, kept=np.arange(classes),
+                sizes=np.bincount(labels, minlength=classes),
+                cohesion=np.zeros(0))  # cohesion is a k-means notion
 
 
 class SeesPredictedX0(nn.Module):
     """--cond-input x0: the time-independent classifier judges the model's estimate of x_0,
     x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t), instead of the noisy x_t.
-    The gradient then flows back through eps_theta too (about 3x the cost of a step). x0_hat is not
-    clamped: clamping would zero the gradient wherever the estimate saturates (often, at large t)."""
+    The gradient then flows back through eps_theta too (about 3x the cost of a step). x0_hat is
+    not clamped: clamping would zero the gradient wherever the estimate saturates (often at
+    large t)."""
 
     def __init__(self, classifier: nn.Module, model: nn.Module, diffusion: Diffusion):
         super().__init__()
@@ -943,31 +1311,12 @@ class SeesPredictedX0(nn.Module):
         return self.classifier((x - (1 - a).sqrt() * self.model(x, t).float()) / a.sqrt(), t)
 
 
-def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
-    """One uniformly drawn target per generation, from its own (seed, i) stream."""
-    return np.array([int(torch.randint(num_classes, (1,), generator=sample_rng(seed, STREAM_TARGET, i)))
-                     for i in range(count)])
-
-
-# =================================================================================================
-# 9. Memorization check. Pixel L2 nearest neighbours, computed block by block so the N_G x n x pixels
-#    tensor is never built. Gu et al. 2023: memorized iff d1 / d2 < 1/3. Carlini et al. 2023:
-#    normalized L2 = d1 / (alpha * mean distance to the 50 nearest), alpha = 0.5. AMS / UMS (paper
-#    Eq. 6-9) need a similarity gamma: with --sim-model, the cosine of its embeddings (SSCD in the
-#    paper); by default gamma = 1 - normalized L2, the paper's own measure for low-resolution data.
-# =================================================================================================
-
-GU_THRESHOLD = 1 / 3
-CARLINI_NEIGHBOURS, CARLINI_ALPHA = 50, 0.5
-PIXEL_BANDS, EMBEDDING_BANDS = (0.50, 0.65, 0.75), (0.40, 0.50, 0.60)  # README, "Metrics"
+# --- E. Memorization report and figures: the check of section 8 for every method, in blocks, with
+#     the classifier's accuracy by t, a table, pictures and report.json / report.md -------------
 
 
 def block_slices(total: int, size: int):
     return [slice(s, min(total, s + size)) for s in range(0, total, size)]
-
-
-def flat_pixels(images_u8: np.ndarray, device) -> torch.Tensor:
-    return torch.as_tensor(images_u8.reshape(len(images_u8), -1), device=device).float() / 255.0
 
 
 def pairwise_blocks(queries, keys, featurize, block: int):
@@ -978,75 +1327,21 @@ def pairwise_blocks(queries, keys, featurize, block: int):
             yield qs, ks, q, featurize(keys[ks])
 
 
-def nearest_neighbours(generated: np.ndarray, train: np.ndarray, k: int, device="cpu", block: int = 1024):
-    """The k smallest pixel-L2 distances (and indices) from each generation to the training set."""
-    k = min(k, len(train))
-    dist = torch.full((len(generated), k), float("inf"))
-    index = torch.zeros((len(generated), k), dtype=torch.long)
-    for qs, ks, q, x in pairwise_blocks(generated, train, lambda a: flat_pixels(a, device), block):
-        d2 = (q * q).sum(1, keepdim=True) + (x * x).sum(1)[None] - 2 * q @ x.T  # ||q - x||^2 by matmul
-        cand_d = torch.cat([dist[qs], d2.clamp(min=0).sqrt().cpu()], 1)
-        cand_i = torch.cat([index[qs], torch.arange(ks.start, ks.stop).expand(len(q), -1)], 1)
-        dist[qs], order = cand_d.topk(k, dim=1, largest=False)
-        index[qs] = cand_i.gather(1, order)
-    return dist.numpy(), index.numpy()
+T_RANGES = [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
 
 
-def similarity_scan(generated, train, featurize, bands, block: int = 1024):
-    """Per generation the best similarity and its index; per band the training images hit (Eq. 9).
-
-    Bands are disjoint: low [b0, b1), mid [b1, b2], high (b2, 1]. phi (Eq. 9) collects every training
-    image whose similarity to a generation falls in the band, not only the nearest one."""
-    best = torch.full((len(generated),), -float("inf"))
-    best_index = torch.zeros(len(generated), dtype=torch.long)
-    hit = {name: torch.zeros(len(train), dtype=torch.bool) for name in ("low", "mid", "high")}
-    for qs, ks, q, x in pairwise_blocks(generated, train, featurize, block):
-        sim = (q @ x.T).cpu()
-        value, arg = sim.max(1)
-        better = value > best[qs]
-        best[qs] = torch.where(better, value, best[qs])
-        best_index[qs] = torch.where(better, arg + ks.start, best_index[qs])
-        for name, in_band in band_masks(sim, bands).items():
-            hit[name][ks] |= in_band.any(0)
-    return best.numpy(), best_index.numpy(), {k: v.numpy() for k, v in hit.items()}
-
-
-def pixel_similarity(dist: np.ndarray, index: np.ndarray, n_train: int, bands):
-    """gamma = 1 - normalized L2 for the k nearest; the same outputs as similarity_scan.
-
-    gamma >= 0 means d <= alpha * (mean of the k nearest) < (largest of the k nearest), so every
-    training image in a band (all have gamma >= bands[0] >= 0) is among the k nearest: no second pass."""
-    gamma = 1 - dist / (CARLINI_ALPHA * np.maximum(dist.mean(1, keepdims=True), 1e-12))
-    hit = {name: np.zeros(n_train, dtype=bool) for name in ("low", "mid", "high")}
-    for name, in_band in band_masks(gamma, bands).items():
-        hit[name][index[in_band]] = True
-    return gamma[:, 0], index[:, 0], hit
-
-
-def band_masks(similarity, bands) -> dict:
-    low, mid, high = bands
-    return {"low": (similarity >= low) & (similarity < mid),
-            "mid": (similarity >= mid) & (similarity <= high),
-            "high": similarity > high}
-
-
-def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, bands, device) -> dict:
-    """Every per-sample statistic and the summary numbers of one method."""
-    dist, index = nearest_neighbours(generated, train, CARLINI_NEIGHBOURS, device)
-    d1, d2 = dist[:, 0], dist[:, min(1, dist.shape[1] - 1)]
-    ratio = d1 / np.maximum(d2, 1e-12)
-    normalized_l2 = d1 / (CARLINI_ALPHA * np.maximum(dist.mean(1), 1e-12))
-    if featurize is None:  # pixel space: gamma = 1 - normalized L2, from the k nearest
-        best_sim, best_sim_index, band_hits = pixel_similarity(dist, index, len(train), bands)
-    else:  # embed every image once, then compare the embeddings block by block
-        embedded = [torch.cat([featurize(images[s]) for s in block_slices(len(images), 256)]).cpu()
-                    for images in (generated, train)]
-        best_sim, best_sim_index, band_hits = similarity_scan(*embedded, torch.as_tensor, bands)
-    memorized = ratio < GU_THRESHOLD
-    per_sample = dict(nn_index=index[:, 0], nn_index2=index[:, 1 % index.shape[1]], d1=d1, d2=d2,
-                      nn_ratio=ratio, normalized_l2=normalized_l2, best_sim=best_sim, best_sim_index=best_sim_index)
-    return dict(per_sample=per_sample, summary=summarize(memorized, index[:, 0], ratio, normalized_l2,
-                                                         best_sim, band_hits, bands))
+@torch.no_grad()
+def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, device: torch.device,
+                  seed: int, diffusion: Diffusion = DIFFUSION) -> dict:
+    """Accuracy on x_t for each range of t. Low accuracy at large t is expected by design."""
+    x0, gen = to_unit_range(images_u8).to(device), torch.Generator().manual_seed(seed)
+    truth, result = torch.as_tensor(labels, device=device), {}
+    for low, high in T_RANGES:
+        x_t, t, _ = diffusion.noised(x0, gen, low, high)
+        predicted = torch.cat([net(x_t[s], t[s].to(device)).argmax(1)
+                               for s in block_slices(len(x0), 512)])
+        result[f"t{low}-{high - 1}"] = round((predicted == truth).float().mean().item(), 4)
+    return result
 
 
 def summarize(memorized, nn_index, ratio, normalized_l2, best_sim, band_hits, bands) -> dict:
@@ -1066,12 +1361,32 @@ def summarize(memorized, nn_index, ratio, normalized_l2, best_sim, band_hits, ba
     return summary
 
 
+def similarity_scan(generated, train, featurize, bands, block: int = 1024):
+    """Per generation the best similarity and its index; per band the training images hit (Eq. 9).
+
+    Bands are disjoint: low [b0, b1), mid [b1, b2], high (b2, 1]. phi (Eq. 9) collects every
+    training image whose similarity to a generation falls in the band, not only the nearest."""
+    best = torch.full((len(generated),), -float("inf"))
+    best_index = torch.zeros(len(generated), dtype=torch.long)
+    hit = {name: torch.zeros(len(train), dtype=torch.bool) for name in ("low", "mid", "high")}
+    for qs, ks, q, x in pairwise_blocks(generated, train, featurize, block):
+        sim = (q @ x.T).cpu()
+        value, arg = sim.max(1)
+        better = value > best[qs]
+        best[qs] = torch.where(better, value, best[qs])
+        best_index[qs] = torch.where(better, arg + ks.start, best_index[qs])
+        for name, in_band in band_masks(sim, bands).items():
+            hit[name][ks] |= in_band.any(0)
+    return best.numpy(), best_index.numpy(), {k: v.numpy() for k, v in hit.items()}
+
+
 def load_sim_model(path: str, device):
     """--sim-model: a TorchScript embedding model (e.g. SSCD) taking N x 3 x H x W in [0, 1]."""
     try:
         model = torch.jit.load(path, map_location=device).eval()
     except Exception as error:
-        raise UserError(f"--sim-model {path} is not a loadable TorchScript model ({error.__class__.__name__}); "
+        raise UserError(f"--sim-model {path} is not a loadable TorchScript model "
+                        f"({error.__class__.__name__}); "
                         f"export it with torch.jit.script/trace and torch.jit.save")
 
     @torch.no_grad()
@@ -1083,103 +1398,11 @@ def load_sim_model(path: str, device):
     return embed
 
 
-# =================================================================================================
-# 10. Report and pipeline. Each stage writes atomically, carries the hash of the settings it
-#     depends on, and is skipped on a rerun when nothing it depends on changed.
-# =================================================================================================
-
-
-def stage_synthetic(cfg, model, out, device) -> np.ndarray:
-    """Algorithm 1 line 1: N_syn images from the unconditional target model."""
-    path, key = out / "synthetic.npz", stage_key(cfg, "data", "ddpm", "sampler", "synthetic")
-    cached = load_stage(path, key, cfg)
-    if cached is None:
-        cached = dict(images=sample(model, cfg, cfg.n_syn, device, STREAM_SYNTHETIC, desc="sample N_syn"),
-                      stage_key=key)
-        save_npz(path, **cached)
-    return cached["images"]
-
-
-def stage_labels(cfg, synthetic, train_images, train_labels, out, device) -> dict:
-    """Algorithm 1 lines 2-5 (kmeans) or the v2 teacher's soft labels (teacher)."""
-    groups = ["data", "ddpm", "sampler", "synthetic", "labels"] + (["classifier"] if cfg.labels == "teacher" else [])
-    path, key = out / "labels.npz", stage_key(cfg, *groups)  # the v2 teacher is trained with the clf settings
-    cached = load_stage(path, key, cfg)
-    if cached is None:
-        if cfg.labels == "kmeans":
-            features = pixel_features(synthetic, pixel_features_mean(synthetic))
-            cached = surrogate_labels(features, cfg.clusters, cfg.cohesion, cfg.seed)
-            cached["soft"] = np.eye(len(cached["kept"]), dtype=np.float32)[cached["labels"]]
-        else:
-            cached = teacher_labels(cfg, synthetic, train_images, train_labels, device)
-        cached["stage_key"] = key
-        save_npz(path, **cached)
-    return cached
-
-
-def pixel_features_mean(images_u8: np.ndarray) -> np.ndarray:
-    return images_u8.reshape(len(images_u8), -1).astype(np.float32).mean(0) / 255.0
-
-
-def teacher_labels(cfg, synthetic, train_images, train_labels, device) -> dict:
-    """v2 (TDKD): a time-independent teacher trained on the real labels labels the generations."""
-    if (train_labels < 0).any():
-        raise UserError(f"--labels teacher needs real labels; {cfg.dataset} has none here "
-                        f"(celeba needs identity_CelebA.txt beside img_align_celeba)")
-    classes = int(train_labels.max()) + 1
-    teacher = train_classifier(cfg, train_images, np.eye(classes, dtype=np.float32)[train_labels],
-                               False, device, "train teacher")
-    with torch.no_grad():
-        soft = torch.cat([F.softmax(teacher(x, None), 1).cpu() for x in
-                          to_unit_range(synthetic).to(device).split(512)]).numpy()
-    labels = soft.argmax(1)
-    return dict(labels=labels, soft=soft, kept=np.arange(classes), sizes=np.bincount(labels, minlength=classes),
-                cohesion=np.zeros(0))  # cohesion is a k-means notion
-
-
-def stage_classifier(cfg, synthetic, labels, time_dependent: bool, out, device) -> tuple[nn.Module, dict]:
-    """Algorithm 1 line 6: the surrogate classifier, trained on 90 % of the synthetic set."""
-    name = "classifier_side.pt" if time_dependent else "classifier_cond.pt"
-    key = stage_key(cfg, "data", "ddpm", "sampler", "synthetic", "labels", "classifier")
-    path, held_out = out / name, np.arange(len(synthetic)) % 10 == 0  # accuracy on unseen samples
-    net = build_classifier(cfg, synthetic.shape[-1], labels["soft"].shape[1], time_dependent).to(device)
-    if path.is_file() and not cfg.fresh:
-        saved = torch.load(path, map_location=device, weights_only=False)
-        if saved["stage_key"] == key:
-            print(f"  {name}: up to date, skipping")
-            net.load_state_dict(saved["state"])
-            return net.eval(), saved["accuracy"]
-    net = train_classifier(cfg, synthetic[~held_out], labels["soft"][~held_out], time_dependent, device,
-                           f"train {'p(y|x_t,t)' if time_dependent else 'p(y|x)'}")
-    accuracy = accuracy_by_t(net, synthetic[held_out], labels["labels"][held_out], device, cfg.seed)
-    save_torch(path, dict(state=net.state_dict(), stage_key=key, accuracy=accuracy))
-    return net, accuracy
-
-
-def stage_generations(cfg, method, model, classifiers, num_classes, out, device) -> dict:
-    """Algorithm 1 lines 16-26: N_G generations of one method, with the same seeds for every method."""
-    guided, groups = method != "uncond", ["data", "ddpm", "sampler", "generations"]
-    if guided:  # the baseline does not depend on labels, classifier or lambda
-        groups += ["synthetic", "labels", "classifier", "guidance"] + (["cond"] if method == "cond" else [])
-    path, key = out / f"samples_{method}.npz", stage_key(cfg, *groups)
-    cached = load_stage(path, key, cfg)
-    if cached is None:
-        targets = draw_targets(cfg.seed, cfg.n_gen, num_classes) if guided else None
-        guidance, classifier = (cfg.guidance if guided else 0.0), classifiers.get(method)
-        if method == "cond" and cfg.cond_input == "x0":
-            classifier = SeesPredictedX0(classifier, model, Diffusion())
-        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets, guidance,
-                        desc=f"generate {method}")
-        cached = dict(images=images, seeds=np.array([[cfg.seed, STREAM_EVAL, i] for i in range(cfg.n_gen)]),
-                      targets=targets if targets is not None else np.full(cfg.n_gen, -1), stage_key=key)
-        save_npz(path, **cached)
-    return cached
-
-
 def similarity_space(cfg, device):
     """(featurize, bands, name): the similarity gamma used for AMS/UMS and its band edges."""
     if cfg.sim_model:
-        bands, featurize, name = EMBEDDING_BANDS, load_sim_model(cfg.sim_model, device), f"cosine of {Path(cfg.sim_model).name}"
+        bands, featurize = EMBEDDING_BANDS, load_sim_model(cfg.sim_model, device)
+        name = f"cosine of {Path(cfg.sim_model).name}"
     else:
         bands, featurize, name = PIXEL_BANDS, None, "1 - normalized L2 (pixels)"
     if cfg.bands:
@@ -1200,7 +1423,8 @@ def evaluate(cfg, generations: dict, train_images, out, device) -> dict:
 
 TABLE_COLUMNS = [("memorized_fraction", "Gu mem. %", 100), ("unique_memorized", "Gu unique", 1),
                  ("ams_low", "Low AMS", 1), ("ums_low", "Low UMS", 1), ("ams_mid", "Mid AMS", 1),
-                 ("ums_mid", "Mid UMS", 1), ("ams_high", "High AMS", 1), ("ums_high", "High UMS", 1),
+                 ("ums_mid", "Mid UMS", 1), ("ams_high", "High AMS", 1),
+                 ("ums_high", "High UMS", 1),
                  ("sim_p95", "95th sim", 1), ("normalized_l2_p5", "5th nL2", 1)]
 
 
@@ -1208,7 +1432,8 @@ def markdown_table(methods: dict) -> str:
     header = "| method | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
     rows = [header, "|" + " --- |" * (len(TABLE_COLUMNS) + 1)]
     for method, s in methods.items():
-        cells = [f"{s[key] * scale:.3f}" if isinstance(s[key], float) else str(s[key]) for key, _, scale in TABLE_COLUMNS]
+        cells = [f"{s[key] * scale:.3f}" if isinstance(s[key], float) else str(s[key])
+                 for key, _, scale in TABLE_COLUMNS]
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -1217,26 +1442,34 @@ def write_report(cfg, evaluation, labels, accuracies, timings, out) -> dict:
     methods = {m: r["summary"] for m, r in evaluation["results"].items()}
     report = dict(config=dataclasses.asdict(cfg), timings_s=timings, methods=methods,
                   similarity=dict(space=evaluation["space"], bands=list(evaluation["bands"])),
-                  labels=dict(source=cfg.labels, clusters_kept=int(len(labels["kept"])),
-                              sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist())
-                  if labels else None,
-                  classifier_accuracy_by_t=accuracies)
+                  labels=labels_summary(cfg, labels), classifier_accuracy_by_t=accuracies,
+                  guidance={m: guidance_for(cfg, m) for m in methods if m != "uncond"})
     if "uncond" in methods and methods["uncond"]["memorized_fraction"] > 0:
-        report["gain_over_uncond"] = {m: s["memorized_fraction"] / methods["uncond"]["memorized_fraction"]
+        baseline = methods["uncond"]["memorized_fraction"]
+        report["gain_over_uncond"] = {m: s["memorized_fraction"] / baseline
                                       for m, s in methods.items()}
     save_text(out / "report.json", json.dumps(report, indent=2))
     save_text(out / "report.md", report_markdown(cfg, report))
     return report
 
 
+def labels_summary(cfg, labels) -> dict | None:
+    if not labels:
+        return None
+    return dict(source=cfg.labels, clusters_kept=int(len(labels["kept"])),
+                sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist())
+
+
 def report_markdown(cfg, report) -> str:
-    sim = report["similarity"]
+    sim, labels = report["similarity"], report["labels"]
+    kept = labels["clusters_kept"] if labels else "no"
+    low, mid, high = sim["bands"]
     lines = [f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
-             f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, lambda = {cfg.guidance}, "
-             f"{report['labels']['clusters_kept'] if report['labels'] else 'no'} surrogate labels ({cfg.labels}).", "",
+             f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, "
+             f"{guidance_text(cfg)}, {kept} surrogate labels ({cfg.labels}).", "",
              markdown_table(report["methods"]), "",
-             f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} with bands "
-             f"low [{sim['bands'][0]}, {sim['bands'][1]}), mid [{sim['bands'][1]}, {sim['bands'][2]}], high > {sim['bands'][2]}. "
+             f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} "
+             f"with bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. "
              "5th nL2: 5th percentile of Carlini's normalized L2 (lower = closer copies).", "",
              "Classifier accuracy on held-out synthetic samples, by range of t:", "",
              "```", json.dumps(report["classifier_accuracy_by_t"], indent=1), "```",
@@ -1245,29 +1478,40 @@ def report_markdown(cfg, report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_figures(evaluation, generations, train_images, out, show: int = 24) -> None:
-    """A match grid per method (generation above its nearest training image, sorted by d1/d2)
-    and histograms of d1/d2 and of the similarity."""
+def pyplot():
+    """matplotlib's pyplot, drawing into files only (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def save_figures(evaluation, generations, train_images, out, show: int = 24) -> None:
+    """A match grid per method (generation above its nearest training image, sorted by d1/d2)
+    and histograms of d1/d2 and of the similarity."""
     from torchvision.utils import make_grid
     methods = list(evaluation["results"])
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.5 * len(methods), 3.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(methods), figsize=(3.5 * len(methods), 3.8), squeeze=False)
     for ax, method in zip(axes[0], methods):
         per = evaluation["results"][method]["per_sample"]
         order = np.argsort(per["nn_ratio"])[:show]
         rows = [block for s in block_slices(len(order), 8) for block in
                 (generations[method]["images"][order[s]], train_images[per["nn_index"][order[s]]])]
-        grid = make_grid(torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2), nrow=8, padding=1, pad_value=255)
+        pictures = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2)
+        grid = make_grid(pictures, nrow=8, padding=1, pad_value=255)
         ax.imshow(grid.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", interpolation="nearest")
         mem = evaluation["results"][method]["summary"]["memorized"]
-        ax.set_title(f"{method}: {mem} of {len(per['nn_ratio'])} memorized\nrows: generation / its nearest training image", fontsize=9)
+        ax.set_title(f"{method}: {mem} of {len(per['nn_ratio'])} memorized\n"
+                     f"rows: generation / its nearest training image", fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "figures" / "matches.png", dpi=150)
-    plt.close(fig)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    save_figure(fig, out / "figures" / "matches.png", dpi=150)
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(10, 3.5))
     for method in methods:
         per = evaluation["results"][method]["per_sample"]
         ax1.hist(per["nn_ratio"], bins=40, range=(0, 1), alpha=0.5, label=method)
@@ -1276,62 +1520,23 @@ def save_figures(evaluation, generations, train_images, out, show: int = 24) -> 
     ax1.set(xlabel="d1 / d2 (nearest / second nearest)", ylabel="generations")
     ax2.set(xlabel=f"best similarity ({evaluation['space']})")
     ax1.legend(), ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out / "figures" / "histograms.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "figures" / "histograms.png", dpi=120)
 
 
 def run_pipeline(cfg: Config) -> dict:
+    """run() in its run folder, then the memorization check, report and figures."""
     device, out = resolve_device(cfg.device), Path(cfg.out)
-    check_run_folder(cfg, out)
+    folder = RunFolder(cfg, device)  # reads ddpm.pt before anything in `out` is written
     save_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    timings, clock = {}, time.perf_counter()
-
-    def lap(name):
-        nonlocal clock
-        timings[name] = round(time.perf_counter() - clock, 2)
-        clock = time.perf_counter()
-
-    print(f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
-    train_images, train_labels = load_training_set(cfg, out)
-    lap("data")
-    print(f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
-    model = train_ddpm(cfg, train_images, out, device)
-    lap("train")
-    labels, classifiers, accuracies = None, {}, {}
-    if set(method_list(cfg)) - {"uncond"}:  # the baseline alone needs no labels or classifier
-        print(f"[3/6] surrogate labels: N_syn = {cfg.n_syn}, K = {cfg.clusters}, tau = {cfg.cohesion}")
-        synthetic = stage_synthetic(cfg, model, out, device)
-        labels = stage_labels(cfg, synthetic, train_images, train_labels, out, device)
-        lap("labels")
-        print(f"[4/6] classifiers on {len(labels['kept'])} labels")
-        for method, time_dependent in (("side", True), ("cond", False)):
-            if method in method_list(cfg):
-                classifiers[method], accuracies[method] = stage_classifier(cfg, synthetic, labels, time_dependent, out, device)
-        lap("classifier")
-    print(f"[5/6] extraction: N_G = {cfg.n_gen} per method, lambda = {cfg.guidance}")
-    num_labels = len(labels["kept"]) if labels else 0
-    generations = {m: stage_generations(cfg, m, model, classifiers, num_labels, out, device) for m in method_list(cfg)}
-    lap("sample")
-    print("[6/6] memorization check")
+    result = run(cfg, folder, device)
+    folder.phase("evaluate", "[6/6] memorization check")
+    train_images, generations = result["train"]["images"], result["generations"]
     evaluation = evaluate(cfg, generations, train_images, out, device)
     save_figures(evaluation, generations, train_images, out)
-    lap("evaluate")
-    timings["total"] = round(sum(timings.values()), 2)
-    report = write_report(cfg, evaluation, labels, accuracies, timings, out)
+    timings = folder.finish()
+    report = write_report(cfg, evaluation, result["labels"], result["accuracies"], timings, out)
     print_summary(report, out)
     return report
-
-
-def check_run_folder(cfg: Config, out: Path) -> None:
-    """A folder holding a run of other data or another network is not reused silently. Checked here,
-    before the data stage could overwrite train_subset.npz; load_checkpoint checks again for callers
-    that train directly."""
-    if cfg.fresh or not (out / "config.json").is_file():
-        return
-    saved = json.loads((out / "config.json").read_text())
-    if (out / "ddpm.pt").is_file():
-        check_compatible(saved, cfg, out / "ddpm.pt")
 
 
 def print_summary(report: dict, out: Path) -> None:
@@ -1340,14 +1545,19 @@ def print_summary(report: dict, out: Path) -> None:
     for method, gain in report.get("gain_over_uncond", {}).items():
         if method != "uncond":
             print(f"{method}: {gain:.2f}x the unconditional memorized fraction")
-    print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   total {report['timings_s']['total']:.0f} s")
+    total = report["timings_s"]["total"]
+    print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   total {total:.0f} s")
+
+
+# --- F. Sweeps ------------------------------------------------------------------------------------
 
 
 def parse_sweep(text: str):
     name, _, values = text.partition("=")
     kinds = {"guidance": float, "clusters": int, "cohesion": float}
     if name not in kinds or not values:
-        raise UserError(f"--sweep {text!r}: use guidance=0,1,3 or clusters=8,16 or cohesion=0.3,0.5")
+        raise UserError(f"--sweep {text!r}: use guidance=0,1,3 or clusters=8,16 or "
+                        f"cohesion=0.3,0.5")
     return name, [kinds[name](v) for v in values.split(",")]
 
 
@@ -1359,7 +1569,7 @@ def run_sweep(cfg: Config) -> dict:
         print(f"\n=== sweep {name} = {value} ===")
         setting = dataclasses.replace(cfg, **{name: value}, sweep="", fresh=cfg.fresh and i == 0)
         validate(setting)
-        report = run_pipeline(setting)
+        report = run_protocol(setting)
         rows.append(dict(value=value, **{m: s for m, s in report["methods"].items()}))
     save_text(Path(cfg.out) / "sweep.json", json.dumps(dict(setting=name, rows=rows), indent=2))
     plot_sweep(name, rows, Path(cfg.out))
@@ -1367,23 +1577,322 @@ def run_sweep(cfg: Config) -> dict:
 
 
 def plot_sweep(name: str, rows: list, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax1 = plt.subplots(figsize=(5, 3.5))
+    fig, ax1 = pyplot().subplots(figsize=(5, 3.5))
     values, method = [r["value"] for r in rows], "side" if "side" in rows[0] else list(rows[0])[-1]
-    ax1.plot(values, [100 * r[method]["memorized_fraction"] for r in rows], "o-", label=f"{method}: Gu memorized %")
-    ax1.plot(values, [r[method]["ums_high"] + r[method]["ums_mid"] for r in rows], "s--", label=f"{method}: mid+high UMS")
+    ax1.plot(values, [100 * r[method]["memorized_fraction"] for r in rows], "o-",
+             label=f"{method}: Gu memorized %")
+    ax1.plot(values, [r[method]["ums_high"] + r[method]["ums_mid"] for r in rows], "s--",
+             label=f"{method}: mid+high UMS")
     if "uncond" in rows[0]:
-        ax1.axhline(100 * rows[0]["uncond"]["memorized_fraction"], color="gray", ls=":", label="uncond memorized %")
+        ax1.axhline(100 * rows[0]["uncond"]["memorized_fraction"], color="gray", ls=":",
+                    label="uncond memorized %")
     ax1.set(xlabel=name, ylabel="%")
     ax1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "figures" / f"sweep_{name}.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "figures" / f"sweep_{name}.png", dpi=120)
 
 
-# --- Theorem 1, checked numerically on a toy where every density is known (theory.md) ----------
+# --- F. (cont.) The protocol: lambda chosen per row on a seed never reported, then several reported
+#     seeds and one aggregate report (README, "Protocol"). Selection and report never share a seed.
+
+TIE_RULE = "highest Gu memorized fraction; ties: more distinct images copied, then smaller lambda"
+
+
+def parse_seeds(text: str, flag: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise UserError(f"{flag} takes non-negative integers such as 0,1,2 (got {text!r})")
+    seeds = [int(p) for p in parts]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UserError(f"{flag} repeats seed {repeated[0]} ({text!r}); give each seed once")
+    return seeds
+
+
+def reported_seeds(cfg: Config) -> list[int]:
+    return parse_seeds(cfg.seeds, "--seeds") if cfg.seeds.strip() else [cfg.seed]
+
+
+def is_lambda(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
+
+
+def lambda_grid(cfg: Config) -> list[float]:
+    values = [v.strip() for v in cfg.lambda_grid.split(",") if v.strip()]
+    if not values or not all(is_lambda(v) for v in values):
+        raise UserError(f"--lambda-grid {cfg.lambda_grid!r}: give lambda values >= 0 to tune over, "
+                        f"e.g. --lambda-grid 0.3,1,3,10,30 (or fix lambda with --guidance)")
+    return [float(v) for v in values]
+
+
+def fixed_guidance(cfg: Config) -> dict:
+    """{method: lambda} given on the command line: --method-guidance, else --guidance."""
+    guided = [m for m in method_names(cfg) if m != "uncond"]
+    fixed = {m: cfg.guidance for m in guided} if cfg.guidance is not None else {}
+    for item in filter(None, (i.strip() for i in cfg.method_guidance.split(","))):
+        method, _, value = (part.strip() for part in item.partition("="))
+        if method not in list(METHODS)[1:] or not is_lambda(value):
+            raise UserError(f"--method-guidance {cfg.method_guidance!r}: give row=lambda pairs, "
+                            f"lambda >= 0, e.g. side=10,cond=3 (rows: {', '.join(METHODS)})")
+        fixed[method] = float(value)
+    return fixed
+
+
+def guidance_for(cfg: Config, method: str) -> float:
+    """The lambda this row samples with: its --method-guidance entry, else --guidance."""
+    value = 0.0 if METHODS[method].classifier is None else fixed_guidance(cfg).get(method)
+    if value is None:
+        raise UserError(f"no lambda for {method}: give --guidance, or let main() tune it")
+    return value
+
+
+def guidance_text(cfg: Config) -> str:
+    guided = [m for m in method_names(cfg) if m != "uncond"]
+    return "lambda " + (", ".join(f"{m} {guidance_for(cfg, m):g}" for m in guided) or "0 (uncond)")
+
+
+def methods_to_tune(cfg: Config) -> list[str]:
+    """Guided rows with no lambda from the command line (a guidance sweep gives every row one)."""
+    if cfg.sweep.startswith("guidance="):
+        return []
+    fixed = fixed_guidance(cfg)
+    return [m for m in method_names(cfg) if m != "uncond" and m not in fixed]
+
+
+def validate_protocol(cfg: Config) -> None:
+    """The protocol's flags, checked with the others before any slow work."""
+    seeds = reported_seeds(cfg)
+    lambda_grid(cfg)
+    parse_seeds(str(cfg.tune_seed), "--tune-seed")
+    if cfg.tune_n_gen <= 0:
+        raise UserError(f"--tune-n-gen must be positive (got {cfg.tune_n_gen})")
+    if len(seeds) > 1 and cfg.sweep:
+        raise UserError(f"--sweep runs on one seed but --seeds {cfg.seeds} gives {len(seeds)}: "
+                        f"drop --sweep, or give one seed (--seeds {seeds[0]})")
+    if methods_to_tune(cfg) and cfg.tune_seed in seeds:
+        raise UserError(f"--tune-seed {cfg.tune_seed} is also a reported seed; choose one outside "
+                        f"them (e.g. --tune-seed {max(seeds) + 100}) or fix lambda with --guidance")
+
+
+def tune_lambdas(cfg: Config, methods: list[str]) -> dict:
+    """Each method's lambda from --lambda-grid by its own Gu memorized fraction on --tune-seed
+    (TIE_RULE), with N_G = --tune-n-gen. Each lambda's result is cached, keyed by the settings."""
+    tune_cfg = dataclasses.replace(cfg, seed=cfg.tune_seed, seeds="", sweep="", method_guidance="",
+                                   n_gen=cfg.tune_n_gen, methods=",".join(["uncond", *methods]),
+                                   out=str(Path(cfg.out) / f"tune-seed{cfg.tune_seed}"))
+    settings = {k: v for k, v in dataclasses.asdict(tune_cfg).items()
+                if k not in ("out", "fresh", "guidance", "lambda_grid")}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path, grid = Path(tune_cfg.out) / f"tuning-{key}.json", [f"{v:g}" for v in lambda_grid(cfg)]
+    check_writable(path.parent)
+    points = json.loads(path.read_text())["points"] if path.is_file() and not cfg.fresh else {}
+    for value in grid:
+        if value in points:
+            print(f"  lambda = {value} on seed {cfg.tune_seed}: in {path.name}, skipping")
+            continue
+        print(f"\n=== tuning on seed {cfg.tune_seed}: lambda = {value} ({', '.join(methods)}) ===")
+        first = cfg.fresh and not points  # --fresh retrains the tune seed's stages once
+        report = run_pipeline(dataclasses.replace(tune_cfg, guidance=float(value), fresh=first))
+        points[value] = dict(methods=report["methods"], timings_s=report["timings_s"])
+        save_text(path, json.dumps(dict(settings=settings, points=points), indent=2))
+    curve = {m: {v: points[v]["methods"][m] for v in grid} for m in ["uncond", *methods]}
+    return dict(seed=cfg.tune_seed, n_gen=cfg.tune_n_gen, grid=grid, rule=TIE_RULE,
+                folder=tune_cfg.out, curve=curve, best={m: best_lambda(curve[m]) for m in methods},
+                seconds=round(sum(points[v]["timings_s"]["total"] for v in grid), 1))
+
+
+def best_lambda(curve: dict) -> float:
+    """TIE_RULE over {lambda: summary}: most Gu copies, then most distinct images, then smaller."""
+    def score(value):
+        row = curve[value]
+        return row["memorized_fraction"], row["unique_memorized"], -float(value)
+    return float(max(curve, key=score))
+
+
+def choose_lambdas(cfg: Config) -> dict:
+    """Every guided row's lambda, and how it was chosen (fixed on the command line, or tuned)."""
+    to_tune = methods_to_tune(cfg)
+    tuning = tune_lambdas(cfg, to_tune) if to_tune else None
+    lambdas = {**fixed_guidance(cfg), **(tuning["best"] if tuning else {})}
+    lambdas = {m: lambdas[m] for m in method_names(cfg) if m != "uncond"}
+    how = {m: f"tuned on seed {cfg.tune_seed}" if m in to_tune else "fixed, not tuned"
+           for m in lambdas}
+    return dict(lambdas=lambdas, how=how, tuning=tuning)
+
+
+def run_protocol(cfg: Config) -> dict:
+    """Choose every row's lambda, run the whole pipeline (a fresh DDPM) per reported seed, then
+    write the aggregate. One seed runs in --out itself, several in --out/seed<S>."""
+    seeds, out = reported_seeds(cfg), Path(cfg.out)
+    folders = {s: out if len(seeds) == 1 else out / f"seed{s}" for s in seeds}
+    for seed, folder in folders.items():  # a folder of another run stops us before any slow work
+        check_writable(folder)
+        read_checkpoint(folder / "ddpm.pt", dataclasses.replace(cfg, seed=seed),
+                        resolve_device(cfg.device))
+    choice = choose_lambdas(cfg)
+    pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())
+    reports = {}
+    for seed, folder in folders.items():
+        if len(seeds) > 1:
+            print(f"\n=== seed {seed} ({len(reports) + 1} of {len(seeds)}) ===")
+        reports[seed] = run_pipeline(dataclasses.replace(
+            cfg, seed=seed, seeds="", out=str(folder), method_guidance=pinned))
+    return write_aggregate(cfg, folders, reports, choice)
+
+
+def spread(values) -> dict:
+    return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)))
+
+
+def ever_extracted(folders: dict, method: str) -> dict:
+    """Training images (dataset indices) that `method` copied (Gu) on any seed, out of all the
+    training images of those seeds (the same n images unless --subset random)."""
+    copied, pool = set(), set()
+    for folder in folders.values():
+        indices = np.load(Path(folder) / "train_subset.npz")["indices"]
+        nn = np.load(Path(folder) / f"nn_{method}.npz")
+        copied |= set(indices[nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD]].tolist())
+        pool |= set(indices.tolist())
+    return dict(count=len(copied), of=len(pool), fraction=len(copied) / len(pool))
+
+
+def side_ratios(reports: dict, best_cond) -> dict:
+    """Per seed: side's Gu memorized fraction over uncond's and the best cond's (None: 0 copies)."""
+    ratios = {}
+    for seed, report in reports.items():
+        fraction = {m: row["memorized_fraction"] for m, row in report["methods"].items()}
+        others = [m for m in ("uncond", best_cond) if m in fraction] if "side" in fraction else []
+        ratios[str(seed)] = {f"side/{m}": fraction["side"] / fraction[m] if fraction[m] else None
+                             for m in others}
+    return ratios
+
+
+def aggregate(folders: dict, reports: dict) -> dict:
+    """Per method: mean, min and max over seeds of every summary number, and the training images
+    ever extracted; per seed: side / uncond and side / best cond (the better cond by mean)."""
+    first = next(iter(reports.values()))["methods"]
+    summary = {m: {k: spread([r["methods"][m][k] for r in reports.values()]) for k in first[m]}
+               for m in first}
+    conds = [m for m in ("cond", "cond_x0") if m in summary]
+    best_cond = max(conds, key=lambda m: summary[m]["memorized_fraction"]["mean"], default=None)
+    return dict(seeds=list(reports), methods=summary, best_cond=best_cond,
+                ratios=side_ratios(reports, best_cond),
+                ever_extracted={m: ever_extracted(folders, m) for m in summary},
+                verdicts=verdicts({m: s["memorized_fraction"] for m, s in summary.items()},
+                                  len(reports)))
+
+
+def verdicts(fraction: dict, seeds: int) -> list[str]:
+    """side vs uncond and the shuffled control, in words. `fraction`: {method: spread over seeds};
+    a difference exceeds the seed spread when the two min-max ranges do not overlap."""
+    def pct(m):
+        return f"{100 * fraction[m]['mean']:.2f} %"
+
+    def apart(a, b):
+        return fraction[a]["min"] > fraction[b]["max"] or fraction[b]["min"] > fraction[a]["max"]
+    lines, mean = [], {m: s["mean"] for m, s in fraction.items()}
+    one_seed = "on one seed only, no spread to compare with (try --seeds 0,1,2)"
+    beyond = "beyond the seed spread (the min-max ranges do not overlap)"
+    within = one_seed if seeds == 1 else "within the seed spread (the min-max ranges overlap)"
+    if {"side", "uncond"} <= set(fraction):
+        exceeds = seeds > 1 and apart("side", "uncond")
+        lines.append(f"side vs uncond: {pct('side')} vs {pct('uncond')} Gu memorized (mean); the "
+                     f"difference is {beyond if exceeds else within}.")
+    if {"side", "shuffled", "uncond"} <= set(fraction):
+        versus = f"({pct('shuffled')} vs side's {pct('side')}, uncond {pct('uncond')})"
+        if mean["side"] <= mean["uncond"]:
+            lines.append(f"SIDE gained nothing over uncond, so the shuffled control {versus} "
+                         "has no gain to explain.")
+        elif mean["shuffled"] >= mean["side"]:
+            lines.append(f"The shuffled control gained as much as SIDE {versus}: the clusters are "
+                         "not what helps.")
+        elif seeds > 1 and apart("side", "shuffled"):
+            lines.append(f"The shuffled control gained less than SIDE {versus}, {beyond}: "
+                         "the cluster structure is what helps.")
+        else:
+            lines.append(f"The shuffled control gained less than SIDE {versus}, but {within}: "
+                         "this does not show that the clusters help.")
+    return lines
+
+
+def table_lines(header: list, rows: list) -> list[str]:
+    """A Markdown table, one string per line."""
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+def spread_cell(stats: dict, scale: float = 1) -> str:
+    mean, low, high = (stats[k] * scale for k in ("mean", "min", "max"))
+    return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def lambda_markdown(choice: dict) -> list[str]:
+    """Which lambda each row used and how it was chosen; the tune seed's curve behind the choice."""
+    if not choice["lambdas"]:
+        return ["No guided rows, so no lambda."]
+    lines = table_lines(["method", "lambda", "chosen"],
+                        [[m, f"{v:g}", choice["how"][m]] for m, v in choice["lambdas"].items()])
+    tuning = choice["tuning"]
+    if tuning:
+        curve = [[m, *(f"{100 * row['memorized_fraction']:.2f}" for row in by_lambda.values())]
+                 for m, by_lambda in tuning["curve"].items()]
+        lines += ["", f"Tuned on seed {tuning['seed']}, which is never reported, with N_G = "
+                  f"{tuning['n_gen']} per method and lambda (--tune-n-gen; reported seeds use "
+                  f"--n-gen). Rule: {tuning['rule']}. Gu memorized % on the tune seed "
+                  f"({tuning['seconds']:.0f} s of pipeline runs, {tuning['folder']}):", "",
+                  *table_lines(["method", *(f"lambda {v}" for v in tuning["grid"])], curve)]
+    return lines
+
+
+def ratio_cell(value) -> str:
+    return "n/a (divisor has 0 copies)" if value is None else f"{value:.2f}x"
+
+
+def protocol_markdown(agg: dict, choice: dict) -> str:
+    distinct = [[m, spread_cell(agg["methods"][m]["unique_memorized"]),
+                 f"{ever['count']} of {ever['of']}", f"{100 * ever['fraction']:.2f} %"]
+                for m, ever in agg["ever_extracted"].items()]
+    lines = ["## Protocol", "", *lambda_markdown(choice), "",
+             f"Distinct training images copied (Gu), per seed and ever over seeds {agg['seeds']}:",
+             "", *table_lines(["method", "Gu unique, mean [min, max]", "ever extracted",
+                               "of the training set"], distinct)]
+    ratio_names = list(next(iter(agg["ratios"].values())))
+    if ratio_names:
+        ratios = [[seed, *(ratio_cell(r[name]) for name in ratio_names)]
+                  for seed, r in agg["ratios"].items()]
+        lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
+                  "higher mean Gu memorized fraction of cond and cond_x0):", "",
+                  *table_lines(["seed", *ratio_names], ratios)]
+    return "\n".join(lines + ["", *[f"- {v}" for v in agg["verdicts"]]]) + "\n"
+
+
+def write_aggregate(cfg: Config, folders: dict, reports: dict, choice: dict) -> dict:
+    """One seed: its report gains the protocol section. Several: report.md / report.json at the
+    top of --out hold mean [min, max] over seeds, the ratios and the verdicts."""
+    agg, out = aggregate(folders, reports), Path(cfg.out)
+    if len(reports) == 1:
+        report = dict(next(iter(reports.values())), protocol=dict(agg, lambdas=choice))
+        text = (out / "report.md").read_text() + "\n" + protocol_markdown(agg, choice)
+    else:
+        report = dict(config=dataclasses.asdict(cfg), **agg, lambdas=choice)
+        links = ", ".join(f"[seed {s}]({Path(f).name}/report.md)" for s, f in folders.items())
+        text = "\n".join([
+            f"# SIDE over seeds {', '.join(map(str, reports))}: {cfg.dataset}, n = {cfg.n}, "
+            f"{cfg.image_size} px", "", f"N_G = {cfg.n_gen} per method and seed; every seed trains "
+            "its own DDPM. Mean [min, max] over seeds:", "", *table_lines(
+                ["method", *(title for _, title, _ in TABLE_COLUMNS)],
+                [[m, *(spread_cell(c[key], scale) for key, _, scale in TABLE_COLUMNS)]
+                 for m, c in agg["methods"].items()]), "",
+            protocol_markdown(agg, choice), f"Per seed: {links}."])
+    save_text(out / "report.json", json.dumps(report, indent=2))
+    save_text(out / "report.md", text + "\n")
+    print("\n".join(["", *agg["verdicts"], f"protocol report: {out / 'report.md'}"]))
+    return report
+
+
+# --- G. Theorem 1, checked numerically on a toy where every density is known (theory.md) ----------
 # p is a 2-D mixture of Gaussians; its components are the labels, so p_i is component i. Under the
 # theorem's assumption of perfect models (p_theta = p, p_theta_i = p_i), the q_eps terms cancel:
 #   M(D_i; p_i, eps) - M(D_i; p, eps) = E_{x ~ q_eps}[log p(x) - log p_i(x)]  ->  -KL(p_i || p).
@@ -1416,8 +1925,10 @@ def memorization_gap(k: int, eps: float, subset_size: int, rng, draws: int = 4) 
     return float((toy_log_mixture(x) - toy_log_component(x, k)).mean())
 
 
-def theorem1_table(epsilons=(2.0, 1.0, 0.5, 0.1, 0.01), subset_size: int = 20000, seed: int = 0) -> list:
-    """For every label k: the gap for shrinking eps, and -KL(p_k || p) from an independent sample."""
+def theorem1_table(epsilons=(2.0, 1.0, 0.5, 0.1, 0.01), subset_size: int = 20000,
+                   seed: int = 0) -> list:
+    """For every label k: the gap for shrinking eps, and -KL(p_k || p) from an independent
+    sample."""
     rng, rows = np.random.default_rng(seed), []
     for k in range(len(TOY_WEIGHTS)):
         reference = toy_sample(k, 400000, rng)
@@ -1430,49 +1941,137 @@ def theorem1_table(epsilons=(2.0, 1.0, 0.5, 0.1, 0.01), subset_size: int = 20000
 
 def theorem1_markdown(rows: list) -> str:
     epsilons = list(rows[0]["gaps"])
-    lines = ["| label i (weight, scale) | " + " | ".join(f"eps={e:g}" for e in epsilons) + " | -KL(p_i\\|p) |",
+    header = " | ".join(f"eps={e:g}" for e in epsilons)
+    lines = [f"| label i (weight, scale) | {header} | -KL(p_i\\|p) |",
              "|---|" + "---|" * (len(epsilons) + 1)]
     for r in rows:
         cells = " | ".join(f"{r['gaps'][e]:+.4f}" for e in epsilons)
-        lines.append(f"| {r['label']} ({r['weight']}, {r['scale']}) | {cells} | {r['neg_kl']:+.4f} |")
-    return "M(D_i; p_i, eps) - M(D_i; p, eps) on a 2-D Gaussian mixture (Theorem 1: <= 0, -> -KL):\n\n" + "\n".join(lines)
+        lines.append(f"| {r['label']} ({r['weight']}, {r['scale']}) | {cells} | "
+                     f"{r['neg_kl']:+.4f} |")
+    title = "M(D_i; p_i, eps) - M(D_i; p, eps) on a 2-D Gaussian mixture (Theorem 1: <= 0, -> -KL):"
+    return title + "\n\n" + "\n".join(lines)
+
+
+# --- H. Validation and the command line -----------------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem the user can fix. main() prints it as one line on stderr and exits with code 2."""
+
+
+def method_names(cfg: Config) -> list[str]:
+    return [m.strip() for m in cfg.methods.split(",") if m.strip()]
+
+
+def validate(cfg: Config) -> None:
+    """Check every flag before any slow work starts (one clear line per problem). Fixed sets of
+    values (--dataset, --sampler, ...) are argparse choices, checked before this."""
+    levels = len(channel_list(cfg.channels))
+    factor = 2 ** (levels - 1)
+    checks = [
+        (cfg.n > 0, f"--n must be positive (got {cfg.n})"),
+        (cfg.image_size >= 4 and cfg.image_size % factor == 0,
+         f"--image-size {cfg.image_size} does not fit a UNet with {levels} resolutions: it must be "
+         f"a multiple of {factor} (each level halves it), e.g. {factor * 4}, {factor * 8} or "
+         f"{factor * 16}"),
+        (cfg.guidance is None or cfg.guidance >= 0,
+         f"--guidance (lambda) must be >= 0 (got {cfg.guidance})"),
+        (cfg.n_gen > 0, f"--n-gen must be positive (got {cfg.n_gen})"),
+        (cfg.train_steps > 0 and cfg.ckpt_every > 0,
+         "--train-steps and --ckpt-every must be positive"),
+        (all(c.strip().isdigit() for c in cfg.classes.split(",")) if cfg.classes else True,
+         f"--classes takes class ids such as 3,5 (got {cfg.classes!r})"),
+        (2 <= cfg.clusters <= cfg.n_syn,
+         f"--clusters must be between 2 and --n-syn={cfg.n_syn} (got {cfg.clusters})"),
+        (0 <= cfg.cohesion <= 1, f"--cohesion (tau) must lie in [0, 1] (got {cfg.cohesion})"),
+        (0 < cfg.sample_steps <= T_STEPS and T_STEPS % cfg.sample_steps == 0,
+         f"--sample-steps must divide T={T_STEPS} (got {cfg.sample_steps}); try 50, 100 or 250"),
+        (set(method_names(cfg)) <= set(METHODS),
+         f"--methods takes {','.join(METHODS)} (got {cfg.methods!r})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    validate_extras(cfg)
+
+
+def validate_extras(cfg: Config) -> None:
+    if cfg.dataset == "digits" and cfg.labels == "teacher" and cfg.n < 10:
+        raise UserError("--labels teacher needs every digit class in the training set; "
+                        "use --n 10 or more")
+    if cfg.bands and not valid_bands(cfg.bands):
+        raise UserError(f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], "
+                        f"e.g. 0.5,0.65,0.75")
+    if cfg.sim_model and not Path(cfg.sim_model).is_file():
+        raise UserError(f"--sim-model {cfg.sim_model} is not a file; give a TorchScript model "
+                        f"(torch.jit.save)")
+    validate_protocol(cfg)
+    check_writable(Path(cfg.out))
+
+
+def valid_bands(text: str) -> bool:
+    try:
+        low, mid, high = (float(b) for b in text.split(","))
+    except ValueError:
+        return False
+    return 0 <= low < mid <= high <= 1
+
+
+def check_writable(out: Path) -> None:
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--out {out} is not writable ({error.strerror}); choose another folder "
+                        f"with --out")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag or value reported as one line (exit code 2, see main())."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see python side.py --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description="SIDE: extract training images from an unconditional diffusion model "
-                    "(arXiv:2410.02467). Defaults marked 'profile' depend on --dataset and the device.",
-)
+                    "(arXiv:2410.02467). Defaults marked 'profile' depend on --dataset and the "
+                    "device.")
     parser.add_argument("command", nargs="?", default="run", choices=["run", "theorem1"],
                         help="run: the SIDE pipeline; theorem1: the numerical check of Theorem 1")
+    kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        default_text = "profile" if f.default is None else f.default
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} [{default_text}]")
+            default_text = f.metadata["shown"] if f.default is None else f.default
+            parser.add_argument(flag, type=kinds[f.type], default=f.default,
+                                choices=f.metadata["choices"], help=f"{help_text} [{default_text}]")
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "theorem1":
             print(theorem1_markdown(theorem1_table()))
             return 0
         cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
         apply_profile(cfg)
         validate(cfg)
-        print("config: " + json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()}))
-        run_sweep(cfg) if cfg.sweep else run_pipeline(cfg)
+        print("config: " + json.dumps(dataclasses.asdict(cfg)))
+        run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: finished stages are saved; rerun the same command to continue", file=sys.stderr)
+        print("\ninterrupted: finished stages are saved; rerun the same command to continue",
+              file=sys.stderr)
         return 130
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,11 @@ ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real sample data not found at {SHARED}")
 
-# A tiny run: every stage, a few seconds on a CPU.
-TINY = ["--n", "12", "--image-size", "8", "--channels", "16,32", "--train-steps", "60", "--batch-size", "16",
-        "--n-syn", "48", "--clusters", "4", "--cohesion", "0", "--clf-steps", "15", "--clf-batch", "16",
-        "--n-gen", "12", "--sample-steps", "10", "--device", "cpu"]
+# A tiny run: every stage, a few seconds on a CPU. TINY fixes lambda, so nothing is tuned.
+TINY_TUNED = ["--n", "12", "--image-size", "8", "--channels", "16,32", "--train-steps", "60", "--batch-size", "16",
+              "--n-syn", "48", "--clusters", "4", "--cohesion", "0", "--clf-steps", "15", "--clf-batch", "16",
+              "--n-gen", "12", "--sample-steps", "10", "--device", "cpu"]
+TINY = [*TINY_TUNED, "--guidance", "10"]
 
 
 def tiny_config(**overrides) -> side.Config:
@@ -239,6 +241,18 @@ def test_guidance_zero_gives_exactly_the_unguided_samples():
     np.testing.assert_array_equal(plain, guided)
     pushed = side.sample(unet, cfg, 5, torch.device("cpu"), classifier=classifier, targets=targets, guidance=50.0)
     assert not np.array_equal(plain, pushed)  # ...and guidance > 0 does change them
+
+
+def test_a_range_of_generations_drawn_alone_matches_the_same_range_of_a_full_draw():
+    """sample(start=...) is what lets generations be split across processes by index."""
+    cfg, unet, classifier = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    targets = np.array([0, 1, 2, 0, 1, 2])
+    full = side.sample(unet, cfg, 6, torch.device("cpu"), classifier=classifier, targets=targets,
+                       guidance=5.0)
+    tail = side.sample(unet, cfg, 4, torch.device("cpu"), classifier=classifier, targets=targets[2:],
+                       guidance=5.0, start=2)
+    np.testing.assert_array_equal(full[2:], tail)
 
 
 class Brightness(torch.nn.Module):
@@ -572,7 +586,8 @@ def test_sim_model_loads_a_torchscript_embedding(tmp_path):
 def test_tiny_ddpm_memorizes_a_handful_of_images(tmp_path):
     cfg = tiny_config(n=6, train_steps=300, batch_size=32, lr=2e-3, sample_steps=20, out=str(tmp_path))
     train, _, _ = side.load_digits(cfg)
-    model = side.train_ddpm(cfg, train, tmp_path, torch.device("cpu"))
+    x0 = side.to_unit_range(train)
+    model = side.train_ddpm(cfg, x0, side.RunFolder(cfg, torch.device("cpu")).ddpm_training(x0))
     generated = side.sample(model, cfg, 24, torch.device("cpu"))
     summary = side.memorization_metrics(generated, train, None, side.PIXEL_BANDS, "cpu")["summary"]
     assert summary["memorized_fraction"] >= 0.5, summary
@@ -667,7 +682,7 @@ def bad_input_cases(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     return {
-        "unknown dataset": (["--dataset", "mnist"], "unknown --dataset"),
+        "unknown dataset": (["--dataset", "mnist"], "--dataset: invalid choice"),
         "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
         "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
         "too few images": (["--n", "5000"], "more than the 1797"),
@@ -719,10 +734,15 @@ def snapshot(out: Path) -> dict:
     """Every saved array, the report, and the weights of every saved network in a run folder."""
     saved = {path.name: dict(np.load(path)) for path in out.glob("*.npz")}
     saved["report.json"] = json.loads((out / "report.json").read_text())
-    for name in ("ddpm.pt", "classifier_side.pt", "classifier_cond.pt"):
-        checkpoint = torch.load(out / name, weights_only=False)
-        saved[name] = {part: checkpoint[part] for part in ("model", "ema", "state") if part in checkpoint}
+    for path in [out / "ddpm.pt", *sorted(out.glob("classifier_*.pt"))]:
+        checkpoint = torch.load(path, weights_only=False)
+        saved[path.name] = {part: checkpoint[part] for part in ("model", "ema", "state") if part in checkpoint}
     return saved
+
+
+def report_rows(saved: dict) -> list:
+    """The rows (methods) the snapshotted run reported, in --methods order."""
+    return list(saved["report.json"]["methods"])
 
 
 SPIED = ("sample", "train_classifier", "accuracy_by_t", "memorization_metrics")
@@ -766,8 +786,13 @@ def test_classifiers_learn_from_generated_samples_only_and_are_scored_on_held_ou
     training_rows = set(rows_of(saved["train_subset.npz"]["images"]))
     labels = saved["labels.npz"]
     trained = calls["train_classifier"]
-    assert sorted(args["time_dependent"] for args, _ in trained) == [False, True]
-    for (args, net), (scored, _) in zip(trained, calls["accuracy_by_t"]):
+    # the rows' classifiers in --methods order: cond p(y|x), side p(y|x_t,t), and the shuffled
+    # control's p(y|x_t,t), which learns the same labels permuted among the samples (seed 0)
+    assert [args["time_dependent"] for args, _ in trained] == [False, True, True]
+    shuffled = side.shuffled_labels(dict(labels), seed=0)
+    learned = [labels, labels, shuffled]
+    assert not np.array_equal(shuffled["labels"], labels["labels"])
+    for (args, net), (scored, _), learns in zip(trained, calls["accuracy_by_t"], learned):
         assert scored["net"] is net
         rows = rows_of(args["images_u8"])
         assert not training_rows & set(rows), "a classifier was trained on a training-set image"
@@ -775,9 +800,9 @@ def test_classifiers_learn_from_generated_samples_only_and_are_scored_on_held_ou
         fit = np.array([index_of[row] for row in rows])
         held = np.array([index_of[row] for row in rows_of(scored["images_u8"])])
         assert len(held) > 0 and not set(fit) & set(held), "accuracy measured on samples the classifier saw"
-        np.testing.assert_array_equal(args["targets"], labels["soft"][fit])
-        np.testing.assert_array_equal(scored["labels"], labels["labels"][held])
-    for method in ("uncond", "cond", "side"):  # the evaluation draws are fresh, not the synthetic set again
+        np.testing.assert_array_equal(args["targets"], learns["soft"][fit])
+        np.testing.assert_array_equal(scored["labels"], learns["labels"][held])
+    for method in report_rows(saved):  # the evaluation draws are fresh, not the synthetic set again
         assert not set(rows_of(saved[f"samples_{method}.npz"]["images"])) & set(index_of), method
 
 
@@ -792,7 +817,7 @@ def test_memorization_check_scores_every_method_against_exactly_the_train_subset
     _, calls, saved = tiny_run_record
     train = saved["train_subset.npz"]["images"]
     report = saved["report.json"]["methods"]
-    for method in ("uncond", "cond", "side"):
+    for method in report_rows(saved):
         generated, per = saved[f"samples_{method}.npz"]["images"], saved[f"nn_{method}.npz"]
         dist = np.linalg.norm(generated.reshape(len(generated), 1, -1) / 255.0
                               - train.reshape(1, len(train), -1) / 255.0, axis=2)
@@ -807,10 +832,11 @@ def test_memorization_check_scores_every_method_against_exactly_the_train_subset
 def test_guided_methods_share_their_targets_and_draw_them_from_the_kept_labels(tiny_run_record):
     _, _, saved = tiny_run_record
     kept = len(saved["labels.npz"]["kept"])
-    side_targets, cond_targets = saved["samples_side.npz"]["targets"], saved["samples_cond.npz"]["targets"]
-    np.testing.assert_array_equal(side_targets, cond_targets)
+    side_targets = saved["samples_side.npz"]["targets"]
     assert side_targets.min() >= 0 and side_targets.max() < kept
-    for method in ("cond", "side"):  # every method uses the same per-sample seeds
+    for method in report_rows(saved):  # every method uses the same per-sample seeds
+        if method != "uncond":  # ...and every guided one the same targets
+            np.testing.assert_array_equal(saved[f"samples_{method}.npz"]["targets"], side_targets)
         np.testing.assert_array_equal(saved[f"samples_{method}.npz"]["seeds"], saved["samples_uncond.npz"]["seeds"])
 
 
@@ -866,6 +892,30 @@ def test_checkpoint_of_another_run_is_not_loaded_silently(tiny_run, capsys):
     assert side.main([*TINY, "--out", str(tiny_run), "--channels", "16,16"]) == 2
     err = capsys.readouterr().err
     assert "--channels 16,32 (checkpoint) vs 16,16 (now)" in err and "--fresh" in err
+
+
+def test_a_damaged_stage_file_is_recomputed_with_one_line_saying_why(tiny_run, tmp_path, capsys):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    (tmp_path / "run" / "labels.npz").write_bytes(b"junk, as after a hand edit")
+    assert side.main([*TINY, "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cannot be read" in line]
+    assert len(lines) == 1 and "labels.npz" in lines[0] and "recomputing" in lines[0], lines
+    labels = np.load(tmp_path / "run" / "labels.npz")
+    assert labels["soft"].shape[0] == 48 and len(labels["kept"]) > 0
+
+
+def test_an_unreadable_checkpoint_stops_with_the_fix_and_touches_nothing(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    checkpoint = (run / "ddpm.pt").read_bytes()
+    (run / "ddpm.pt").write_bytes(checkpoint[:len(checkpoint) // 2])  # as a half-copied file
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert side.main([*TINY, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "ddpm.pt cannot be read" in err and "--fresh" in err and "delete" in err, err
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert after == before
 
 
 def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
@@ -945,6 +995,248 @@ def test_the_baseline_alone_needs_no_labels_or_classifier(tmp_path):
     assert not (tmp_path / "labels.npz").exists() and not (tmp_path / "classifier_side.pt").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["methods"]) == ["uncond"] and report["labels"] is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the protocol: controls, lambda tuned on a seed never reported, several seeds, one aggregate
+# ------------------------------------------------------------------------------------------------
+
+def test_shuffled_control_keeps_cluster_sizes_and_changes_assignments():
+    labels = np.repeat(np.arange(5), [40, 30, 20, 6, 4])
+    surrogate = dict(labels=labels, soft=np.eye(5, dtype=np.float32)[labels], kept=np.arange(5),
+                     sizes=np.bincount(labels))
+    shuffled = side.shuffled_labels(surrogate, seed=0)
+    np.testing.assert_array_equal(np.bincount(shuffled["labels"], minlength=5), np.bincount(labels))
+    assert (shuffled["labels"] != labels).mean() > 0.5  # a random permutation moves ~70 % here
+    np.testing.assert_array_equal(shuffled["soft"].argmax(1), shuffled["labels"])  # soft rows move along
+    np.testing.assert_array_equal(side.shuffled_labels(surrogate, seed=0)["labels"], shuffled["labels"])
+    assert not np.array_equal(side.shuffled_labels(surrogate, seed=1)["labels"], shuffled["labels"])
+    np.testing.assert_array_equal(surrogate["labels"], labels)  # the surrogate labels are untouched
+
+
+def test_oracle_labels_name_each_sample_s_nearest_training_image():
+    train = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1)).astype(np.uint8)
+    synthetic = np.clip(train[[4, 4, 1, 5]].astype(int) + 3, 0, 255).astype(np.uint8)
+    oracle = side.oracle_labels(synthetic, train)
+    assert list(oracle["kept"][oracle["labels"]]) == [4, 4, 1, 5]
+    assert oracle["soft"].shape == (4, 3) and list(oracle["sizes"]) == [1, 2, 1]
+
+
+def test_cond_row_follows_cond_input_and_cond_x0_always_judges_the_predicted_x0():
+    for cond_input in ("xt", "x0"):
+        rows = side.method_rows(tiny_config(cond_input=cond_input, methods="cond,cond_x0,side,shuffled"))
+        assert [row.sees for row in rows] == [cond_input, "x0", "xt", "xt"]
+        assert [row.classifier for row in rows] == ["cond", "cond", "side", "shuffled"]
+        assert [row.labels for row in rows] == ["surrogate", "surrogate", "surrogate", "shuffled"]
+
+
+def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, monkeypatch):
+    real, calls = side.run_pipeline, []
+
+    def rigged(cfg):  # the tune seed (7) favours the largest lambda, every other seed the smallest
+        report = real(cfg)
+        calls.append((cfg.seed, side.guidance_text(cfg)))
+        for method, row in report["methods"].items():
+            if method != "uncond":
+                value = side.guidance_for(cfg, method)
+                row["memorized_fraction"] = value / 100 if cfg.seed == 7 else 1 / (1 + value)
+        return report
+    monkeypatch.setattr(side, "run_pipeline", rigged)
+    args = [*TINY_TUNED, "--methods", "uncond,cond,side", "--lambda-grid", "0.3,30", "--tune-seed", "7",
+            "--tune-n-gen", "6", "--out", str(tmp_path)]
+    assert side.main(args) == 0
+    assert [seed for seed, _ in calls] == [7, 7, 0]
+    assert calls[-1] == (0, "lambda cond 30, side 30")  # the reported seed ran once, at the tuned lambdas
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["guidance"] == {"cond": 30.0, "side": 30.0}
+    assert report["protocol"]["lambdas"]["how"] == {"cond": "tuned on seed 7", "side": "tuned on seed 7"}
+    assert "| side | 30 | tuned on seed 7 |" in (tmp_path / "report.md").read_text()
+    calls.clear()
+    assert side.main(args) == 0  # the tuning is cached in the run folder: only the reported seed reruns
+    assert [seed for seed, _ in calls] == [0]
+
+
+def test_one_rows_own_lambda_reruns_only_that_row(tiny_run, capsys):
+    assert side.main([*TINY, "--out", str(tiny_run)]) == 0  # every row at lambda 10
+    rows = ("uncond", "cond", "cond_x0", "side", "shuffled")
+    before = {m: (tiny_run / f"samples_{m}.npz").stat().st_mtime_ns for m in rows}
+    assert side.main([*TINY, "--out", str(tiny_run), "--method-guidance", "side=4"]) == 0
+    after = {m: (tiny_run / f"samples_{m}.npz").stat().st_mtime_ns for m in rows}
+    assert [m for m in rows if after[m] != before[m]] == ["side"]
+    assert json.loads((tiny_run / "report.json").read_text())["guidance"]["side"] == 4.0
+    capsys.readouterr()
+
+
+def test_ever_extracted_is_the_union_over_seeds_in_dataset_index_space(tmp_path):
+    for name, indices, nn_index, ratio in (("a", [10, 11, 12], [0, 2, 2], [0.1, 0.5, 0.2]),
+                                           ("b", [20, 21, 22], [0, 1], [0.2, 0.9])):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "train_subset.npz", indices=np.array(indices))
+        np.savez(tmp_path / name / "nn_side.npz", nn_index=np.array(nn_index), nn_ratio=np.array(ratio))
+    ever = side.ever_extracted({0: tmp_path / "a", 1: tmp_path / "b"}, "side")
+    assert ever == dict(count=3, of=6, fraction=0.5)  # dataset images 10, 12 and 20 of 10-12, 20-22
+
+
+def test_seeds_aggregate_equals_the_per_seed_reports_and_a_stopped_run_keeps_finished_seeds(
+        tmp_path, monkeypatch):
+    args = [*TINY, "--seeds", "0,1", "--methods", ",".join(side.METHODS), "--out", str(tmp_path)]
+    real = side.run_pipeline
+
+    def stop_at_seed_1(cfg):
+        if cfg.seed == 1:
+            raise side.UserError("stopped")
+        return real(cfg)
+    monkeypatch.setattr(side, "run_pipeline", stop_at_seed_1)
+    assert side.main(args) == 2
+    stamp = (tmp_path / "seed0" / "ddpm.pt").stat().st_mtime_ns
+    monkeypatch.setattr(side, "run_pipeline", real)
+    assert side.main(args) == 0
+    assert (tmp_path / "seed0" / "ddpm.pt").stat().st_mtime_ns == stamp  # seed 0 was kept
+    aggregate = json.loads((tmp_path / "report.json").read_text())
+    per_seed = [json.loads((tmp_path / f"seed{s}" / "report.json").read_text())["methods"] for s in (0, 1)]
+    assert list(aggregate["methods"]) == list(side.METHODS) and aggregate["seeds"] == [0, 1]
+    for method, columns in aggregate["methods"].items():
+        assert set(columns) == set(per_seed[0][method])
+        for key, stats in columns.items():
+            values = [seed[method][key] for seed in per_seed]
+            assert stats["mean"] == pytest.approx(np.mean(values)), (method, key)
+            assert (stats["min"], stats["max"]) == (min(values), max(values)), (method, key)
+    assert per_seed[0]["side"]["median_nn_ratio"] != per_seed[1]["side"]["median_nn_ratio"]  # two DDPMs
+    text = (tmp_path / "report.md").read_text()
+    assert "seed0/report.md" in text and "| shuffled |" in text and "fixed, not tuned" in text
+
+
+def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tmp_path, capsys):
+    cases = {
+        "non-integer seed": (["--seeds", "0,x"], "--seeds takes non-negative integers"),
+        "repeated seed": (["--seeds", "0,1,0"], "repeats seed 0"),
+        "tune seed reported": (["--seeds", "0,100"], "--tune-seed 100 is also a reported seed"),
+        "tune seed is --seed": (["--seed", "7", "--tune-seed", "7"], "--tune-seed 7 is also a reported seed"),
+        "empty grid": (["--lambda-grid", ""], "--lambda-grid '': give lambda values"),
+        "negative grid": (["--lambda-grid", "1,-3"], "--lambda-grid"),
+        "seeds with sweep": (["--seeds", "0,1", "--sweep", "clusters=4,8"], "--sweep runs on one seed"),
+        "bad method guidance": (["--method-guidance", "side=lots"], "--method-guidance"),
+        "unknown method": (["--methods", "uncond,magic"], "--methods takes"),
+        "tune n_gen": (["--tune-n-gen", "0"], "--tune-n-gen must be positive"),
+    }
+    for name, (args, message) in cases.items():
+        code = side.main(["--out", str(tmp_path / "run"), *args])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (name, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+    side.validate(tiny_config(seed=100, guidance=10.0, out=str(tmp_path / "fixed")))  # fixed: no tuning
+
+
+def test_verdicts_say_whether_side_and_the_shuffled_control_beat_the_seed_spread():
+    def seeds(low, high):
+        return dict(mean=(low + high) / 2, min=low, max=high)
+    said = side.verdicts(dict(uncond=seeds(.05, .10), side=seeds(.20, .30), shuffled=seeds(.22, .30)), 3)
+    assert "difference is beyond the seed spread" in said[0] and "the clusters are not what helps" in said[1]
+    said = side.verdicts(dict(uncond=seeds(.05, .25), side=seeds(.20, .30), shuffled=seeds(.05, .10)), 3)
+    assert "difference is within the seed spread" in said[0] and "cluster structure is what helps" in said[1]
+    said = side.verdicts(dict(uncond=seeds(.05, .10), side=seeds(.20, .30), shuffled=seeds(.15, .25)), 3)
+    assert "does not show that the clusters help" in said[1]
+    said = side.verdicts(dict(uncond=seeds(.1, .1), side=seeds(.3, .3), shuffled=seeds(.1, .1)), 1)
+    assert "on one seed only" in said[0] and "does not show" in said[1]
+    said = side.verdicts(dict(uncond=seeds(.2, .3), side=seeds(.1, .2), shuffled=seeds(.3, .4)), 3)
+    assert "SIDE gained nothing over uncond" in said[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU profiles' networks at their real sizes: one step of each kind at batch 2 on the CPU, with
+# the bf16 autocast that side.autocast turns on for CUDA, so dtype and attention paths that only a
+# GPU run would reach are exercised here
+# ------------------------------------------------------------------------------------------------
+
+GPU_PROFILE_NETWORKS = [("celeba", 64, [128, 256, 256, 256]), ("cifar10", 32, [128, 256, 256])]
+
+
+def gpu_profile_config(dataset: str, out: Path) -> side.Config:
+    """The (dataset, gpu) profile as a CUDA machine gets it; apply_profile would pick the CPU one here."""
+    cfg = side.Config(dataset=dataset, device="cpu", out=str(out))
+    for name, value in side.PROFILES[(dataset, "gpu")].items():
+        setattr(cfg, name, value)
+    side.validate(cfg)
+    return cfg
+
+
+def record_attention_calls(monkeypatch) -> list:
+    """Wrap scaled_dot_product_attention to note the shape and dtype of every query it is given."""
+    calls, original = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        calls.append((tuple(q.shape), q.dtype))
+        return original(q, k, v, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("dataset, size, widths", GPU_PROFILE_NETWORKS)
+def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(dataset, size, widths, tmp_path,
+                                                                              monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cfg = gpu_profile_config(dataset, tmp_path)
+    assert (cfg.image_size, side.channel_list(cfg.channels), cfg.blocks, cfg.attn_res) == (size, widths, 2, "16")
+    torch.manual_seed(0)
+    unet = side.build_unet(cfg, 3)
+    clf = side.build_classifier(cfg, 3, cfg.clusters, time_dependent=True)
+    assert sum(p.numel() for p in unet.parameters()) > 20_000_000  # the real size (31.3M, 22.9M), not a toy
+    # side.autocast(cuda) is bf16 autocast; the same autocast on the CPU runs the same dtype paths
+    monkeypatch.setattr(side, "autocast", lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
+    calls = record_attention_calls(monkeypatch)
+    diffusion, gen = side.Diffusion(), torch.Generator().manual_seed(0)
+    x0_all = torch.rand(4, 3, size, size, generator=gen) * 2 - 1
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # a fused kernel, never the math fallback
+        # DDPM training step (Adam's update is the same on any device and left out)
+        loss = side.ddpm_loss(unet, x0_all, gen, 2, diffusion)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters())
+        # attention at 16x16 (256 tokens) with 256 channels, in bf16, as a 4-D batch the fused CUDA
+        # kernels accept (3-D inputs make CUDA fall back to the math kernel)
+        assert (2, 1, 256, 256) in {shape for shape, _ in calls}
+        assert all(len(shape) == 4 and dtype == torch.bfloat16 for shape, dtype in calls)
+        # time-dependent classifier step on noised samples (Eq. 2), as train_classifier takes it
+        x_t, t = side.noised_batch(x0_all[:2], gen, True, diffusion)
+        with side.autocast(x_t.device):
+            logits = clf(x_t, t)
+        soft = torch.eye(cfg.clusters)[[3, 7]]
+        clf_loss = side.soft_cross_entropy(logits.float(), soft)
+        clf_loss.backward()
+        assert logits.dtype == torch.bfloat16 and logits.shape == (2, cfg.clusters) and torch.isfinite(clf_loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in clf.parameters())
+        # one guided DDIM step: eps from the bf16 UNet, the gradient of log p_phi(c | x_t, t) (Eq. 1)
+        torch.nn.init.normal_(unet.head[-1].weight, std=0.01)  # a zero head would hide a wrong eps
+        x, t = torch.randn(2, 3, size, size, generator=gen), torch.full((2,), 500)
+        unguided = side.guided_eps(unet, None, x, t, None, 0.0, diffusion)
+        guided = side.guided_eps(unet, clf, x, t, torch.tensor([3, 7]), 10.0, diffusion)  # lambda 10
+        x_prev = diffusion.reverse_step(x, guided, 500, 480, 0.0, 0)
+    for tensor in (unguided, guided, x_prev):
+        assert tensor.shape == x.shape and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
+    assert (guided - unguided).abs().max() > 1e-4  # the classifier's gradient reached eps
+
+
+@pytest.mark.parametrize("dataset, size, channels", [("celeba", 64, None), ("cifar10", 32, None),
+                                                     ("celeba", 128, "128,256,256,256,512")])
+def test_guided_sampling_batch_keeps_the_classifier_activations_within_a_gpus_memory(dataset, size, channels,
+                                                                                    tmp_path):
+    """A guided step keeps the classifier's activations (fp32) for its gradient; side.sample's batch on
+    CUDA must keep them inside a 24 GB card (1,024 would need about 50 GiB at 64 px, 200 at 128 px)."""
+    cfg = gpu_profile_config(dataset, tmp_path)
+    cfg.image_size, cfg.channels = size, channels or cfg.channels
+    clf = side.build_classifier(cfg, 3, cfg.clusters, time_dependent=True)
+    weights, saved = {p.data_ptr() for p in clf.parameters()}, {}
+
+    def keep(tensor):  # activations saved for the backward pass, each counted once, weights left out
+        if tensor.data_ptr() not in weights:
+            saved[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        clf(torch.randn(1, 3, size, size, requires_grad=True), torch.tensor([500]))
+    batch = side.sampling_batch(torch.device("cuda"), size, guided=True)
+    assert batch >= 32 and batch * sum(saved.values()) < 20 * 2**30
+    assert side.sampling_batch(torch.device("cuda"), size, guided=False) == 1024
 
 
 # slow (every one of the 1000 DDPM steps), so last: tools/mutate.py stops at the first failure
