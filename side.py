@@ -79,7 +79,7 @@ class Config:
     sample_steps: int = option(50, "DDIM steps")
     eta: float = option(0.0, "DDIM eta (0 = deterministic)")
     # --- surrogate labels (Algorithm 1, Part 1) ---
-    labels: str = option("kmeans", "kmeans (v7) | teacher (v2, TDKD)", ("kmeans", "teacher"))
+    labels: str = option("kmeans", "kmeans (v7) | teacher (TDKD, v1-v6)", ("kmeans", "teacher"))
     n_syn: int = option(None, "N_syn: generated images to cluster")
     clusters: int = option(None, "K: k-means clusters")
     cohesion: float = option(None, "tau: keep clusters with cohesion >= tau")
@@ -453,7 +453,7 @@ def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed:
 
 
 def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device) -> dict:
-    """Algorithm 1 lines 2-5 (--labels kmeans), or the v2 teacher's soft labels (teacher); "soft"
+    """Algorithm 1 lines 2-5 (--labels kmeans), or the TDKD teacher's soft labels (v1-v6); "soft"
     holds the classifiers' targets (one-hot for k-means)."""
     if cfg.labels == "teacher":
         return teacher_labels(cfg, synthetic, train["images"], train["labels"], device)
@@ -498,7 +498,7 @@ def classifier_labels(cfg: Config, source: str, labels: dict, synthetic, train: 
 # =================================================================================================
 # 6. Classifiers. SIDE trains p_phi(y | x_t, t) with cross-entropy on x_t = q_sample(x_0, t), t
 #    uniform (Eq. 2): x_t comes from the target model's own forward process. Carlini Cond trains
-#    the same network without a time module on clean x_0 only. With soft targets (the v2 teacher)
+#    the same network without a time module on clean x_0 only. With soft targets (TDKD, v1-v6)
 #    the same loss is the distillation loss KL(teacher || student) up to a constant.
 # =================================================================================================
 
@@ -757,7 +757,7 @@ def part1(cfg: Config, folder, model, train: dict, rows: list, device: torch.dev
 # =================================================================================================
 # Appendix: the plumbing. Nothing below is needed to follow SIDE; it feeds run() its data and
 # keeps what it computes.   A. profiles and devices   B. datasets   C. the run folder
-# D. variants (v2 teacher labels, Cond on x0)   E. memorization report and figures   F. sweeps
+# D. variants (TDKD teacher labels, Cond on x0)   E. memorization report and figures   F. sweeps
 # and the protocol (lambda tuned per row on a seed never reported, several seeds, the aggregate)
 # G. Theorem 1 on a toy   H. validation and the command line
 # =================================================================================================
@@ -922,7 +922,7 @@ def load_celeba(cfg: Config):
 
 
 def celeba_identities(folder: Path, names: list[str]) -> np.ndarray | None:
-    """Identity labels from identity_CelebA.txt when present (only the v2 teacher needs them)."""
+    """Identity labels from identity_CelebA.txt when present (only the TDKD teacher needs them)."""
     for candidate in (folder.parent / "identity_CelebA.txt", folder / "identity_CelebA.txt"):
         if candidate.is_file():
             lines = candidate.read_text().splitlines()
@@ -1055,7 +1055,7 @@ def stage_groups(cfg: Config, name: str) -> list[str]:
         return ["data"]
     if name == "synthetic":
         return sampled + ["synthetic"]
-    if name == "labels":  # the v2 teacher is trained with the classifier settings
+    if name == "labels":  # the TDKD teacher is trained with the classifier settings
         return labelled + (["classifier"] if cfg.labels == "teacher" else [])
     if name.startswith("classifier_"):
         return labelled + ["classifier"]
@@ -1274,12 +1274,13 @@ class DDPMTraining:
         self.loss = loss
 
 
-# --- D. Variants: the v2 teacher's labels (--labels teacher) and Carlini Cond judging the
+# --- D. Variants: the TDKD teacher's labels (--labels teacher) and Carlini Cond judging the
 #     predicted x_0 (--cond-input x0). Each replaces one step of the lesson. ----------------------
 
 
 def teacher_labels(cfg, synthetic, train_images, train_labels, device) -> dict:
-    """v2 (TDKD): a time-independent teacher trained on the real labels labels the generations."""
+    """TDKD (paper v1-v6): a time-independent teacher trained on the real labels labels the
+    generations."""
     if (train_labels < 0).any():
         raise UserError(f"--labels teacher needs real labels; {cfg.dataset} has none here "
                         f"(celeba needs identity_CelebA.txt beside img_align_celeba)")

@@ -621,6 +621,23 @@ def test_theory_md_pointers_name_code_that_exists():
             assert re.search(rf"\b{re.escape(name.split('.')[-1])}\b", span), f"lines {start}-{end} no longer hold {name}"
 
 
+def test_theory_md_quotes_are_verbatim_side_py():
+    """Every ```python block after `<!-- quote: side.py NAME -->` is a character-for-character
+    substring of side.py, and of NAME's own source (a function, class or Class.method)."""
+    import inspect
+    text, source = (ROOT / "theory.md").read_text(), (ROOT / "side.py").read_text()
+    quotes = re.findall(r"<!-- quote: side\.py ([\w.]+) -->\n```python\n(.*?)```", text, re.S)
+    assert len(quotes) == text.count("<!-- quote:"), "a quote marker not followed by a python block"
+    assert len(quotes) >= 4, "theory.md should quote the code of Eq. 1 and Eq. 2"
+    for name, block in quotes:
+        assert block.strip() and block in source, f"theory.md's quote of {name} is not in side.py"
+        obj = side
+        for part in name.split("."):
+            assert hasattr(obj, part), f"theory.md quotes side.py {name}, which does not exist"
+            obj = getattr(obj, part)
+        assert block in inspect.getsource(obj), f"theory.md's quote is not from {name}"
+
+
 # ------------------------------------------------------------------------------------------------
 # real data loaders (../shared/data)
 # ------------------------------------------------------------------------------------------------
