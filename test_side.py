@@ -1139,7 +1139,11 @@ def test_seeds_aggregate_equals_the_per_seed_reports_and_a_stopped_run_keeps_fin
     assert "seed0/report.md" in text and "| shuffled |" in text and "fixed, not tuned" in text
 
 
-def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tmp_path, capsys):
+def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tmp_path, capsys,
+                                                                               monkeypatch):
+    def slow_work(cfg):  # a flag that is let through fails here at once, not after a full run
+        raise AssertionError(f"slow work started for seed {cfg.seed}")
+    monkeypatch.setattr(side, "run_pipeline", slow_work)
     cases = {
         "non-integer seed": (["--seeds", "0,x"], "--seeds takes non-negative integers"),
         "repeated seed": (["--seeds", "0,1,0"], "repeats seed 0"),
