@@ -14,15 +14,19 @@ The lesson comes first, in the order of the paper's Algorithm 1:
     7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
     8. memorization check   Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
     9. Algorithm 1          run(): the whole attack, top to bottom, with no file handling
-    Appendix (plumbing)     datasets, the run folder, report, sweeps, Theorem 1 toy, command line
+    Appendix (plumbing)     datasets, the run folder, report, sweeps, Theorem 1 toy, command line,
+                            many GPUs (torchrun)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -30,16 +34,20 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-progress = functools.partial(tqdm, mininterval=1.0, dynamic_ncols=True)  # bars with loss and ETA
+# bars with loss and ETA; under torchrun only rank 0 (RANK, set by torchrun) draws them
+progress = functools.partial(tqdm, mininterval=1.0, dynamic_ncols=True,
+                             disable=os.environ.get("RANK", "0") != "0")
 
 # =================================================================================================
 # 0. Configuration. Every setting is a field; the command line is the one override path. Fields
@@ -47,9 +55,12 @@ progress = functools.partial(tqdm, mininterval=1.0, dynamic_ncols=True)  # bars 
 # =================================================================================================
 
 
-def option(default, help: str, choices: tuple | None = None, shown: str = "profile"):
-    """A Config field; `shown` is what --help prints as the default when it is None."""
-    return field(default=default, metadata=dict(help=help, choices=choices, shown=shown))
+def option(default, help: str, choices: tuple | None = None, shown: str = "profile",
+           aliases: tuple = ()):
+    """A Config field; `shown` is what --help prints as the default when it is None; `aliases`
+    are other flags for it."""
+    return field(default=default, metadata=dict(help=help, choices=choices, shown=shown,
+                                                aliases=aliases))
 
 
 @dataclass
@@ -57,7 +68,8 @@ class Config:
     # --- data: the training set D of the target model ---
     dataset: str = option("digits", "training set D", ("digits", "celeba", "cifar10", "folder"))
     data_root: str = option("data", "where celeba / cifar10 / folder images live")
-    n: int = option(None, "training-set size N (the DPM memorizes small N)")
+    n: int = option(None, "training-set size N (the DPM memorizes small N); write --n-train "
+                          "under torchrun, whose own parser takes --n", aliases=("--n-train",))
     image_size: int = option(None, "side length in pixels")
     subset: str = option("first", "which n images to take", ("first", "random"))
     split: str = option("train", "cifar10: data_batch_* or test_batch", ("train", "test"))
@@ -104,6 +116,8 @@ class Config:
     tune_n_gen: int = option(None, "N_G per row and lambda when tuning")
     # --- evaluation ---
     sim_model: str = option("", "TorchScript embedding model for AMS/UMS (e.g. SSCD)")
+    embed: str = option("", "embedding model for k-means and AMS/UMS: TorchScript (as SSCD) or "
+                            "a torch.export .pt2")
     bands: str = option("", "AMS/UMS band edges low,mid,high (default per space)")
     # --- run ---
     seed: int = option(0, "seeds data subset, training and every generation")
@@ -111,6 +125,7 @@ class Config:
     out: str = option("", "run folder (default runs/<dataset>-n<N>-<size>px)")
     fresh: bool = option(False, "ignore cached stages and redo everything")
     sweep: str = option("", "e.g. guidance=0,1,3,10,30 (also clusters, cohesion)")
+    compile: bool = option(False, "torch.compile the UNet (CUDA only; the CPU runs eagerly)")
 
 
 # =================================================================================================
@@ -340,11 +355,13 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 def train_ddpm(cfg: Config, x0_all: torch.Tensor, training, diffusion: Diffusion = DIFFUSION):
     """The target DPM; returns its EMA network. `training` (appendix C) holds model, EMA copy,
-    Adam and batch generator, and yields the steps to do; resume, checkpoints, Ctrl-C live there."""
-    model, ema, opt, gen = (training.state[k] for k in ("model", "ema", "opt", "generator"))
+    Adam and batch generator, and yields the steps to do; resume, checkpoints, Ctrl-C live there.
+    `net` is `model` itself, or its DDP / torch.compile wrapper (appendix I: many GPUs)."""
+    model, ema, opt, gen, net = (training.state[k] for k in ("model", "ema", "opt", "generator",
+                                                              "net"))
     for step in training.steps():
-        loss = ddpm_loss(model, x0_all, gen, cfg.batch_size, diffusion)
-        training.check(loss, step)  # stops on a non-finite loss before it reaches the weights
+        loss = ddpm_loss(net, x0_all, gen, cfg.batch_size, diffusion)
+        training.check(loss, step)  # stops (non-finite loss, Ctrl-C) before the weights change
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -387,15 +404,16 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
            classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample",
            batch: int = 0, start: int = 0, diffusion: Diffusion = DIFFUSION) -> np.ndarray:
     """Generations start .. start+count-1 (uint8), batch by batch; guided toward `targets` (one per
-    generation, aligned with them) when guidance > 0."""
+    generation, aligned with them) when guidance > 0. Under torchrun each process draws its share
+    (shard_of) and every process returns all of them, in order."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
     steps = diffusion.timesteps(cfg.sampler, cfg.sample_steps)
     eta = 1.0 if cfg.sampler == "ddpm" else cfg.eta
     guided = classifier is not None and guidance > 0
     batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
-    images = []
-    for first in progress(range(0, count, batch), desc=desc, unit="batch"):
-        indices = range(start + first, start + min(count, first + batch))
+    images, mine = [], shard_of(count)  # mine: all of 0..count-1 in a single process
+    for first in progress(range(mine.start, mine.stop, batch), desc=desc, unit="batch"):
+        indices = range(start + first, start + min(mine.stop, first + batch))
         rngs = [sample_rng(cfg.seed, stream, i) for i in indices]
         x = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
         target = None if targets is None else torch.as_tensor(
@@ -408,14 +426,23 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
                 noise = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
             x = diffusion.reverse_step(x, eps, t, t_prev, eta, noise)
         images.append(to_uint8(x))
-    return np.concatenate(images)
+    return np.concatenate(gather_all(np.concatenate(images)))  # every process's share, in order
+
+
+def shard_of(count: int) -> range:
+    """The generations this process draws: a contiguous block of 0..count-1 per torchrun rank.
+    Generation i depends only on (seed, stream, i), so G processes give exactly the images one
+    process gives."""
+    rank, world = rank_and_world()
+    return range(rank * count // world, (rank + 1) * count // world)
 
 
 # =================================================================================================
 # 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in run()).
-#    Features F(x): the paper uses SSCD; that needs a download, so we use the pixels themselves,
-#    centred on the synthetic-set mean and L2-normalized. At 8-32 px, pixel space is meaningful,
-#    it is the space the memorization check measures in, and it needs no pretrained network.
+#    Features F(x): the paper uses SSCD; that needs a download, so by default we use the pixels
+#    themselves, centred on the synthetic-set mean and L2-normalized. At 8-32 px, pixel space is
+#    meaningful, it is the space the memorization check measures in, and it needs no pretrained
+#    network. --embed PATH uses a local embedding model (SSCD's TorchScript file) instead.
 # =================================================================================================
 
 
@@ -427,6 +454,14 @@ def flat_pixels(images_u8: np.ndarray) -> np.ndarray:
 def pixel_features(images_u8: np.ndarray, mean: np.ndarray) -> np.ndarray:
     flat = flat_pixels(images_u8) / 255.0 - mean
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-8)
+
+
+def clustering_features(cfg: Config, images_u8: np.ndarray, device) -> np.ndarray:
+    """F(x) of Algorithm 1 line 2: the --embed model's L2-normalized embedding, else the pixels
+    centred on the synthetic-set mean."""
+    if cfg.embed:
+        return embed_all(load_embedding(cfg.embed, device, "--embed"), images_u8).numpy()
+    return pixel_features(images_u8, flat_pixels(images_u8).mean(0) / 255.0)
 
 
 def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed: int) -> dict:
@@ -457,8 +492,8 @@ def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device) -> 
     holds the classifiers' targets (one-hot for k-means)."""
     if cfg.labels == "teacher":
         return teacher_labels(cfg, synthetic, train["images"], train["labels"], device)
-    mean = flat_pixels(synthetic).mean(0) / 255.0
-    labels = surrogate_labels(pixel_features(synthetic, mean), cfg.clusters, cfg.cohesion, cfg.seed)
+    features = clustering_features(cfg, synthetic, device)
+    labels = surrogate_labels(features, cfg.clusters, cfg.cohesion, cfg.seed)
     labels["soft"] = np.eye(len(labels["kept"]), dtype=np.float32)[labels["labels"]]
     return labels
 
@@ -692,8 +727,7 @@ def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, ba
     if featurize is None:  # pixel space: gamma = 1 - normalized L2, from the k nearest
         best_sim, best_sim_index, band_hits = pixel_similarity(dist, index, len(train), bands)
     else:  # embed every image once, then compare the embeddings block by block
-        embedded = [torch.cat([featurize(images[s]) for s in block_slices(len(images), 256)])
-                    .cpu() for images in (generated, train)]
+        embedded = [embed_all(featurize, images) for images in (generated, train)]
         best_sim, best_sim_index, band_hits = similarity_scan(*embedded, torch.as_tensor, bands)
     memorized = ratio < GU_THRESHOLD
     per_sample = dict(nn_index=index[:, 0], nn_index2=index[:, 1 % index.shape[1]], d1=d1, d2=d2,
@@ -718,6 +752,7 @@ def run(cfg: Config, folder, device: torch.device) -> dict:
     folder.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
     x0_train = to_unit_range(train["images"]).to(device)
     model = train_ddpm(cfg, x0_train, folder.ddpm_training(x0_train))  # the target DPM
+    model = maybe_compile(model, cfg, device)  # --compile (appendix I); otherwise model itself
     labels, classifiers, accuracies = None, {}, {}
     if any(row.classifier for row in rows):  # the baseline alone needs no labels or classifier
         labels, classifiers, accuracies = part1(cfg, folder, model, train, rows, device)
@@ -759,7 +794,7 @@ def part1(cfg: Config, folder, model, train: dict, rows: list, device: torch.dev
 # keeps what it computes.   A. profiles and devices   B. datasets   C. the run folder
 # D. variants (TDKD teacher labels, Cond on x0)   E. memorization report and figures   F. sweeps
 # and the protocol (lambda tuned per row on a seed never reported, several seeds, the aggregate)
-# G. Theorem 1 on a toy   H. validation and the command line
+# G. Theorem 1 on a toy   H. validation and the command line   I. many GPUs (torchrun)
 # =================================================================================================
 
 # --- A. Profiles and devices ----------------------------------------------------------------------
@@ -1032,7 +1067,7 @@ STAGE_FIELDS = {
     "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
     "sampler": ["sampler", "sample_steps", "eta"],
     "synthetic": ["n_syn"],
-    "labels": ["labels", "clusters", "cohesion"],
+    "labels": ["labels", "clusters", "cohesion", "embed"],
     "classifier": ["clf_steps", "clf_lr", "clf_batch"],
     "generations": ["n_gen"],
     "cond": ["cond_input"],
@@ -1073,7 +1108,10 @@ def stage_path(out: Path, name: str) -> Path:
 
 
 def write_atomically(path: Path, write) -> None:
-    """write(tmp) to a temporary file beside `path`, then rename it over `path` in one step."""
+    """write(tmp) to a temporary file beside `path`, then rename it over `path` in one step.
+    Under torchrun only rank 0 writes; the other ranks read what it wrote."""
+    if not is_main():
+        return
     tmp = path.with_name(path.name + ".tmp" + path.suffix)  # np.savez needs the .npz suffix
     write(tmp)
     os.replace(tmp, path)
@@ -1112,6 +1150,12 @@ class RunFolder:
         """`values`: what the stage depends on beyond the settings (a guided row's own lambda)."""
         groups = stage_groups(self.cfg, name)
         path, key = stage_path(self.out, name), stage_key(self.cfg, *groups, **values)
+        if not dist.is_initialized() or name.startswith(EVERY_RANK):
+            return self.load_or_compute(path, key, compute)
+        result = rank0_only(self.load_or_compute, path, key, compute)  # the others wait...
+        return result if is_main() else self.load(path, key)  # ...then read what rank 0 saved
+
+    def load_or_compute(self, path: Path, key: str, compute) -> dict:
         cached = None if self.cfg.fresh or not path.is_file() else self.load(path, key)
         if cached is None:
             cached = compute()
@@ -1160,13 +1204,28 @@ class RunFolder:
         if self.checkpoint is not None:
             for name in ("model", "ema", "opt"):
                 state[name].load_state_dict(self.checkpoint[name])
-            state["generator"].set_state(self.checkpoint["rng"].cpu())  # map_location moved it
             state["step"] = self.checkpoint["step"]
+            resume_generator(state, self.checkpoint, cfg, path)
         if state["step"] > cfg.train_steps:
             raise UserError(f"{path} is at step {state['step']}, beyond --train-steps "
                             f"{cfg.train_steps}; raise --train-steps, use another --out, "
                             f"or --fresh")
+        unfinished = state["step"] < cfg.train_steps
+        state["net"] = training_network(state["model"], cfg, self.device) if unfinished \
+            else state["model"]
         return DDPMTraining(cfg, path, state, len(x0_all))
+
+
+def resume_generator(state: dict, saved: dict, cfg: Config, path: Path) -> None:
+    """This rank's batch generator as the checkpoint left it. Under torchrun the checkpoint holds
+    every rank's; an unfinished run resumes only with as many processes as it was trained by."""
+    rank_rngs = saved.get("rank_rngs", [saved["rng"]])
+    count = len(rank_rngs)
+    if state["step"] < cfg.train_steps and count != process_count():
+        raise UserError(f"{path} was being trained by {count} process(es); resume it with as many "
+                        f"(torchrun --nproc_per_node {count}), or retrain with --fresh")
+    if process_rank() < count:
+        state["generator"].set_state(rank_rngs[process_rank()].cpu())  # map_location moved it
 
 
 def training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
@@ -1175,7 +1234,7 @@ def training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
     model = build_unet(cfg, in_ch).to(device)
     ema = build_unet(cfg, in_ch).to(device)
     ema.load_state_dict(model.state_dict())
-    generator = torch.Generator().manual_seed(cfg.seed)  # saved in checkpoints
+    generator = torch.Generator().manual_seed(batch_seed(cfg.seed))  # saved in checkpoints
     return dict(model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
                 generator=generator, step=0)
 
@@ -1208,9 +1267,13 @@ def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, state: dict, cfg: Config) -> None:
+    """Rank 0 writes the unwrapped model; under torchrun with every rank's batch generator."""
+    rank_rngs = gather_all(state["rng"])
     save_torch(path, dict(model=state["model"].state_dict(), ema=state["ema"].state_dict(),
-                          opt=state["opt"].state_dict(), rng=state["rng"],
+                          opt=state["opt"].state_dict(), rng=state["rng"], rank_rngs=rank_rngs,
                           step=state["step"], config=dataclasses.asdict(cfg)))
+    if dist.is_initialized():
+        dist.barrier()  # no rank reads ddpm.pt again before rank 0 has written it
 
 
 class DeferredInterrupt:
@@ -1238,7 +1301,8 @@ class DDPMTraining:
 
     def __init__(self, cfg: Config, path: Path, state: dict, n_images: int):
         self.cfg, self.path, self.state, self.n_images = cfg, path, state, n_images
-        self.first, self.loss = state["step"], None
+        self.first, self.loss, self.ctrl_c = state["step"], None, None
+        self.stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))  # test hook: Ctrl-C here
 
     def steps(self):
         """Yield the steps still to do; save a checkpoint when stopped and at the end."""
@@ -1248,30 +1312,30 @@ class DDPMTraining:
             return
         if self.first:
             print(f"  resuming DDPM training from step {self.first}")
-        stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))  # test hook: Ctrl-C at this step
         state["rng"] = gen.get_state()
         bar = progress(range(self.first, cfg.train_steps), desc="train DDPM", initial=self.first,
                        total=cfg.train_steps)
-        with DeferredInterrupt() as ctrl_c:
+        with DeferredInterrupt() as self.ctrl_c:
             for step in bar:
-                if ctrl_c.pressed or step == stop_at:
-                    save_checkpoint(self.path, state, cfg)
-                    raise UserError(f"stopped at step {step}; checkpoint saved to {self.path}. "
-                                    f"Rerun the same command to resume")
                 yield step
                 state["step"], state["rng"] = step + 1, gen.get_state()
-                epoch = state["step"] * cfg.batch_size / self.n_images
-                bar.set_postfix(loss=f"{self.loss.item():.4f}", epoch=f"{epoch:.0f}", refresh=False)
+                epoch = state["step"] * cfg.batch_size * process_count() / self.n_images
+                bar.set_postfix(loss=f"{self.loss:.4f}", epoch=f"{epoch:.0f}", refresh=False)
         save_checkpoint(self.path, state, cfg)
 
     def check(self, loss: torch.Tensor, step: int) -> None:
-        """Stop on a non-finite loss; otherwise checkpoint the weights that have just given it."""
-        if not torch.isfinite(loss):
-            raise UserError(f"DDPM loss became {loss.item()} at step {step}; lower --lr. "
+        """Stop on Ctrl-C or a non-finite loss (on every rank alike: see agree()); otherwise
+        checkpoint the weights that have just given a finite loss."""
+        self.loss, stop = agree(loss, self.ctrl_c.pressed or step == self.stop_at)
+        if stop:  # (step, rng) in state still describe the start of this step
+            save_checkpoint(self.path, self.state, self.cfg)
+            raise UserError(f"stopped at step {step}; checkpoint saved to {self.path}. "
+                            f"Rerun the same command to resume")
+        if not math.isfinite(self.loss):
+            raise UserError(f"DDPM loss became {self.loss} at step {step}; lower --lr. "
                             f"The last good checkpoint ({self.path.name}) is kept")
         if step > self.first and step % self.cfg.ckpt_every == 0:
             save_checkpoint(self.path, self.state, self.cfg)
-        self.loss = loss
 
 
 # --- D. Variants: the TDKD teacher's labels (--labels teacher) and Carlini Cond judging the
@@ -1381,29 +1445,81 @@ def similarity_scan(generated, train, featurize, bands, block: int = 1024):
     return best.numpy(), best_index.numpy(), {k: v.numpy() for k, v in hit.items()}
 
 
-def load_sim_model(path: str, device):
-    """--sim-model: a TorchScript embedding model (e.g. SSCD) taking N x 3 x H x W in [0, 1]."""
-    try:
-        model = torch.jit.load(path, map_location=device).eval()
-    except Exception as error:
-        raise UserError(f"--sim-model {path} is not a loadable TorchScript model "
-                        f"({error.__class__.__name__}); "
-                        f"export it with torch.jit.script/trace and torch.jit.save")
+def load_embedding(path: str, device, flag: str = "--sim-model"):
+    """--embed / --sim-model: an image-embedding model (e.g. SSCD) taking N x 3 x H x W in [0, 1]
+    and returning one vector per image. Returns embed(images_u8) -> L2-normalized N x D features."""
+    model = read_embedding_model(path, device, flag)
 
     @torch.no_grad()
     def embed(images_u8):
         x = torch.as_tensor(images_u8, device=device).permute(0, 3, 1, 2).float() / 255.0
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return F.normalize(model(x).float().flatten(1), dim=1)
+        try:
+            out = model(x)
+        except Exception as error:
+            raise UserError(f"{flag} {path} fails on a batch of {tuple(x.shape)} images in [0, 1] "
+                            f"({why_unreadable(error)}); it must take N x 3 x H x W")
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(x):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(f"{flag} {path} returns {shape} for {len(x)} images; it must return "
+                            f"one embedding vector per image (N x D), as SSCD's descriptors")
+        return F.normalize(out.float(), dim=1)
     return embed
 
 
+def read_embedding_model(path: str, device, flag: str):
+    """A .pt2 file is a torch.export program; anything else is read as TorchScript (torch.jit is
+    deprecated in recent PyTorch but still loads; SSCD is published as .torchscript.pt files)."""
+    if not Path(path).is_file():
+        raise UserError(f"{flag} {path} is not a file; give a TorchScript model (.pt, e.g. SSCD's "
+                        f".torchscript.pt) or a torch.export program (.pt2)")
+    exported = Path(path).suffix == ".pt2"
+    try:
+        with warnings.catch_warnings(), quiet_logging():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            if exported:
+                return torch.export.load(path).module().to(device)
+            return torch.jit.load(path, map_location=device).eval()
+    except Exception as error:
+        how = "torch.export.save" if exported else "torch.jit.save (or .pt2: torch.export.save)"
+        kind = "torch.export program" if exported else "TorchScript model"
+        raise UserError(f"{flag} {path} is not a loadable {kind} ({type(error).__name__}); "
+                        f"save it with {how}")
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """torch.export logs a whole traceback as a warning when a file is not its format; the
+    UserError raised afterwards says it in one line."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def probe_images(size: int) -> np.ndarray:
+    """Two images to try an embedding model on before any slow work."""
+    return np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+
+
+def embed_all(embed, images_u8: np.ndarray) -> torch.Tensor:
+    """Embed every image once, in blocks; the result on the CPU."""
+    return torch.cat([embed(images_u8[s]).cpu() for s in block_slices(len(images_u8), 256)])
+
+
+def clustering_space(cfg: Config) -> str:
+    return f"embedding of {Path(cfg.embed).name}" if cfg.embed else "pixels (centred, unit norm)"
+
+
 def similarity_space(cfg, device):
-    """(featurize, bands, name): the similarity gamma used for AMS/UMS and its band edges."""
-    if cfg.sim_model:
-        bands, featurize = EMBEDDING_BANDS, load_sim_model(cfg.sim_model, device)
-        name = f"cosine of {Path(cfg.sim_model).name}"
+    """(featurize, bands, name): the similarity gamma used for AMS/UMS and its band edges.
+    --sim-model (similarity only) takes precedence over --embed (clustering and similarity)."""
+    flag, path = ("--sim-model", cfg.sim_model) if cfg.sim_model else ("--embed", cfg.embed)
+    if path:
+        bands, featurize = EMBEDDING_BANDS, load_embedding(path, device, flag)
+        name = f"cosine of {Path(path).name}"
     else:
         bands, featurize, name = PIXEL_BANDS, None, "1 - normalized L2 (pixels)"
     if cfg.bands:
@@ -1458,6 +1574,7 @@ def labels_summary(cfg, labels) -> dict | None:
     if not labels:
         return None
     return dict(source=cfg.labels, clusters_kept=int(len(labels["kept"])),
+                features=clustering_space(cfg) if cfg.labels == "kmeans" else "none",
                 sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist())
 
 
@@ -1472,6 +1589,9 @@ def report_markdown(cfg, report) -> str:
              f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} "
              f"with bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. "
              "5th nL2: 5th percentile of Carlini's normalized L2 (lower = closer copies).", "",
+             f"Clustering features (Algorithm 1 line 2): "
+             f"{labels['features'] if labels else 'none (no labels)'}. "
+             f"Similarity for AMS/UMS: {sim['space']}.", "",
              "Classifier accuracy on held-out synthetic samples, by range of t:", "",
              "```", json.dumps(report["classifier_accuracy_by_t"], indent=1), "```",
              "", "Timings (s): " + json.dumps(report["timings_s"]), "",
@@ -1531,7 +1651,12 @@ def run_pipeline(cfg: Config) -> dict:
     save_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     result = run(cfg, folder, device)
     folder.phase("evaluate", "[6/6] memorization check")
-    train_images, generations = result["train"]["images"], result["generations"]
+    return rank0_only(score_and_report, cfg, folder, result, device, share=True)
+
+
+def score_and_report(cfg: Config, folder: RunFolder, result: dict, device) -> dict:
+    """The memorization check, figures and report (rank 0 alone under torchrun)."""
+    out, train_images, generations = Path(cfg.out), result["train"]["images"], result["generations"]
     evaluation = evaluate(cfg, generations, train_images, out, device)
     save_figures(evaluation, generations, train_images, out)
     timings = folder.finish()
@@ -1573,7 +1698,8 @@ def run_sweep(cfg: Config) -> dict:
         report = run_protocol(setting)
         rows.append(dict(value=value, **{m: s for m, s in report["methods"].items()}))
     save_text(Path(cfg.out) / "sweep.json", json.dumps(dict(setting=name, rows=rows), indent=2))
-    plot_sweep(name, rows, Path(cfg.out))
+    if is_main():
+        plot_sweep(name, rows, Path(cfg.out))
     return dict(setting=name, rows=rows)
 
 
@@ -2003,10 +2129,11 @@ def validate_extras(cfg: Config) -> None:
     if cfg.bands and not valid_bands(cfg.bands):
         raise UserError(f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], "
                         f"e.g. 0.5,0.65,0.75")
-    if cfg.sim_model and not Path(cfg.sim_model).is_file():
-        raise UserError(f"--sim-model {cfg.sim_model} is not a file; give a TorchScript model "
-                        f"(torch.jit.save)")
+    for flag, path in (("--embed", cfg.embed), ("--sim-model", cfg.sim_model)):
+        if path:  # load it and run it on two images now, not after an hour of training
+            load_embedding(path, "cpu", flag)(probe_images(cfg.image_size))
     validate_protocol(cfg)
+    validate_scale(cfg)
     check_writable(Path(cfg.out))
 
 
@@ -2045,13 +2172,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run: the SIDE pipeline; theorem1: the numerical check of Theorem 1")
     kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
-        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
+        help_text = f.metadata["help"]
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=help_text)
+            parser.add_argument(*flags, action="store_true", help=help_text)
         else:
             default_text = f.metadata["shown"] if f.default is None else f.default
-            parser.add_argument(flag, type=kinds[f.type], default=f.default,
-                                choices=f.metadata["choices"], help=f"{help_text} [{default_text}]")
+            parser.add_argument(*flags, type=kinds[f.type], default=f.default,
+                                choices=f.metadata["choices"] or None,
+                                help=f"{help_text} [{default_text}]")
     return parser
 
 
@@ -2063,17 +2192,169 @@ def main(argv=None) -> int:
             return 0
         cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
         apply_profile(cfg)
-        validate(cfg)
-        print("config: " + json.dumps(dataclasses.asdict(cfg)))
-        run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
+        validate(cfg)  # every rank, before any process group: bad input leaves no rank waiting
+        with distributed(cfg):
+            print("config: " + json.dumps(dataclasses.asdict(cfg)))
+            run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
         return 0
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_main():  # under torchrun every rank stops with it; rank 0 alone says it
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: finished stages are saved; rerun the same command to continue",
-              file=sys.stderr)
+        if is_main():
+            print("\ninterrupted: finished stages are saved; rerun the same command to continue",
+                  file=sys.stderr)
         return 130
+
+
+# --- I. Many GPUs: torchrun ----------------------------------------------------------------------
+# `torchrun --nproc_per_node G side.py ...` starts G copies of this file with RANK, LOCAL_RANK and
+# WORLD_SIZE set. DDPM training runs as DistributedDataParallel (each rank draws its own batches,
+# so the effective batch is G x --batch-size); sampling is sharded by generation index (shard_of,
+# beside sample()); every other stage (data, k-means, classifiers, the report) runs on rank 0
+# while the others wait, then read what rank 0 wrote. Only rank 0 writes files or prints.
+
+EVERY_RANK = ("synthetic", "samples_")  # run-folder stages that every rank computes (sampling)
+
+
+def process_rank() -> int:
+    return int(os.environ.get("RANK", 0))  # set by torchrun; 0 for a plain `python side.py`
+
+
+def process_count() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return process_rank() == 0
+
+
+def rank_and_world() -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def distributed(cfg: Config):
+    """Join torchrun's process group (nccl on CUDA, gloo on the CPU) for the length of a run.
+    Without torchrun this does nothing: torch.distributed is never initialised."""
+    if "RANK" not in os.environ:
+        yield
+        return
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
+    # rank 0 alone trains the classifiers and scores; the others wait, for hours at paper scale
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def gather_all(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] without torchrun."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def rank0_only(work, *args, share: bool = False):
+    """work(*args) on rank 0 while the others wait. A UserError on rank 0 is raised on every rank,
+    so no rank is left waiting; with share=True every rank returns rank 0's (small) result."""
+    if not dist.is_initialized():
+        return work(*args)
+    result, box = None, [None, None]
+    if is_main():
+        try:
+            result = work(*args)
+            box[0] = result if share else None
+        except UserError as error:
+            box[1] = str(error)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UserError(box[1])
+    return result if is_main() else box[0]
+
+
+def training_network(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """What the DDPM loss runs through: torch.compile'd (--compile, CUDA), then DDP under
+    torchrun. The optimizer, the EMA and the checkpoints keep the plain `model`."""
+    net = maybe_compile(model, cfg, device)
+    if dist.is_initialized():
+        # 1x1 convolutions get gradients whose strides differ only on size-1 dimensions: harmless
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    return net
+
+
+def batch_seed(seed: int) -> int:
+    """Rank 0 draws its batches with `seed` itself (one process is unchanged); rank r with
+    (seed, r)."""
+    rank = process_rank()
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def agree(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+    """The loss averaged over the ranks, and whether any rank must stop: all ranks decide alike."""
+    if not dist.is_initialized():
+        return loss.item(), stop
+    both = torch.tensor([loss.item(), float(stop)], device=loss.device)
+    dist.all_reduce(both)
+    return both[0].item() / dist.get_world_size(), both[1].item() > 0
+
+
+def validate_scale(cfg: Config) -> None:
+    """torchrun and --compile checks, made before any process group exists."""
+    labelled = any(METHODS[name].classifier for name in method_names(cfg))
+    counts = {"--n-gen": cfg.n_gen, "--n-syn": cfg.n_syn if labelled else None,
+              "--tune-n-gen": cfg.tune_n_gen if methods_to_tune(cfg) else None}
+    counts = {flag: count for flag, count in counts.items() if count is not None}
+    shared = min(counts.values())
+    if process_count() > shared:
+        given = ", ".join(f"{flag} {count}" for flag, count in counts.items())
+        raise UserError(f"torchrun started {process_count()} processes but there are only {shared} "
+                        f"generations to share ({given}); use --nproc_per_node {shared} or "
+                        f"fewer, or raise {'/'.join(counts)}")
+    problem = compile_problem(resolve_device(cfg.device)) if cfg.compile else ""
+    if problem:
+        raise UserError(f"--compile: {problem}; drop --compile to run eagerly")
+
+
+def compile_problem(device: torch.device) -> str:
+    """Why torch.compile cannot run here ('' when it can)."""
+    if not hasattr(torch, "compile"):
+        return "this PyTorch has no torch.compile (it needs PyTorch 2.0 or later)"
+    from torch import _dynamo
+    if not _dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {sys.version.split()[0]} in this PyTorch"
+    from torch.utils._triton import has_triton
+    if device.type == "cuda" and not has_triton():
+        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
+    return ""
+
+
+def maybe_compile(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """--compile: the UNet through torch.compile on CUDA; on the CPU it warns once, runs eagerly."""
+    if not cfg.compile:
+        return model
+    if device.type != "cuda":
+        warn_once("--compile applies on CUDA only; running the UNet eagerly on the CPU")
+        return model
+    return torch.compile(model)
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    if is_main():
+        print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

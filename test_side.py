@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ torch.set_num_threads(1)  # tiny networks run fastest on one thread, and shared 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real sample data not found at {SHARED}")
+slow = pytest.mark.skipif(os.environ.get("SIDE_SLOW") != "1",
+                          reason="slow (two-process torchrun runs): SIDE_SLOW=1 python -m pytest -q -k torchrun")
 
 # A tiny run: every stage, a few seconds on a CPU. TINY fixes lambda, so nothing is tuned.
 TINY_TUNED = ["--n", "12", "--image-size", "8", "--channels", "16,32", "--train-steps", "60", "--batch-size", "16",
@@ -569,14 +572,14 @@ def test_sim_model_loads_a_torchscript_embedding(tmp_path):
             return x.mean(dim=(2, 3))
     path = tmp_path / "embed.pt"
     torch.jit.save(torch.jit.script(Embed()), str(path))
-    embed = side.load_sim_model(str(path), "cpu")
+    embed = side.load_embedding(str(path), "cpu")
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     features = embed(images)
     assert features.shape == (5, 3)
     assert torch.allclose(features.norm(dim=1), torch.ones(5))
     (tmp_path / "junk.pt").write_text("not a model")
     with pytest.raises(side.UserError, match="TorchScript"):
-        side.load_sim_model(str(tmp_path / "junk.pt"), "cpu")
+        side.load_embedding(str(tmp_path / "junk.pt"), "cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -713,7 +716,27 @@ def bad_input_cases(tmp_path):
         "n_gen <= 0": (["--n-gen", "0"], "--n-gen"),
         "unwritable out": (["--out", str(blocker / "run")], "not writable"),
         "cuda missing": (["--device", "cuda"], "CUDA is not available"),
+        **bad_embedding_cases(tmp_path),
     }
+
+
+def bad_embedding_cases(tmp_path):
+    (tmp_path / "junk.pt").write_text("not a model")
+    (tmp_path / "junk.pt2").write_text("not a program")
+    torch.jit.save(torch.jit.script(FeatureMaps()), str(tmp_path / "maps.pt"))
+    return {
+        "embed missing": (["--embed", str(tmp_path / "sscd.pt")], "--embed " + str(tmp_path / "sscd.pt") + " is not a file"),
+        "embed not torchscript": (["--embed", str(tmp_path / "junk.pt")], "not a loadable TorchScript model"),
+        "embed not export": (["--embed", str(tmp_path / "junk.pt2")], "not a loadable torch.export program"),
+        "embed no vector": (["--embed", str(tmp_path / "maps.pt")], "one embedding vector per image"),
+        "sim-model no vector": (["--sim-model", str(tmp_path / "maps.pt")], "one embedding vector per image"),
+    }
+
+
+class FeatureMaps(torch.nn.Module):
+    """A model that returns feature maps, not one vector per image."""
+    def forward(self, x):
+        return x * 2
 
 
 def test_every_bad_input_gets_one_clear_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
@@ -892,6 +915,7 @@ def test_tiny_run_writes_every_output_with_sane_contents(tiny_run):
     assert report["timings_s"]["total"] > 0 and "train" in report["timings_s"]
     assert "| side |" in (tiny_run / "report.md").read_text()
     assert set(report["classifier_accuracy_by_t"]["side"]) == {f"t{a}-{b - 1}" for a, b in side.T_RANGES}
+    assert report["labels"]["features"].startswith("pixels") and "pixels" in report["similarity"]["space"]
 
 
 def test_changed_guidance_reruns_only_guided_sampling(tiny_run, capsys):
@@ -1274,6 +1298,195 @@ def test_guided_sampling_batch_keeps_the_classifier_activations_within_a_gpus_me
     batch = side.sampling_batch(torch.device("cuda"), size, guided=True)
     assert batch >= 32 and batch * sum(saved.values()) < 20 * 2**30
     assert side.sampling_batch(torch.device("cuda"), size, guided=False) == 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# the paper's feature space (--embed), --compile, and many processes (torchrun)
+# ------------------------------------------------------------------------------------------------
+
+class Projection(torch.nn.Module):
+    """A tiny image-embedding model: a fixed random projection of 3 x 8 x 8 images to 5 numbers."""
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 8 * 8, 5)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(5, 192, generator=torch.Generator().manual_seed(0)))
+            self.proj.bias.zero_()
+
+    def forward(self, x):
+        return self.proj(x.flatten(1))
+
+
+def embedding_files(tmp_path):
+    """The same tiny model as TorchScript (.pt, SSCD's format) and as a torch.export program (.pt2)."""
+    torch.jit.save(torch.jit.script(Projection()), str(tmp_path / "proj.pt"))
+    program = torch.export.export(Projection(), (torch.rand(2, 3, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "proj.pt2"))
+    return tmp_path / "proj.pt", tmp_path / "proj.pt2"
+
+
+def test_embed_clusters_and_scores_in_the_embedding_space(tmp_path):
+    scripted, _ = embedding_files(tmp_path)
+    assert side.main([*TINY, "--methods", "uncond,side", "--embed", str(scripted), "--out", str(tmp_path)]) == 0
+    assert np.load(tmp_path / "labels.npz")["centroids"].shape[1] == 5  # k-means ran on the 5-D embedding
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["labels"]["features"] == "embedding of proj.pt"
+    assert report["similarity"] == dict(space="cosine of proj.pt", bands=list(side.EMBEDDING_BANDS))
+    assert "Clustering features (Algorithm 1 line 2): embedding of proj.pt" in (tmp_path / "report.md").read_text()
+
+
+def test_embed_reads_a_torch_export_program_and_sim_model_still_sets_the_similarity(tmp_path):
+    scripted, exported = embedding_files(tmp_path)
+    images = np.random.default_rng(1).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(Projection()(side.to_unit_range(images).expand(-1, 3, -1, -1) / 2 + 0.5), dim=1)
+    cfg = tiny_config(embed=str(exported))
+    features = side.clustering_features(cfg, images, "cpu")
+    assert features.shape == (10, 5) and np.allclose(features, expected.numpy(), atol=1e-5)
+    featurize, bands, space = side.similarity_space(cfg, "cpu")
+    assert space == "cosine of proj.pt2" and bands == side.EMBEDDING_BANDS
+    assert torch.allclose(featurize(images), expected, atol=1e-5)
+    cfg.sim_model = str(scripted)  # --sim-model sets the similarity; --embed still sets the clusters
+    assert side.similarity_space(cfg, "cpu")[2] == "cosine of proj.pt" and side.clustering_space(cfg) == "embedding of proj.pt2"
+
+
+def test_compile_wraps_the_unet_on_cuda_and_warns_once_on_the_cpu(capsys, monkeypatch):
+    cfg, unet, _ = tiny_networks()
+    cfg.compile = True
+    side.warn_once.cache_clear()
+    assert side.maybe_compile(unet, cfg, torch.device("cpu")) is unet
+    assert side.maybe_compile(unet, cfg, torch.device("cpu")) is unet
+    assert capsys.readouterr().err.count("--compile applies on CUDA only") == 1
+    monkeypatch.setattr(torch, "compile", lambda module: ("compiled", module))
+    assert side.maybe_compile(unet, cfg, torch.device("cuda")) == ("compiled", unet)
+    cfg.compile = False
+    assert side.maybe_compile(unet, cfg, torch.device("cuda")) is unet
+
+
+def test_compile_unavailable_and_too_many_processes_get_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delattr(torch, "compile")
+    assert side.main([*TINY, "--compile", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--compile: this PyTorch has no torch.compile" in err and "drop --compile" in err and err.count("\n") == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("WORLD_SIZE", "13")  # what torchrun --nproc_per_node 13 sets; --n-gen is 12
+    assert side.main([*TINY, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "torchrun started 13 processes but there are only 12 generations" in err and err.count("\n") == 1
+    monkeypatch.setenv("WORLD_SIZE", "5")  # tuning lambda samples --tune-n-gen generations per row
+    assert side.main([*TINY_TUNED, "--tune-n-gen", "4", "--out", str(tmp_path)]) == 2
+    assert "only 4 generations to share (--n-gen 12, --n-syn 48, --tune-n-gen 4)" in capsys.readouterr().err
+
+
+TINY_TORCHRUN = ["--n-train" if arg == "--n" else arg for arg in TINY]  # torchrun's parser reads --n itself
+
+
+def run_torchrun(*args, timeout=300):
+    """`torchrun --standalone --nproc_per_node 2 ...` on the CPU: (exit code, stdout + stderr)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True) as run:
+        try:
+            output = run.communicate(timeout=timeout)[0]
+        except subprocess.TimeoutExpired:  # a hang: end torchrun and its workers, then fail
+            os.killpg(run.pid, signal.SIGKILL)
+            raise
+    return run.returncode, output
+
+
+def test_torchrun_with_more_processes_than_generations_stops_every_rank_with_one_line(tmp_path):
+    code, output = run_torchrun("side.py", *TINY_TORCHRUN, "--n-gen", "1", "--out", str(tmp_path), timeout=120)
+    assert code != 0 and re.search(r"exitcode\s*:\s*2\b", output), output
+    assert output.count("torchrun started 2 processes but there are only 1 generations") == 1, output
+    assert "use --nproc_per_node 1 or fewer" in output
+
+
+def sample_to_shard():
+    """Guided sampling with fresh noise at every step (eta = 1), 7 generations in batches of 2."""
+    cfg, unet, classifier = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    cfg.eta, cfg.sample_steps = 1.0, 10
+    targets = side.draw_targets(cfg.seed, 7, 3)
+    return torch.from_numpy(side.sample(unet, cfg, 7, torch.device("cpu"), classifier=classifier, targets=targets,
+                                        guidance=5.0, batch=2))
+
+
+def train_tiny_ddpm(out: Path) -> torch.nn.Module:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(train_steps=12, ckpt_every=4, out=str(out))
+    x0 = side.to_unit_range(side.load_digits(cfg)[0])
+    return side.train_ddpm(cfg, x0, side.RunFolder(cfg, torch.device("cpu")).ddpm_training(x0))
+
+
+def test_an_unfinished_checkpoint_resumes_only_with_as_many_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIDE_STOP_AT_STEP", "6")
+    with pytest.raises(side.UserError, match="stopped at step 6"):
+        train_tiny_ddpm(tmp_path)
+    monkeypatch.delenv("SIDE_STOP_AT_STEP")
+    saved = torch.load(tmp_path / "ddpm.pt", weights_only=False)
+    assert len(saved["rank_rngs"]) == 1  # one process: its own generator
+    saved["rank_rngs"] = saved["rank_rngs"] * 2  # as a two-process torchrun run leaves it
+    torch.save(saved, tmp_path / "ddpm.pt")
+    with pytest.raises(side.UserError, match=r"trained by 2 process\(es\); resume it with as many "
+                                             r"\(torchrun --nproc_per_node 2\)"):
+        train_tiny_ddpm(tmp_path)
+
+
+def torchrun_worker(out: Path) -> None:
+    """What each rank of test_torchrun_shards_sampling_and_trains_with_ddp runs (under side.distributed)."""
+    rank = side.process_rank()
+    torch.save(sample_to_shard(), out / f"samples{rank}.pt")
+    straight = train_tiny_ddpm(out / "straight")
+    os.environ["SIDE_STOP_AT_STEP"] = "6"
+    with pytest.raises(side.UserError, match="stopped at step 6"):
+        train_tiny_ddpm(out / "resumed")
+    del os.environ["SIDE_STOP_AT_STEP"]
+    resumed = train_tiny_ddpm(out / "resumed")
+    torch.save(dict(straight=straight.state_dict(), resumed=resumed.state_dict()), out / f"weights{rank}.pt")
+
+
+WORKER = """import sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import side, test_side
+with side.distributed(test_side.tiny_config()):
+    test_side.torchrun_worker(Path(sys.argv[1]))
+"""
+
+
+def equal_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@slow
+def test_torchrun_shards_sampling_and_trains_with_ddp(tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER.format(root=str(ROOT)))
+    code, output = run_torchrun(str(tmp_path / "worker.py"), str(tmp_path))
+    assert code == 0, output
+    one_process = sample_to_shard()
+    for rank in (0, 1):  # every rank holds all 7 generations, bit for bit those of one process
+        assert torch.equal(torch.load(tmp_path / f"samples{rank}.pt"), one_process)
+    weights = [torch.load(tmp_path / f"weights{rank}.pt") for rank in (0, 1)]
+    assert equal_weights(weights[0]["straight"], weights[1]["straight"])  # DDP kept the ranks in step
+    assert equal_weights(weights[0]["resumed"], weights[0]["straight"])  # stopped at 6, resumed, same weights
+    rngs = torch.load(tmp_path / "straight" / "ddpm.pt", weights_only=False)["rank_rngs"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0], rngs[1])  # each rank draws its own batches...
+    single = train_tiny_ddpm(tmp_path / "single").state_dict()
+    assert not equal_weights(single, weights[0]["straight"])  # ...so two ranks learn from twice the data
+
+
+@slow
+def test_torchrun_run_of_a_tiny_config_writes_one_report(tmp_path):
+    code, output = run_torchrun("side.py", *TINY_TORCHRUN, "--methods", "uncond,side", "--out", str(tmp_path))
+    assert code == 0, output
+    lines = output.splitlines()  # rank 0 alone prints
+    assert sum(line.startswith("report: ") for line in lines) == 1, output
+    assert sum(line.startswith("config: ") for line in lines) == 1, output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["methods"]["side"]["n_generated"] == 12
+    assert len(np.load(tmp_path / "samples_side.npz")["images"]) == 12
+    assert not list(tmp_path.glob("*.tmp*"))
 
 
 # slow (every one of the 1000 DDPM steps), so last: tools/mutate.py stops at the first failure
