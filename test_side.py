@@ -1,4 +1,8 @@
-"""Tests for side.py: each one fails when the code it checks is wrong. Run: python -m pytest -q"""
+"""Tests for side.py. Run: python -m pytest -q
+
+Every step of Algorithm 1 has a test aimed at its paper-relevant behaviour, and tools/mutate.py
+plants a list of one-line bugs in a copy of side.py and reports which test catches each one;
+every bug in that list fails this suite. A bug outside that list may still pass it."""
 import json
 import os
 import pickle
@@ -46,6 +50,55 @@ def run_cli(*args, env=None):
     return result.returncode, result.stdout, result.stderr
 
 
+class Recorder(torch.nn.Module):
+    """Wraps a network (or a stand-in `respond(x, t)`) and keeps a copy of every (x, t) it is asked about."""
+
+    def __init__(self, net=None, respond=None):
+        super().__init__()
+        self.net, self.respond, self.calls = net, respond, []
+
+    def forward(self, x, t):
+        self.calls.append((x.detach().clone(), None if t is None else t.detach().clone()))
+        return self.respond(x, t) if self.respond is not None else self.net(x, t)
+
+    def seen(self):
+        return torch.cat([x for x, _ in self.calls]), torch.cat([t for _, t in self.calls])
+
+
+def one_image_repeated(count=20, seed=0):
+    """`count` copies of one random 8x8 image (uint8) and that image in [-1, 1]: every x_t has a known x_0."""
+    pattern = np.random.default_rng(seed).integers(0, 256, (1, 8, 8, 1), dtype=np.uint8)
+    return np.repeat(pattern, count, 0), torch.from_numpy(pattern).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def unit_noise(x_t, t, x0):
+    """(x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t): the eps that made x_t from x_0 at step t."""
+    abar = side.Diffusion().alpha_bar[t].float().view(-1, 1, 1, 1)
+    return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def assert_is_q_of_xt_given_x0(x_t, t, x0):
+    """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) at the t given, with t ~ U{0..T-1}."""
+    eps = unit_noise(x_t, t, x0)
+    per_sample = eps.pow(2).mean(dim=(1, 2, 3))  # chi-square(64) / 64 per sample: 0.3..2.5 is > 5 sigma
+    assert eps.pow(2).mean().item() == pytest.approx(1.0, abs=0.06), \
+        "the variance around sqrt(abar_t) x_0 is not 1 - abar_t"
+    assert abs(eps.mean().item()) < 0.05
+    assert per_sample.min() > 0.3 and per_sample.max() < 2.5, "some x_t was not noised at the t it was told"
+    assert t.min() < 100 and t.max() > 900 and len(t.unique()) > len(t) // 3, "t is not drawn uniformly"
+
+
+def spy_on_classifiers(monkeypatch):
+    """Every classifier side.py builds is wrapped in a Recorder; returns the list of them."""
+    built, real = [], side.build_classifier
+
+    def build(*args, **kwargs):
+        built.append(Recorder(real(*args, **kwargs)))
+        return built[-1]
+    monkeypatch.setattr(side, "build_classifier", build)
+    return built
+
+
 # ------------------------------------------------------------------------------------------------
 # diffusion maths and samplers
 # ------------------------------------------------------------------------------------------------
@@ -83,6 +136,99 @@ def test_ddpm_step_is_the_posterior_q_of_x_prev_given_x_t_and_x0():
     assert diffusion.timesteps("ddim", 50)[:2] == [980, 960] and diffusion.timesteps("ddim", 50)[-1] == 0
 
 
+def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
+    """Against a peer. Convention: Diffusion.reverse_step clamps the x_0 estimate to [-1, 1] and then
+    re-derives eps from the clamped x_0, so x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev) eps is
+    consistent with the x_0 it reports, and eta = 1 with t_prev = t - 1 is exactly the DDPM posterior.
+    In diffusers that is DDIMScheduler(clip_sample=True) stepped with use_clipped_model_output=True;
+    its default (False) keeps the network's raw eps next to the clamped x_0, and differs wherever the
+    clamp bites, which is most of the early, noisy steps."""
+    diffusers = pytest.importorskip("diffusers")
+    schedule = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=True)
+    ddim = diffusers.DDIMScheduler(**schedule, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0)
+    ddim.set_timesteps(50)
+    diffusion = side.Diffusion()
+    steps = diffusion.timesteps("ddim", 50)
+    assert [int(t) for t in ddim.timesteps] == steps
+    np.testing.assert_allclose(diffusion.alpha_bar.numpy(), ddim.alphas_cumprod.numpy(), rtol=1e-5)
+
+    def eps_model(x, t):  # a deterministic stand-in, large enough that the x_0 estimate is often clamped
+        return 1.5 * torch.sin(3 * x + t / 100)
+
+    x_side = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_ref, clamped = x_side.clone(), 0
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        a_t = diffusion.alpha_bar[t].float()
+        clamped += int((((x_side - (1 - a_t).sqrt() * eps_model(x_side, t)) / a_t.sqrt()).abs() > 1).sum())
+        one_step = ddim.step(eps_model(x_side, t), t, x_side, eta=0.0, use_clipped_model_output=True).prev_sample
+        x_side = diffusion.reverse_step(x_side, eps_model(x_side, t), t, t_prev, 0.0, 0)
+        torch.testing.assert_close(x_side, one_step, atol=2e-5, rtol=1e-5)
+        x_ref = ddim.step(eps_model(x_ref, t), t, x_ref, eta=0.0, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x_side, x_ref, atol=1e-4, rtol=1e-4)  # the whole 50-step trajectory
+    assert clamped > 100  # the case exercises the clamp, where the two conventions differ
+    ddpm = diffusers.DDPMScheduler(**schedule, variance_type="fixed_small")
+    ddpm.set_timesteps(1000)
+    x0, noise, t = torch.rand(5, 1, 8, 8) * 2 - 1, torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 250, 700, 999])
+    torch.testing.assert_close(diffusion.q_sample(x0, t, noise), ddpm.add_noise(x0, noise, t))  # q(x_t | x_0)
+    for t in (999, 600, 100, 10, 0):  # (near t = 1, 1 - abar_t ~ 3e-4 and float32 rounding reaches 4e-4)
+        x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(t))
+        reference = ddpm.step(eps_model(x, t), t, x, generator=torch.Generator().manual_seed(7)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # the noise diffusers drew
+        torch.testing.assert_close(diffusion.reverse_step(x, eps_model(x, t), t, t - 1, 1.0, noise), reference,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_unet_output_is_an_eps_shaped_prediction_that_depends_on_t():
+    cfg, unet, _ = tiny_networks()
+    torch.manual_seed(2)
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        early, late = unet(x, torch.tensor([10, 10])), unet(x, torch.tensor([900, 900]))
+    assert early.shape == x.shape
+    assert (early - late).abs().mean() > 1e-3  # eps_theta(x_t, t) is told t
+
+
+def test_networks_judge_each_sample_on_its_own():
+    """Guidance differentiates the sum of per-sample log-probabilities (and eps_theta runs on a batch), so
+    no layer, attention included, may mix the samples of a batch: batched outputs equal one-at-a-time ones."""
+    cfg, unet, classifier = tiny_networks()
+    cfg.attn_res = "8,4"
+    torch.manual_seed(3)
+    attended = side.build_classifier(cfg, 1, 3, True).eval()  # self-attention at both resolutions
+    for net in (unet, classifier, attended):
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 950])
+    with torch.no_grad():
+        for net in (unet, classifier, attended):
+            alone = torch.cat([net(x[i:i + 1], t[i:i + 1]) for i in range(3)])
+            torch.testing.assert_close(net(x, t), alone, atol=1e-5, rtol=1e-4)
+
+
+def test_ddpm_loss_is_l_simple_on_q_samples_at_the_t_the_model_is_told():
+    """L_simple: the model sees x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the t of that noising,
+    and its output is compared with that very eps. A zero predictor's loss is then mean(eps^2)."""
+    _, x0 = one_image_repeated()
+    model = Recorder(respond=lambda x, t: torch.zeros_like(x))
+    loss = side.ddpm_loss(model, x0.expand(20, -1, -1, -1), torch.Generator().manual_seed(0), 400, side.Diffusion())
+    x_t, t = model.seen()
+    assert_is_q_of_xt_given_x0(x_t, t, x0)
+    assert loss.item() == pytest.approx(unit_noise(x_t, t, x0).pow(2).mean().item(), rel=1e-4)
+
+
+def test_ema_update_moves_the_average_one_minus_decay_toward_the_model():
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.data.fill_(0.0)
+        p.data.fill_(1.0)
+    side.ema_update(ema, model, 0.99, step=10_000)  # past the warm-up: decay 0.99
+    assert all(torch.allclose(e, torch.full_like(e, 0.01)) for e in ema.parameters())
+    side.ema_update(ema, model, 0.99, step=0)  # warm-up: decay min(0.99, 1 / 10)
+    assert all(torch.allclose(e, torch.full_like(e, 0.01 + 0.99 * 0.9)) for e in ema.parameters())
+
+
 def tiny_networks(num_classes=3, time_dependent=True):
     cfg = tiny_config()
     torch.manual_seed(0)
@@ -98,18 +244,6 @@ def test_guidance_zero_gives_exactly_the_unguided_samples():
     np.testing.assert_array_equal(plain, guided)
     pushed = side.sample(unet, cfg, 5, torch.device("cpu"), classifier=classifier, targets=targets, guidance=50.0)
     assert not np.array_equal(plain, pushed)  # ...and guidance > 0 does change them
-
-
-def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
-    cfg, unet, _ = tiny_networks()
-    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
-    for sampler in ("ddim", "ddpm"):
-        cfg.sampler = sampler
-        cfg.sample_steps = 10
-        in_batches_of_two = side.sample(unet, cfg, 5, torch.device("cpu"), batch=2)
-        alone = side.sample(unet, cfg, 5, torch.device("cpu"), batch=5)
-        np.testing.assert_array_equal(in_batches_of_two, alone)
-        assert not np.array_equal(alone[3], alone[4])
 
 
 def test_a_range_of_generations_drawn_alone_matches_the_same_range_of_a_full_draw():
@@ -164,6 +298,83 @@ def test_guided_eps_subtracts_lambda_sqrt_one_minus_abar_times_the_gradient():
     assert torch.allclose(eps, torch.full_like(eps, expected), atol=1e-6)
 
 
+def test_guidance_asks_the_classifier_about_the_current_x_t_at_the_current_t():
+    """Algorithm 1 line 24: grad log p_phi(c | x_t, t) at the sampler's own x_t and t. The stand-in
+    classifier pushes toward bright images only while t >= 500, so asking it at another t changes the result."""
+    cfg, unet, _ = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    model = Recorder(unet)
+    model.head = unet.head  # sample() reads the image channels from the head
+
+    def bright_while_t_is_large(x, t):
+        score = 4 * x.mean(dim=(1, 2, 3)) * (t >= 500).float()
+        return torch.stack([score, -score], 1)
+    classifier, targets = Recorder(respond=bright_while_t_is_large), np.zeros(3, dtype=int)
+    guided = side.sample(model, cfg, 3, torch.device("cpu"), classifier=classifier, targets=targets, guidance=5.0)
+    steps = side.Diffusion().timesteps(cfg.sampler, cfg.sample_steps)
+    assert [int(t[0]) for _, t in classifier.calls] == steps and all((t == t[0]).all() for _, t in classifier.calls)
+    assert len(model.calls) == len(classifier.calls)
+    for (x_model, t_model), (x_clf, t_clf) in zip(model.calls, classifier.calls):
+        assert torch.equal(x_model, x_clf) and torch.equal(t_model, t_clf)
+    plain = side.sample(unet, cfg, 3, torch.device("cpu"))
+    late_only = side.sample(unet, cfg, 3, torch.device("cpu"), classifier=Recorder(
+        respond=lambda x, t: bright_while_t_is_large(x, 999 - t)), targets=targets, guidance=5.0)
+    assert guided.mean() > plain.mean() + 5 and not np.array_equal(guided, late_only)
+
+
+def test_vanishing_guidance_through_the_gradient_path_gives_the_unguided_samples():
+    """lambda -> 0 through the guided code path (not the lambda = 0 shortcut): the same sampler, noise and
+    seeds as the unconditional run, and guided_eps is linear in lambda."""
+    cfg, unet, classifier = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    for p in classifier.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    targets = np.array([0, 1, 2, 1])
+    for eta in (0.0, 0.5):  # deterministic, and with fresh noise at every step (as DDPM)
+        cfg.eta = eta
+        plain = side.sample(unet, cfg, 4, torch.device("cpu")).astype(int)
+        faint = side.sample(unet, cfg, 4, torch.device("cpu"), classifier=classifier, targets=targets, guidance=1e-6)
+        assert np.abs(faint.astype(int) - plain).max() <= 1, eta
+    diffusion, x, t = side.Diffusion(), torch.randn(4, 1, 8, 8), torch.full((4,), 300)
+    y = torch.as_tensor(targets)
+    eps0, eps1, eps2 = (side.guided_eps(unet, classifier, x, t, y, lam, diffusion) for lam in (1e-9, 1.0, 2.0))
+    assert (eps1 - eps0).abs().max() > 1e-4
+    torch.testing.assert_close(eps2 - eps0, 2 * (eps1 - eps0), atol=1e-5, rtol=1e-4)
+
+
+def test_targets_are_drawn_uniformly_over_the_kept_labels():
+    """Algorithm 1 line 17: c ~ U{1..K'}. Chi-square over K' bins with a bound far in the tail (p < 1e-8):
+    fixed seeds make it deterministic, and a constant or a missing label exceeds it a hundredfold."""
+    for kept in (2, 7, 13):
+        targets = side.draw_targets(seed=3, count=2000, num_classes=kept)
+        counts = np.bincount(targets, minlength=kept)
+        assert len(counts) == kept and targets.min() >= 0
+        chi_square = ((counts - 2000 / kept) ** 2 / (2000 / kept)).sum()
+        assert chi_square < 3 * (kept - 1) + 40, (kept, counts)
+    assert not np.array_equal(side.draw_targets(3, 50, 5), side.draw_targets(4, 50, 5))
+
+
+def test_ddpm_sampler_is_ancestral_and_ddim_follows_its_eta(monkeypatch):
+    """--sampler ddpm visits t = 999..0 with eta = 1 (fresh noise every step: ancestral DDPM); DDIM takes
+    its stride and its --eta. A stand-in eps model keeps the 1000 steps cheap."""
+    steps_taken, real_step = [], side.Diffusion.reverse_step
+
+    def spy(self, x, eps, t, t_prev, eta, noise):
+        steps_taken.append((t, t_prev, eta, float(torch.as_tensor(noise).abs().sum())))
+        return real_step(self, x, eps, t, t_prev, eta, noise)
+    monkeypatch.setattr(side.Diffusion, "reverse_step", spy)
+    model = Recorder(respond=lambda x, t: 0.1 * x)
+    model.head = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))  # sample() reads the image channels from the head
+    cfg = tiny_config(sampler="ddpm", eta=0.0)
+    side.sample(model, cfg, 2, torch.device("cpu"))
+    assert [(t, t_prev) for t, t_prev, _, _ in steps_taken] == [(t, t - 1) for t in range(999, -1, -1)]
+    assert all(eta == 1.0 and noise > 0 for _, _, eta, noise in steps_taken)
+    steps_taken.clear()
+    side.sample(model, tiny_config(sampler="ddim", sample_steps=10, eta=0.3), 2, torch.device("cpu"))
+    assert [(t, t_prev) for t, t_prev, _, _ in steps_taken] == [(t, t - 100) for t in range(900, 0, -100)] + [(0, -1)]
+    assert all(eta == 0.3 and noise > 0 for _, _, eta, noise in steps_taken)
+
+
 # ------------------------------------------------------------------------------------------------
 # surrogate labels and classifiers
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +412,95 @@ def test_soft_cross_entropy_is_cross_entropy_for_one_hot_targets():
     logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
     expected = torch.nn.functional.cross_entropy(logits, labels)
     assert side.soft_cross_entropy(logits, torch.eye(4)[labels]).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def planted_clusters():
+    """Five well-separated directions in 16-D: three tight clusters and two loose ones (40 each)."""
+    rng = np.random.default_rng(5)
+    spreads = [0.1, 0.1, 0.1, 0.5, 0.7]
+    blocks = [np.eye(16)[k] + s * rng.standard_normal((40, 16)) / 4 for k, s in enumerate(spreads)]
+    features = np.concatenate(blocks)
+    return (features / np.linalg.norm(features, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_cohesion_filter_drops_exactly_the_clusters_below_tau_and_relabels_to_the_nearest_kept_centroid():
+    """Algorithm 1 lines 4-5, recomputed from the planted clusters: cohesion = mean cosine to the
+    cluster's (normalized) mean, keep iff >= tau, members of dropped clusters go to the nearest kept centroid."""
+    features = planted_clusters()
+    blocks = [slice(40 * k, 40 * (k + 1)) for k in range(5)]
+    centres = np.stack([features[b].mean(0) for b in blocks])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    cohesion = np.array([(features[b] @ centres[k]).mean() for k, b in enumerate(blocks)])
+    assert cohesion[:3].min() > cohesion[3:].max() + 0.05  # the case: three tight, two loose
+    tau = (cohesion[:3].min() + cohesion[3:].max()) / 2
+    result = side.surrogate_labels(features, clusters=5, cohesion=tau, seed=0)
+    np.testing.assert_allclose(np.sort(result["cohesion"]), np.sort(cohesion[:3]), atol=1e-4)
+    label_of_block = [int(np.unique(result["labels"][blocks[k]])[0]) for k in range(3)]
+    for k in range(3):
+        assert len(np.unique(result["labels"][blocks[k]])) == 1
+    assert sorted(label_of_block) == [0, 1, 2]
+    dropped = np.arange(120, 200)
+    nearest_kept_block = (features[dropped] @ centres[:3].T).argmax(1)
+    assert len(np.unique(nearest_kept_block)) == 3  # the re-assignment is not trivially one label
+    np.testing.assert_array_equal(result["labels"][dropped], np.array(label_of_block)[nearest_kept_block])
+    np.testing.assert_array_equal(result["sizes"], np.bincount(result["labels"], minlength=3))
+    at_the_edge = side.surrogate_labels(features, clusters=5, cohesion=float(np.sort(result["cohesion"])[0]), seed=0)
+    assert len(at_the_edge["kept"]) == 3  # a cluster whose cohesion equals tau is kept (>= tau)
+
+
+def test_pixel_features_are_the_centred_pixels_scaled_to_unit_length():
+    images = np.random.default_rng(4).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    mean = images.reshape(10, -1).mean(0) / 255.0
+    expected = images.reshape(10, -1) / 255.0 - mean
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(side.pixel_features(images, mean.astype(np.float32)), expected, atol=1e-5)
+
+
+def test_time_dependent_classifier_trains_on_q_xt_given_x0_told_the_t_used(monkeypatch):
+    """Eq. 2: p_phi(y | x_t, t) is trained on x_t ~ q(x_t | x_0) with t ~ U{0..T-1}, and is told that t."""
+    cfg = tiny_config(clf_steps=12, clf_batch=32)
+    images, x0 = one_image_repeated()
+    built = spy_on_classifiers(monkeypatch)
+    side.train_classifier(cfg, images, np.eye(3, dtype=np.float32)[np.arange(20) % 3], True, torch.device("cpu"), "t")
+    x_t, t = built[-1].seen()
+    assert len(x_t) == 12 * 32
+    assert_is_q_of_xt_given_x0(x_t, t, x0)
+
+
+def test_time_independent_classifier_trains_on_clean_x0_only(monkeypatch):
+    """Carlini Cond: p(y | x) sees the clean generated images, nothing noised."""
+    cfg = tiny_config(clf_steps=5, clf_batch=16)
+    images, x0 = one_image_repeated()
+    built = spy_on_classifiers(monkeypatch)
+    side.train_classifier(cfg, images, np.eye(3, dtype=np.float32)[np.arange(20) % 3], False, torch.device("cpu"), "c")
+    x, _ = built[-1].seen()
+    assert len(x) == 5 * 16 and torch.equal(x, x0.expand_as(x))
+
+
+def bright_and_dark(count, seed):
+    """Two classes a classifier must learn from x_t: label 0 = bright images, label 1 = dark images."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    images = np.where(labels[:, None, None, None] == 0, 200, 55) + rng.integers(-40, 41, (count, 8, 8, 1))
+    return images.astype(np.uint8), labels
+
+
+def test_classifier_learns_its_labels_and_accuracy_by_t_scores_each_range_of_t():
+    cfg = tiny_config(clf_steps=40, clf_batch=32)
+    images, labels = bright_and_dark(64, seed=0)
+    net = side.train_classifier(cfg, images, np.eye(2, dtype=np.float32)[labels], True, torch.device("cpu"), "b")
+    held_out, held_labels = bright_and_dark(40, seed=1)
+    accuracy = side.accuracy_by_t(net, held_out, held_labels, torch.device("cpu"), seed=0)
+    assert accuracy["t0-199"] >= 0.9, accuracy  # the labels were learnt, each with its own image
+    recorder = Recorder(respond=lambda x, t: torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1))
+    by_sign = side.accuracy_by_t(recorder, held_out, held_labels, torch.device("cpu"), seed=0)
+    assert list(by_sign) == [f"t{a}-{b - 1}" for a, b in side.T_RANGES]
+    for (x_t, t), (low, high) in zip(recorder.calls, side.T_RANGES):  # each range is scored on its own x_t
+        assert t.min() >= low and t.max() < high
+        x0 = torch.from_numpy(held_out).permute(0, 3, 1, 2).float() / 127.5 - 1
+        eps = unit_noise(x_t, t, x0)
+        assert eps.pow(2).mean().item() == pytest.approx(1.0, abs=0.1)
+    assert by_sign["t0-199"] == 1.0 and by_sign["t800-999"] < 0.9  # the sign of the mean fades with noise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,11 +770,130 @@ def test_cli_errors_have_no_traceback_and_download_offline_names_the_fix(tmp_pat
 # end to end, caching, resume and determinism
 # ------------------------------------------------------------------------------------------------
 
+def snapshot(out: Path) -> dict:
+    """Every saved array, the report, and the weights of every saved network in a run folder."""
+    saved = {path.name: dict(np.load(path)) for path in out.glob("*.npz")}
+    saved["report.json"] = json.loads((out / "report.json").read_text())
+    for path in [out / "ddpm.pt", *sorted(out.glob("classifier_*.pt"))]:
+        checkpoint = torch.load(path, weights_only=False)
+        saved[path.name] = {part: checkpoint[part] for part in ("model", "ema", "state") if part in checkpoint}
+    return saved
+
+
+def report_rows(saved: dict) -> list:
+    """The rows (methods) the snapshotted run reported, in --methods order."""
+    return list(saved["report.json"]["methods"])
+
+
+SPIED = ("sample", "train_classifier", "accuracy_by_t", "memorization_metrics")
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    assert side.main([*TINY, "--out", str(out)]) == 0
-    return out
+def tiny_run_record(tmp_path_factory):
+    """The tiny run, with every call of the SPIED lesson functions recorded as (arguments by name, result),
+    and a snapshot of the run folder before later tests rerun it with other settings."""
+    import inspect
+    out, calls = tmp_path_factory.mktemp("tiny"), {name: [] for name in SPIED}
+    with pytest.MonkeyPatch.context() as patch:
+        for name in SPIED:
+            def spy(*args, _real=getattr(side, name), _name=name, **kwargs):
+                result = _real(*args, **kwargs)
+                bound = inspect.signature(_real).bind(*args, **kwargs)
+                bound.apply_defaults()
+                calls[_name].append((bound.arguments, result))
+                return result
+            patch.setattr(side, name, spy)
+        assert side.main([*TINY, "--out", str(out)]) == 0
+    return out, calls, snapshot(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_run_record):
+    return tiny_run_record[0]
+
+
+def rows_of(images: np.ndarray) -> list:
+    return [image.tobytes() for image in images]
+
+
+def test_classifiers_learn_from_generated_samples_only_and_are_scored_on_held_out_ones(tiny_run_record):
+    """Threat model: on the k-means path the attacker's classifiers never see a training image, only the
+    N_syn generations; and the accuracy reported for each is measured on generations it was not trained on."""
+    _, calls, saved = tiny_run_record
+    (synthetic,) = [images for args, images in calls["sample"] if args["count"] == 48]  # N_syn of TINY
+    index_of = {row: i for i, row in enumerate(rows_of(synthetic))}
+    assert len(index_of) == 48  # every generation is distinct, so rows identify samples
+    training_rows = set(rows_of(saved["train_subset.npz"]["images"]))
+    labels = saved["labels.npz"]
+    trained = calls["train_classifier"]
+    # the rows' classifiers in --methods order: cond p(y|x), side p(y|x_t,t), and the shuffled
+    # control's p(y|x_t,t), which learns the same labels permuted among the samples (seed 0)
+    assert [args["time_dependent"] for args, _ in trained] == [False, True, True]
+    shuffled = side.shuffled_labels(dict(labels), seed=0)
+    learned = [labels, labels, shuffled]
+    assert not np.array_equal(shuffled["labels"], labels["labels"])
+    for (args, net), (scored, _), learns in zip(trained, calls["accuracy_by_t"], learned):
+        assert scored["net"] is net
+        rows = rows_of(args["images_u8"])
+        assert not training_rows & set(rows), "a classifier was trained on a training-set image"
+        assert all(row in index_of for row in rows), "a classifier was trained on something not generated"
+        fit = np.array([index_of[row] for row in rows])
+        held = np.array([index_of[row] for row in rows_of(scored["images_u8"])])
+        assert len(held) > 0 and not set(fit) & set(held), "accuracy measured on samples the classifier saw"
+        np.testing.assert_array_equal(args["targets"], learns["soft"][fit])
+        np.testing.assert_array_equal(scored["labels"], learns["labels"][held])
+    for method in report_rows(saved):  # the evaluation draws are fresh, not the synthetic set again
+        assert not set(rows_of(saved[f"samples_{method}.npz"]["images"])) & set(index_of), method
+
+
+def test_each_row_guides_with_its_own_classifier_judging_what_the_row_says(tiny_run_record):
+    """cond and cond_x0 share the time-independent classifier; only cond_x0 (and cond only under
+    --cond-input x0, not set here) hands it the predicted x_0. side and shuffled each have their own."""
+    _, calls, _ = tiny_run_record
+    by_row = {args["desc"].removeprefix("generate "): args for args, _ in calls["sample"]
+              if args["desc"].startswith("generate ")}
+    assert list(by_row) == ["uncond", "cond", "cond_x0", "side", "shuffled"]
+    assert by_row["uncond"]["classifier"] is None
+    wrapped = by_row["cond_x0"]["classifier"]
+    assert isinstance(wrapped, side.SeesPredictedX0) and wrapped.classifier is by_row["cond"]["classifier"]
+    nets = [by_row[row]["classifier"] for row in ("cond", "side", "shuffled")]
+    assert not any(isinstance(net, side.SeesPredictedX0) for net in nets)
+    assert len({id(net) for net in nets}) == 3
+    assert [by_row[row]["guidance"] for row in by_row] == [0.0, 10.0, 10.0, 10.0, 10.0]
+
+
+def test_cond_classifier_is_time_independent_and_side_classifier_is_not(tiny_run_record):
+    _, _, saved = tiny_run_record
+    assert not any(".time" in key for key in saved["classifier_cond.pt"]["state"])
+    assert any(".time" in key for key in saved["classifier_side.pt"]["state"])
+
+
+def test_memorization_check_scores_every_method_against_exactly_the_train_subset(tiny_run_record):
+    """The nearest neighbour of each generation is its true nearest image in train_subset.npz, by brute force."""
+    _, calls, saved = tiny_run_record
+    train = saved["train_subset.npz"]["images"]
+    report = saved["report.json"]["methods"]
+    for method in report_rows(saved):
+        generated, per = saved[f"samples_{method}.npz"]["images"], saved[f"nn_{method}.npz"]
+        dist = np.linalg.norm(generated.reshape(len(generated), 1, -1) / 255.0
+                              - train.reshape(1, len(train), -1) / 255.0, axis=2)
+        ranked = np.sort(dist, axis=1)
+        np.testing.assert_array_equal(per["nn_index"], dist.argmin(1), err_msg=method)
+        np.testing.assert_allclose(per["d1"], ranked[:, 0], rtol=1e-4, atol=1e-6, err_msg=method)
+        np.testing.assert_allclose(per["d2"], ranked[:, 1], rtol=1e-4, atol=1e-6, err_msg=method)
+        assert report[method]["memorized"] == int((ranked[:, 0] / ranked[:, 1] < 1 / 3).sum())
+    assert all(len(args["train"]) == len(train) for args, _ in calls["memorization_metrics"])
+
+
+def test_guided_methods_share_their_targets_and_draw_them_from_the_kept_labels(tiny_run_record):
+    _, _, saved = tiny_run_record
+    kept = len(saved["labels.npz"]["kept"])
+    side_targets = saved["samples_side.npz"]["targets"]
+    assert side_targets.min() >= 0 and side_targets.max() < kept
+    for method in report_rows(saved):  # every method uses the same per-sample seeds
+        if method != "uncond":  # ...and every guided one the same targets
+            np.testing.assert_array_equal(saved[f"samples_{method}.npz"]["targets"], side_targets)
+        np.testing.assert_array_equal(saved[f"samples_{method}.npz"]["seeds"], saved["samples_uncond.npz"]["seeds"])
 
 
 def test_tiny_run_writes_every_output_with_sane_contents(tiny_run):
@@ -518,9 +937,11 @@ def test_sweep_reuses_the_trained_ddpm(tiny_run, capsys):
     assert (tiny_run / "ddpm.pt").stat().st_mtime_ns == stamp
     sweep = json.loads((tiny_run / "sweep.json").read_text())
     assert [row["value"] for row in sweep["rows"]] == [0.0, 5.0]
-    # lambda = 0 makes side identical to the baseline, row for row
-    assert sweep["rows"][0]["side"]["memorized"] == sweep["rows"][0]["uncond"]["memorized"]
-    assert sweep["rows"][0]["side"]["median_nn_ratio"] == sweep["rows"][0]["uncond"]["median_nn_ratio"]
+    # lambda = 0: side and cond draw the same seeds through the same sampler as the baseline, so every
+    # number agrees; at lambda = 5 guidance must move them
+    for method in ("side", "cond"):
+        assert sweep["rows"][0][method] == sweep["rows"][0]["uncond"], method
+    assert sweep["rows"][1]["side"] != sweep["rows"][1]["uncond"]
     assert (tiny_run / "figures" / "sweep_guidance.png").is_file()
 
 
@@ -555,7 +976,7 @@ def test_an_unreadable_checkpoint_stops_with_the_fix_and_touches_nothing(tiny_ru
 
 
 def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    args = [*TINY, "--ckpt-every", "20", "--methods", "uncond,side"]
+    args = [*TINY, "--ckpt-every", "20", "--methods", "uncond"]  # the DDPM's samples show any drift
     code, _, err = run_cli(*args, "--out", str(tmp_path / "a"), env={"SIDE_STOP_AT_STEP": "30"})
     assert code == 2 and "stopped at step 30" in err and "Traceback" not in err
     code, out, err = run_cli(*args, "--out", str(tmp_path / "a"))
@@ -565,14 +986,23 @@ def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path)
     assert resumed == straight
 
 
-def test_same_seed_gives_the_same_report(tiny_run, tmp_path):
+def test_same_seed_reproduces_every_number_and_every_saved_array(tiny_run_record, tmp_path):
+    """Every method's numbers, the classifier accuracies, every .npz array and every network's weights."""
+    first = tiny_run_record[2]
     assert side.main([*TINY, "--out", str(tmp_path)]) == 0
-    first = json.loads((tiny_run / "report.json").read_text())
-    second = json.loads((tmp_path / "report.json").read_text())
-    # tiny_run was rerun above with other guidance values; compare the guidance-independent rows
-    assert first["methods"]["uncond"] == second["methods"]["uncond"]
-    np.testing.assert_array_equal(np.load(tiny_run / "samples_uncond.npz")["images"],
-                                  np.load(tmp_path / "samples_uncond.npz")["images"])
+    second = snapshot(tmp_path)
+    assert sorted(first) == sorted(second)
+    for key in ("methods", "classifier_accuracy_by_t", "labels", "similarity"):
+        assert first["report.json"][key] == second["report.json"][key], key
+    for name in first:
+        if name == "report.json":
+            continue
+        assert sorted(first[name]) == sorted(second[name]), name
+        for part, value in first[name].items():
+            if isinstance(value, dict):  # network weights
+                assert all(torch.equal(value[k], second[name][part][k]) for k in value), (name, part)
+            else:
+                np.testing.assert_array_equal(value, second[name][part], err_msg=f"{name}: {part}")
 
 
 def test_teacher_labels_run_end_to_end(tmp_path):
@@ -733,7 +1163,11 @@ def test_seeds_aggregate_equals_the_per_seed_reports_and_a_stopped_run_keeps_fin
     assert "seed0/report.md" in text and "| shuffled |" in text and "fixed, not tuned" in text
 
 
-def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tmp_path, capsys):
+def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tmp_path, capsys,
+                                                                               monkeypatch):
+    def slow_work(cfg):  # a flag that is let through fails here at once, not after a full run
+        raise AssertionError(f"slow work started for seed {cfg.seed}")
+    monkeypatch.setattr(side, "run_pipeline", slow_work)
     cases = {
         "non-integer seed": (["--seeds", "0,x"], "--seeds takes non-negative integers"),
         "repeated seed": (["--seeds", "0,1,0"], "repeats seed 0"),
@@ -1053,3 +1487,16 @@ def test_torchrun_run_of_a_tiny_config_writes_one_report(tmp_path):
     assert report["methods"]["side"]["n_generated"] == 12
     assert len(np.load(tmp_path / "samples_side.npz")["images"]) == 12
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+# slow (every one of the 1000 DDPM steps), so last: tools/mutate.py stops at the first failure
+def test_per_sample_seeds_make_each_generation_independent_of_the_batch():
+    cfg, unet, _ = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    for sampler in ("ddim", "ddpm"):
+        cfg.sampler = sampler
+        cfg.sample_steps = 10
+        in_batches_of_two = side.sample(unet, cfg, 3, torch.device("cpu"), batch=2)
+        alone = side.sample(unet, cfg, 3, torch.device("cpu"), batch=3)
+        np.testing.assert_array_equal(in_batches_of_two, alone)
+        assert not np.array_equal(alone[1], alone[2])

@@ -1,0 +1,295 @@
+"""Plant one-line bugs in a copy of side.py, one at a time, and check that the test suite catches each.
+
+Each mutation is (name, old, new): `old` must occur exactly once in side.py and is replaced by `new`
+in a copy of the project in a temporary folder, where `python -m pytest -q -x` then runs. A bug is
+caught when the suite fails; the first failing test is reported. Standard library only; slow (one
+suite run per bug, stopping at the first failure), so it is not part of CI.
+
+    OMP_NUM_THREADS=1 python tools/mutate.py                 # every mutation, a table at the end
+    OMP_NUM_THREADS=1 python tools/mutate.py --only ema     # mutations whose name contains "ema"
+    python tools/mutate.py --check                          # only check that every `old` is found
+    OMP_NUM_THREADS=1 python tools/mutate.py --no-diffusers # as on a machine without diffusers
+
+When side.py changes, a mutation whose `old` text is gone stops the script with its name: edit
+its `old` and `new` below to the new spelling of the same line.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MUTATIONS = [
+    # --- the three named bugs: sampler and classifier training lose the time of Eq. 1-2; held-out leak
+    ("sampler asks the classifier at t = 0",
+     "log_probs = F.log_softmax(classifier(x_in, t).float(), dim=1)",
+     "log_probs = F.log_softmax(classifier(x_in, torch.zeros_like(t)).float(), dim=1)"),
+    ("classifier trained with t = 0 for every input",
+     "x_t, t, _ = diffusion.noised(x0, gen)",
+     "x_t, t, _ = diffusion.noised(x0, gen, 0, 1)"),
+    ("classifier trained on clean x_0 only",
+     "return x_t, t.to(x0.device)",
+     "return x0, t.to(x0.device)"),
+    ("held-out accuracy measured on training samples",
+     'accuracy_by_t(net, synthetic[held_out], labels["labels"][held_out], device, cfg.seed)',
+     'accuracy_by_t(net, synthetic[~held_out], labels["labels"][~held_out], device, cfg.seed)'),
+    # --- classifiers (section 7) and the threat model
+    ("classifier also trained on the held-out samples",
+     'train_classifier(cfg, synthetic[~held_out], labels["soft"][~held_out]',
+     'train_classifier(cfg, synthetic, labels["soft"]'),
+    ("classifier told another t than the noising t",
+     "return x_t, t.to(x0.device)",
+     "return x_t, (T_STEPS - 1 - t).to(x0.device)"),
+    ("Cond classifier made time-dependent",
+     '"cond": Method("cond", classifier="cond", time_dependent=False',
+     '"cond": Method("cond", classifier="cond", time_dependent=True'),
+    ("SIDE classifier made time-independent",
+     '"side": Method("side", classifier="side", time_dependent=True)',
+     '"side": Method("side", classifier="side", time_dependent=False)'),
+    ("training images leak into the attacker's synthetic set",
+     'STREAM_SYNTHETIC, desc="sample N_syn")))["images"]',
+     'STREAM_SYNTHETIC, desc="sample N_syn")))["images"]; synthetic = np.concatenate('
+     '[train["images"], synthetic[len(train["images"]):]])'),
+    ("classifier learns another sample's label",
+     "loss = soft_cross_entropy(net(x, t).float(), soft[batch])",
+     "loss = soft_cross_entropy(net(x, t).float(), soft[batch.roll(1)])"),
+    ("soft cross-entropy on probabilities, not log-probabilities",
+     "return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()",
+     "return -(targets * F.softmax(logits, dim=1)).sum(1).mean()"),
+    ("classifier seed not fixed",
+     "torch.manual_seed(cfg.seed + 1)",
+     "torch.seed()"),
+    ("accuracy_by_t always scores at t = 0",
+     "x_t, t, _ = diffusion.noised(x0, gen, low, high)",
+     "x_t, t, _ = diffusion.noised(x0, gen, 0, 1)"),
+    # --- networks (section 2)
+    ("time embedding ignores t",
+     "angles = t.float()[:, None] * freqs[None]",
+     "angles = 0 * t.float()[:, None] * freqs[None]"),
+    ("self-attention mixes the samples of a batch",
+     "reshape(b, 3, c, h * w).unbind(1)",
+     "reshape(3, b, c, h * w).unbind(0)"),
+    # --- diffusion maths (section 3)
+    ("q_sample noise scaled by 1 - abar_t, not its square root",
+     "return a.sqrt() * x0 + (1 - a).sqrt() * noise",
+     "return a.sqrt() * x0 + (1 - a) * noise"),
+    ("beta schedule ends at 0.01",
+     "beta_end: float = 0.02",
+     "beta_end: float = 0.01"),
+    ("the one noising function draws t = 0 only",
+     "t = torch.randint(low, high, (len(x0),), generator=gen)",
+     "t = torch.randint(low, low + 1, (len(x0),), generator=gen)"),
+    ("DDIM timesteps with trailing spacing",
+     "return list(range(0, self.steps, stride))[::-1]",
+     "return list(range(stride - 1, self.steps, stride))[::-1]"),
+    ("x_0 estimate not clamped",
+     "x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)",
+     "x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt())"),
+    ("raw eps kept next to the clamped x_0",
+     "eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()",
+     "eps = eps"),
+    ("DDPM step variance beta_t instead of beta_tilde_t",
+     "sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()",
+     "sigma = eta * (1 - a_t / a_prev).sqrt()"),
+    # --- DDPM training (section 4)
+    ("DDPM regresses x_0 instead of eps",
+     "t.to(x0.device)).float(), noise)",
+     "t.to(x0.device)).float(), x0)"),
+    ("DDPM model told t = 0",
+     "t.to(x0.device)).float(), noise)",
+     "(0 * t).to(x0.device)).float(), noise)"),
+    ("EMA moves by decay instead of 1 - decay",
+     "e.lerp_(p, 1 - decay)",
+     "e.lerp_(p, decay)"),
+    # --- sampling and guidance (section 5)
+    ("guidance pushes away from the target",
+     "return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad",
+     "return eps + guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad"),
+    ("guidance scaled by 1 - abar_t, not its square root",
+     "return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad",
+     "return eps - guidance * (1 - diffusion.abar(t.cpu(), x)) * grad"),
+    ("guidance toward class 0 whatever the target",
+     "selected = log_probs[torch.arange(len(x), device=x.device), targets].sum()",
+     "selected = log_probs[:, 0].sum()"),
+    ("DDPM sampler without fresh noise (eta = 0)",
+     'eta = 1.0 if cfg.sampler == "ddpm" else cfg.eta',
+     "eta = cfg.eta"),
+    ("every generation draws the same noise",
+     "rngs = [sample_rng(cfg.seed, stream, i) for i in",
+     "rngs = [sample_rng(cfg.seed, stream, 0) for i in"),
+    ("random streams ignore their purpose",
+     "np.random.SeedSequence([seed, stream, index])",
+     "np.random.SeedSequence([seed, index])"),
+    # --- surrogate labels (section 6)
+    ("pixel features not centred",
+     "flat = flat_pixels(images_u8) / 255.0 - mean",
+     "flat = flat_pixels(images_u8) / 255.0"),
+    ("a cluster with cohesion exactly tau is dropped",
+     "kept = np.flatnonzero(cohesions >= cohesion)",
+     "kept = np.flatnonzero(cohesions > cohesion)"),
+    ("dropped members go to the farthest kept centroid",
+     "similarity[:, nonempty].argmax(1)",
+     "similarity[:, nonempty].argmin(1)"),
+    ("cohesion measured against the mean centroid",
+     "cosines = (features * centroids[kmeans.labels_]).sum(1)",
+     "cosines = (features * centroids.mean(0)).sum(1)"),
+    # --- extraction (section 8)
+    ("one constant target cluster",
+     "torch.randint(num_classes, (1,), generator=",
+     "torch.randint(1, (1,), generator="),
+    ("the last kept label is never a target",
+     "torch.randint(num_classes, (1,), generator=",
+     "torch.randint(max(1, num_classes - 1), (1,), generator="),
+    ("guided methods sample with other seeds than the baseline",
+     "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets,",
+     "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL + 10, classifier, targets,"),
+    ("SeesPredictedX0 skips the 1 / sqrt(abar_t) rescale",
+     "self.model(x, t).float()) / a.sqrt(), t)",
+     "self.model(x, t).float()), t)"),
+    ("the cond_x0 row judges x_t, not the predicted x_0",
+     'if method.sees == "x0":',
+     'if method.sees == "x_0":'),
+    # --- the controls (section 5) and the protocol (appendix F)
+    ("the shuffled control does not permute the labels",
+     'return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])',
+     "return dict(labels)"),
+    ("the shuffled row's classifier learns the unshuffled labels",
+     "return shuffled_labels(labels, cfg.seed)",
+     "return labels"),
+    ("oracle labels misaligned with the samples",
+     "kept, labels = np.unique(index[:, 0], return_inverse=True)",
+     "kept, labels = np.unique(index[::-1, 0], return_inverse=True)"),
+    ("every row samples at the first guided row's lambda",
+     'pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())',
+     'pinned = ",".join(f"{m}={next(iter(choice[\'lambdas\'].values()))!r}" for m in choice["lambdas"])'),
+    ("a row's samples not keyed by its own lambda",
+     "cfg, row, model, classifier, guidance, device), guidance=guidance)",
+     "cfg, row, model, classifier, guidance, device))"),
+    ("lambda tuned on the first reported seed",
+     "tune_cfg = dataclasses.replace(cfg, seed=cfg.tune_seed,",
+     "tune_cfg = dataclasses.replace(cfg, seed=reported_seeds(cfg)[0],"),
+    ("the tuned lambda is the one with the fewest copies",
+     "return float(max(curve, key=score))",
+     "return float(min(curve, key=score))"),
+    ("a tune seed among the reported seeds is accepted",
+     "if methods_to_tune(cfg) and cfg.tune_seed in seeds:",
+     "if methods_to_tune(cfg) and cfg.tune_seed in seeds and False:"),
+    ("aggregate mean taken over the methods, not the seeds",
+     'summary = {m: {k: spread([r["methods"][m][k] for r in reports.values()]) for k in first[m]}',
+     'summary = {m: {k: spread([row[k] for row in first.values()]) for k in first[m]}'),
+    ("seed spread minimum is the mean",
+     "min=float(np.min(values))",
+     "min=float(np.mean(values))"),
+    ("ever-extracted counts subset positions, not dataset indices",
+     'copied |= set(indices[nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD]].tolist())',
+     'copied |= set(nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD].tolist())'),
+    # --- memorization check (section 9)
+    ("memorization scored against all but one training image",
+     'memorization_metrics(data["images"], train_images, featurize, bands, device)',
+     'memorization_metrics(data["images"], train_images[1:], featurize, bands, device)'),
+    ("d2 is the 50th nearest, not the second",
+     "d1, d2 = dist[:, 0], dist[:, min(1, dist.shape[1] - 1)]",
+     "d1, d2 = dist[:, 0], dist[:, -1]"),
+]
+
+IGNORED = shutil.ignore_patterns(".git", "runs", "data", "__pycache__", ".pytest_cache", "*.pyc", ".venv*")
+
+
+def check_mutations(source: str, mutations: list) -> None:
+    """Stop with the names of every mutation whose `old` text is missing or ambiguous in side.py."""
+    problems = []
+    for name, old, new in mutations:
+        count = source.count(old)
+        if count != 1:
+            problems.append(f"  {name!r}: {'not found' if count == 0 else f'found {count} times'}: {old!r}")
+        elif old == new:
+            problems.append(f"  {name!r}: new equals old")
+    if problems:
+        sys.exit("side.py has changed; edit these mutations in tools/mutate.py:\n" + "\n".join(problems))
+
+
+def blocker(folder: Path) -> Path:
+    """A `diffusers` package that fails to import, so pytest.importorskip skips as without diffusers."""
+    package = folder / "blocked" / "diffusers"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('diffusers blocked by tools/mutate.py')\n")
+    return package.parent
+
+
+def run_suite(source: str, timeout: int, no_diffusers: bool, pytest_args: list, origin: Path = ROOT) -> tuple:
+    """(exit code, first failing test, seconds) of the suite on a copy of `origin` with `source` as side.py."""
+    with tempfile.TemporaryDirectory(prefix="side-mutant-") as tmp:
+        project = Path(tmp) / ROOT.name
+        shutil.copytree(origin, project, ignore=IGNORED)
+        if (ROOT.parent / "shared").is_dir():  # the tests look for real sample data at ../shared/data
+            (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")
+        (project / "side.py").write_text(source)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        if no_diffusers:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocker(Path(tmp))), env.get("PYTHONPATH")]))
+        start = time.perf_counter()
+        try:
+            command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args]
+            result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"(timed out after {timeout} s)", time.perf_counter() - start
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.M)
+        first = failed[0].split("::")[-1] if failed else (result.stdout.strip().splitlines() or ["?"])[-1]
+        return result.returncode, first, time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=[], help="run the mutations whose name contains one of these")
+    parser.add_argument("--check", action="store_true", help="only check that every mutation applies")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--clean", action="store_true", help="first run the suite on the unmodified side.py")
+    parser.add_argument("--no-diffusers", action="store_true", help="hide diffusers, as on a machine without it")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per suite run")
+    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    args = parser.parse_args()
+    source = (ROOT / "side.py").read_text()
+    names = [name for name, _, _ in MUTATIONS]
+    if len(set(names)) != len(names):
+        sys.exit("two mutations share a name")
+    check_mutations(source, MUTATIONS)
+    chosen = [m for m in MUTATIONS if not args.only or any(part in m[0] for part in args.only)]
+    if args.list or args.check:
+        print("\n".join(f"{name}: {old!r} -> {new!r}" for name, old, new in chosen))
+        print(f"{len(chosen)} mutations; every `old` occurs exactly once in side.py")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="side-frozen-") as frozen:
+        origin = Path(frozen) / ROOT.name  # the project as it was at the start: edits made meanwhile do not leak in
+        shutil.copytree(ROOT, origin, ignore=IGNORED)
+        return run_all(chosen, source, args, origin)
+
+
+def run_all(chosen: list, source: str, args, origin: Path) -> int:
+    if args.clean:
+        code, first, seconds = run_suite(source, args.timeout, args.no_diffusers, args.pytest_args, origin)
+        print(f"unmodified side.py: exit {code} in {seconds:.0f} s ({first})", flush=True)
+        if code != 0:
+            return 2
+    rows = []
+    for i, (name, old, new) in enumerate(chosen, 1):
+        code, first, seconds = run_suite(source.replace(old, new), args.timeout, args.no_diffusers,
+                                         args.pytest_args, origin)
+        verdict = "SURVIVED" if code == 0 else "caught"
+        rows.append((name, verdict, first if code != 0 else "-", seconds))
+        print(f"[{i}/{len(chosen)}] {verdict:8s} {seconds:5.0f} s  {name}  <- {first}", flush=True)
+    print("\n| planted bug | result | first failing test | s |\n| --- | --- | --- | --- |")
+    for name, verdict, first, seconds in rows:
+        print(f"| {name} | {verdict} | {first} | {seconds:.0f} |")
+    survived = [row[0] for row in rows if row[1] == "SURVIVED"]
+    print(f"\n{len(rows) - len(survived)} of {len(rows)} caught" + (f"; survived: {survived}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
