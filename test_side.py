@@ -456,24 +456,26 @@ def test_pixel_features_are_the_centred_pixels_scaled_to_unit_length():
     np.testing.assert_allclose(side.pixel_features(images, mean.astype(np.float32)), expected, atol=1e-5)
 
 
-def test_time_dependent_classifier_trains_on_q_xt_given_x0_told_the_t_used(monkeypatch):
-    """Eq. 2: p_phi(y | x_t, t) is trained on x_t ~ q(x_t | x_0) with t ~ U{0..T-1}, and is told that t."""
-    cfg = tiny_config(clf_steps=12, clf_batch=32)
+def inputs_seen_in_training(monkeypatch, time_dependent: bool, steps: int, batch: int):
+    """Train a classifier on one image repeated; return (x0, every (x, t) its network was given)."""
+    cfg = tiny_config(clf_steps=steps, clf_batch=batch)
     images, x0 = one_image_repeated()
     built = spy_on_classifiers(monkeypatch)
-    side.train_classifier(cfg, images, np.eye(3, dtype=np.float32)[np.arange(20) % 3], True, torch.device("cpu"), "t")
-    x_t, t = built[-1].seen()
+    targets = np.eye(3, dtype=np.float32)[np.arange(20) % 3]
+    side.train_classifier(cfg, images, targets, time_dependent, torch.device("cpu"), "spied")
+    return x0, built[-1].seen()
+
+
+def test_time_dependent_classifier_trains_on_q_xt_given_x0_told_the_t_used(monkeypatch):
+    """Eq. 2: p_phi(y | x_t, t) is trained on x_t ~ q(x_t | x_0) with t ~ U{0..T-1}, and is told that t."""
+    x0, (x_t, t) = inputs_seen_in_training(monkeypatch, True, steps=12, batch=32)
     assert len(x_t) == 12 * 32
     assert_is_q_of_xt_given_x0(x_t, t, x0)
 
 
 def test_time_independent_classifier_trains_on_clean_x0_only(monkeypatch):
     """Carlini Cond: p(y | x) sees the clean generated images, nothing noised."""
-    cfg = tiny_config(clf_steps=5, clf_batch=16)
-    images, x0 = one_image_repeated()
-    built = spy_on_classifiers(monkeypatch)
-    side.train_classifier(cfg, images, np.eye(3, dtype=np.float32)[np.arange(20) % 3], False, torch.device("cpu"), "c")
-    x, _ = built[-1].seen()
+    x0, (x, _) = inputs_seen_in_training(monkeypatch, False, steps=5, batch=16)
     assert len(x) == 5 * 16 and torch.equal(x, x0.expand_as(x))
 
 
