@@ -1546,13 +1546,10 @@ TABLE_COLUMNS = [("memorized_fraction", "Gu mem. %", 100), ("unique_memorized", 
 
 
 def markdown_table(methods: dict) -> str:
-    header = "| method | " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
-    rows = [header, "|" + " --- |" * (len(TABLE_COLUMNS) + 1)]
-    for method, s in methods.items():
-        cells = [f"{s[key] * scale:.3f}" if isinstance(s[key], float) else str(s[key])
-                 for key, _, scale in TABLE_COLUMNS]
-        rows.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    header = ["method"] + [title for _, title, _ in TABLE_COLUMNS]
+    rows = [[method] + [f"{s[key] * scale:.3f}" if isinstance(s[key], float) else str(s[key])
+                        for key, _, scale in TABLE_COLUMNS] for method, s in methods.items()]
+    return "\n".join(table_lines(header, rows))
 
 
 def write_report(cfg, evaluation, labels, accuracies, timings, out) -> dict:
