@@ -461,8 +461,8 @@ def sampling_stepper(unet, classifier, cfg, batch: int, device):
     t = torch.full((batch,), 500, device=device)
     targets = torch.randint(cfg.clusters, (batch,), device=device)
     guidance = cfg.guidance if classifier is not None else 0.0
-    return lambda: diffusion.reverse_step(x, side.guided_eps(unet, classifier, x, t, targets, guidance, diffusion),
-                                          500, 480, cfg.eta, 0)
+    return lambda: side.reverse_step(diffusion, x, side.guided_eps(unet, classifier, x, t, targets, guidance, diffusion),
+                                     500, 480, cfg.eta, 0)
 
 
 def measure_gpu(cfg: side.Config, flops: dict, device, repeats: int) -> dict:

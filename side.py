@@ -6,9 +6,9 @@ The lesson comes first, in the order of the paper's Algorithm 1:
 
     0. configuration        every setting in one block; the command line is the one override path
     1. networks             a small UNet eps_theta(x_t, t); its encoder half is the classifier's
-    2. diffusion maths      linear beta schedule, q(x_t | x_0), the DDIM / DDPM reverse step
+    2. diffusion maths      linear beta schedule, the forward process q(x_t | x_0)
     3. DDPM training        L_simple, Adam, EMA: the target model
-    4. guided sampling      per-sample seeds, one guidance function for both samplers (Eq. 1)
+    4. guided sampling      the guided score (Eq. 1), the DDIM / DDPM reverse step, per-sample seeds
     5. surrogate labels     Algorithm 1 lines 2-5: embed, k-means, cohesion filter, relabel
     6. classifiers          Algorithm 1 line 6 / Eq. 2: p_phi(y | x_t, t) on noised samples
     7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
@@ -35,7 +35,6 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +44,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# bars with loss and ETA; under torchrun only rank 0 (RANK, set by torchrun) draws them
-progress = functools.partial(tqdm, mininterval=1.0, dynamic_ncols=True,
-                             disable=os.environ.get("RANK", "0") != "0")
-
 # =================================================================================================
 # 0. Configuration. Every setting is a field; the command line is the one override path. Fields
 #    left as None are filled by the profile for (dataset, device) (appendix A, PROFILES).
@@ -57,13 +52,12 @@ progress = functools.partial(tqdm, mininterval=1.0, dynamic_ncols=True,
 
 def option(default, help: str, choices: tuple | None = None, shown: str = "profile",
            aliases: tuple = ()):
-    """A Config field; `shown` is what --help prints as the default when it is None; `aliases`
-    are other flags for it."""
-    return field(default=default, metadata=dict(help=help, choices=choices, shown=shown,
-                                                aliases=aliases))
+    """A Config field. `shown`: what --help prints for a None default; `aliases`: other flags."""
+    metadata = dict(help=help, choices=choices, shown=shown, aliases=aliases)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # --- data: the training set D of the target model ---
     dataset: str = option("digits", "training set D", ("digits", "celeba", "cifar10", "folder"))
@@ -270,11 +264,6 @@ class UNet(nn.Module):
         return self.head(h)
 
 
-def build_unet(cfg: Config, in_ch: int) -> UNet:
-    return UNet(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
-                cfg.image_size)
-
-
 # =================================================================================================
 # 2. Diffusion maths. Linear betas 1e-4..0.02 over T = 1000 (Ho et al. 2020). Forward process
 #    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I); this same process noises the classifier's
@@ -307,26 +296,6 @@ class Diffusion:
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         return self.q_sample(x0, t, noise), t, noise
 
-    def timesteps(self, sampler: str, sample_steps: int) -> list[int]:
-        """Original timestep indices visited, descending to 0: all for DDPM; for DDIM every
-        (T / steps)-th, T - T/steps ... 0 (diffusers' "leading" spacing: 980, ..., 0 for 50)."""
-        stride = 1 if sampler == "ddpm" else self.steps // sample_steps
-        return list(range(0, self.steps, stride))[::-1]
-
-    def reverse_step(self, x, eps, t: int, t_prev: int, eta: float, noise) -> torch.Tensor:
-        """One DDIM step t -> t_prev (Song et al. 2021, Eq. 12) with x_0 clamped to [-1, 1].
-
-        eta = 1 with t_prev = t - 1 is exactly ancestral DDPM with variance beta_tilde_t, so one
-        step function serves both samplers. No noise is added on the last step (t_prev = -1)."""
-        index = torch.full((x.shape[0],), t, dtype=torch.long)
-        a_t = self.abar(index, x)
-        a_prev = self.abar(index - (t - t_prev), x)
-        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # the noise consistent with the clamped x_0
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        return x_prev + sigma * noise if t_prev >= 0 else x_prev
-
 
 DIFFUSION = Diffusion()  # the target model's schedule, built once; every function below uses it
 
@@ -354,9 +323,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 
 
 def train_ddpm(cfg: Config, x0_all: torch.Tensor, training, diffusion: Diffusion = DIFFUSION):
-    """The target DPM; returns its EMA network. `training` (appendix C) holds model, EMA copy,
-    Adam and batch generator, and yields the steps to do; resume, checkpoints, Ctrl-C live there.
-    `net` is `model` itself, or its DDP / torch.compile wrapper (appendix I: many GPUs)."""
+    """The target DPM; returns its EMA network. `training` (appendix C) yields the steps to do and
+    holds the rest: resume, checkpoints, Ctrl-C, and `net`, the model or its DDP wrapper."""
     model, ema, opt, gen, net = (training.state[k] for k in ("model", "ema", "opt", "generator",
                                                               "net"))
     for step in training.steps():
@@ -372,7 +340,8 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, training, diffusion: Diffusion
 # =================================================================================================
 # 4. Guided sampling. The guided score (paper Eq. 1 / Algorithm 1 line 24) is
 #    s_theta + lambda grad log p_phi(c | x_t); since s_theta = -eps / sqrt(1 - abar_t), in
-#    eps-space it is eps - lambda sqrt(1 - abar_t) grad. One guidance function serves both samplers.
+#    eps-space it is eps - lambda sqrt(1 - abar_t) grad. One guidance function and one reverse
+#    step (DDIM, Song et al. 2021) serve both samplers.
 # =================================================================================================
 
 
@@ -390,6 +359,28 @@ def guided_eps(model, classifier, x, t, targets, guidance: float, diffusion: Dif
     return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad
 
 
+def sampling_timesteps(diffusion: Diffusion, sampler: str, sample_steps: int) -> list[int]:
+    """Original timestep indices visited, descending to 0: all for DDPM; for DDIM every
+    (T / steps)-th, T - T/steps ... 0 (diffusers' "leading" spacing: 980, ..., 0 for 50)."""
+    stride = 1 if sampler == "ddpm" else diffusion.steps // sample_steps
+    return list(range(0, diffusion.steps, stride))[::-1]
+
+def reverse_step(diffusion: Diffusion, x, eps, t: int, t_prev: int, eta: float,
+                 noise) -> torch.Tensor:
+    """One DDIM step t -> t_prev (Song et al. 2021, Eq. 12) with x_0 clamped to [-1, 1].
+
+    eta = 1 with t_prev = t - 1 is exactly ancestral DDPM with variance beta_tilde_t, so one
+    step function serves both samplers. No noise is added on the last step (t_prev = -1)."""
+    index = torch.full((x.shape[0],), t, dtype=torch.long)
+    a_t = diffusion.abar(index, x)
+    a_prev = diffusion.abar(index - (t - t_prev), x)
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # the noise consistent with the clamped x_0
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    return x_prev + sigma * noise if t_prev >= 0 else x_prev
+
+
 STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # independent random streams per purpose
 
 
@@ -403,11 +394,10 @@ def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
 def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
            classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample",
            batch: int = 0, start: int = 0, diffusion: Diffusion = DIFFUSION) -> np.ndarray:
-    """Generations start .. start+count-1 (uint8), batch by batch; guided toward `targets` (one per
-    generation, aligned with them) when guidance > 0. Under torchrun each process draws its share
-    (shard_of) and every process returns all of them, in order."""
+    """Generations start .. start+count-1 (uint8), batch by batch, guided toward `targets` (one per
+    generation) when guidance > 0. Under torchrun each process draws its share (appendix I)."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
-    steps = diffusion.timesteps(cfg.sampler, cfg.sample_steps)
+    steps = sampling_timesteps(diffusion, cfg.sampler, cfg.sample_steps)
     eta = 1.0 if cfg.sampler == "ddpm" else cfg.eta
     guided = classifier is not None and guidance > 0
     batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
@@ -424,25 +414,16 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
             noise = 0
             if eta > 0:
                 noise = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
-            x = diffusion.reverse_step(x, eps, t, t_prev, eta, noise)
+            x = reverse_step(diffusion, x, eps, t, t_prev, eta, noise)
         images.append(to_uint8(x))
     return np.concatenate(gather_all(np.concatenate(images)))  # every process's share, in order
 
 
-def shard_of(count: int) -> range:
-    """The generations this process draws: a contiguous block of 0..count-1 per torchrun rank.
-    Generation i depends only on (seed, stream, i), so G processes give exactly the images one
-    process gives."""
-    rank, world = rank_and_world()
-    return range(rank * count // world, (rank + 1) * count // world)
-
-
 # =================================================================================================
 # 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in part1()).
-#    Features F(x): the paper uses SSCD; that needs a download, so by default we use the pixels
-#    themselves, centred on the synthetic-set mean and L2-normalized. At 8-32 px, pixel space is
-#    meaningful, it is the space the memorization check measures in, and it needs no pretrained
-#    network. --embed PATH uses a local embedding model (SSCD's TorchScript file) instead.
+#    Features F(x): the paper uses SSCD, a download; by default we use the pixels, centred on the
+#    synthetic-set mean and L2-normalized: at 8-32 px they are meaningful, and they are the space
+#    the memorization check measures in. --embed PATH uses a local model (e.g. SSCD) instead.
 # =================================================================================================
 
 
@@ -465,10 +446,8 @@ def clustering_features(cfg: Config, images_u8: np.ndarray, device) -> np.ndarra
 
 
 def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed: int) -> dict:
-    """k-means, the cohesion filter, and relabelling to the nearest kept centroid.
-
-    Cohesion of cluster k = mean cosine(z, mu_k) over its members (Algorithm 1 line 4). Samples of
-    dropped clusters are re-assigned to the nearest kept centroid (line 5, as written)."""
+    """k-means (line 3), then cohesion of cluster k = mean cosine(z, mu_k) over its members; keep
+    those >= tau (line 4); samples of dropped clusters go to the nearest kept centroid (line 5)."""
     from sklearn.cluster import KMeans
     kmeans = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(features)
     centers = kmeans.cluster_centers_
@@ -498,38 +477,6 @@ def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device) -> 
     return labels
 
 
-STREAM_SHUFFLE = 3  # the permutation of the `shuffled` control has its own random stream
-
-
-def shuffled_labels(labels: dict, seed: int) -> dict:
-    """The `shuffled` control: the surrogate labels permuted at random among the synthetic samples.
-
-    Every cluster keeps its size, but a label no longer says anything about the image it sits on:
-    p_i = p in Theorem 1, which then predicts no gain. If this control gains as much as SIDE, the
-    clusters are not what helps."""
-    order = np.random.default_rng([seed, STREAM_SHUFFLE]).permutation(len(labels["labels"]))
-    return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])
-
-
-def oracle_labels(synthetic: np.ndarray, train_images: np.ndarray) -> dict:
-    """The `oracle` control: each synthetic sample labelled with its nearest training image (pixel
-    L2). Only the model's owner could make these labels, so this is no attack: it bounds what
-    better surrogate labels could do. Classes are the training images nearest to some sample."""
-    _, index = nearest_neighbours(synthetic, train_images, 1)
-    kept, labels = np.unique(index[:, 0], return_inverse=True)
-    return dict(labels=labels, soft=np.eye(len(kept), dtype=np.float32)[labels], kept=kept,
-                sizes=np.bincount(labels, minlength=len(kept)))
-
-
-def classifier_labels(cfg: Config, source: str, labels: dict, synthetic, train: dict) -> dict:
-    """What a row's classifier learns: the surrogate labels, or a control made from them."""
-    if source == "shuffled":
-        return shuffled_labels(labels, cfg.seed)
-    if source == "oracle":
-        return oracle_labels(synthetic, train["images"])
-    return labels
-
-
 # =================================================================================================
 # 6. Classifiers. SIDE trains p_phi(y | x_t, t) with cross-entropy on x_t = q_sample(x_0, t), t
 #    uniform (Eq. 2): x_t comes from the target model's own forward process. Carlini Cond trains
@@ -556,11 +503,6 @@ class Classifier(nn.Module):
     def forward(self, x, t):
         h, _ = self.encoder(x, self.time(t) if self.time is not None else None)
         return self.head(h)
-
-
-def build_classifier(cfg: Config, in_ch: int, num_classes: int, time_dependent: bool) -> Classifier:
-    return Classifier(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
-                      cfg.image_size, num_classes, time_dependent)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -612,16 +554,15 @@ def fit_classifier(cfg: Config, synthetic: np.ndarray, labels: dict, time_depend
 
 # =================================================================================================
 # 7. Extraction: Algorithm 1, Part 2. For each generation draw a target cluster c ~ U{1..K'} and
-#    sample with the guided score. `uncond` (Carlini UnCond) is the same call with lambda = 0;
-#    `cond` (Carlini Cond) guides with the time-independent classifier. By default it is applied to
-#    x_t directly, so the only difference from `side` is the time-dependence (noise-awareness) of
-#    p_phi; `cond_x0` lets it judge the predicted x_0 instead, the stronger common variant. Two
-#    controls guide like `side` with other labels (section 5): `shuffled` and `oracle`. Each row
-#    samples at its own lambda, chosen on a seed that is never reported (appendix F).
+#    sample with the guided score. `uncond` (Carlini UnCond) is the same call with lambda = 0.
+#    `cond` (Carlini Cond) guides with the time-independent classifier on x_t, so it differs from
+#    `side` only in noise-awareness; `cond_x0` judges the predicted x_0. The controls `shuffled`
+#    and `oracle` (appendix D) guide like `side` with other labels. Each row has its own lambda,
+#    chosen on a seed that is never reported (appendix F).
 # =================================================================================================
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Method:
     """One row of Table 1, as data: a new row is a new entry in METHODS."""
     name: str                    # the row's name; its generations go to samples_<name>.npz
@@ -637,12 +578,6 @@ METHODS = {"uncond": Method("uncond", classifier=None),  # no classifier: lambda
            "side": Method("side", classifier="side", time_dependent=True),
            "shuffled": Method("shuffled", classifier="shuffled", labels="shuffled"),  # a control
            "oracle": Method("oracle", classifier="oracle", labels="oracle")}  # an upper bound
-
-
-def method_rows(cfg: Config) -> list[Method]:
-    """The rows --methods asks for, in its order, with --cond-input filled in."""
-    rows = [METHODS[name] for name in method_names(cfg)]
-    return [dataclasses.replace(r, sees=cfg.cond_input) if r.sees is None else r for r in rows]
 
 
 def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
@@ -668,11 +603,10 @@ def extract(cfg: Config, method: Method, model, classifier, guidance: float, dev
 
 
 # =================================================================================================
-# 8. Memorization check. Pixel L2 nearest neighbours, computed block by block so the N_G x n x
-#    pixels tensor is never built. Gu et al. 2023: memorized iff d1 / d2 < 1/3. Carlini et al. 2023:
-#    normalized L2 = d1 / (alpha * mean distance to the 50 nearest), alpha = 0.5. AMS / UMS (paper
-#    Eq. 6-9) need a similarity gamma: with --sim-model, the cosine of its embeddings (SSCD in the
-#    paper); by default gamma = 1 - normalized L2, the paper's own measure for low-resolution data.
+# 8. Memorization check, in pixel L2, block by block (the N_G x n x pixels tensor is never built).
+#    Gu et al. 2023: memorized iff d1 / d2 < 1/3. Carlini et al. 2023: normalized L2 = d1 / (alpha
+#    * mean distance to the 50 nearest), alpha = 0.5. AMS / UMS (Eq. 6-9) use a similarity gamma:
+#    1 - normalized L2 (the paper's measure at low resolution), or --sim-model's cosine (SSCD).
 # =================================================================================================
 
 GU_THRESHOLD = 1 / 3
@@ -699,11 +633,9 @@ def nearest_neighbours(generated: np.ndarray, train: np.ndarray, k: int, device=
 
 
 def pixel_similarity(dist: np.ndarray, index: np.ndarray, n_train: int, bands):
-    """gamma = 1 - normalized L2 for the k nearest; the same outputs as similarity_scan.
-
-    gamma >= 0 means d <= alpha * (mean of the k nearest) < (largest of the k nearest), so every
-    training image in a band (all have gamma >= bands[0] >= 0) is among the k nearest: no second
-    pass."""
+    """gamma = 1 - normalized L2 for the k nearest; the same outputs as similarity_scan. gamma >= 0
+    means d <= alpha * (mean of the k nearest) < (largest of the k nearest), so every training
+    image in a band (all have gamma >= bands[0] >= 0) is among the k nearest: no second pass."""
     gamma = 1 - dist / (CARLINI_ALPHA * np.maximum(dist.mean(1, keepdims=True), 1e-12))
     hit = {name: np.zeros(n_train, dtype=bool) for name in ("low", "mid", "high")}
     for name, in_band in band_masks(gamma, bands).items():
@@ -738,9 +670,9 @@ def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, ba
 
 
 # =================================================================================================
-# 9. Algorithm 1, top to bottom. No file handling here: `folder`, the run folder (appendix C), is
-#    called as folder(name, compute) and returns compute()'s result, or the one an earlier run
-#    with the same settings saved under that name; folder.phase() names and times each step.
+# 9. Algorithm 1, top to bottom, with no file handling: `folder` (the run folder, appendix C) is
+#    called as folder(name, compute) and returns compute()'s result, or the one a run with the same
+#    settings saved under that name; folder.phase() names and times each step.
 # =================================================================================================
 
 
@@ -863,6 +795,22 @@ def autocast(device: torch.device):
 
 def channel_list(text: str) -> list[int]:
     return [int(c) for c in text.split(",") if c.strip()]
+
+
+def build_unet(cfg: Config, in_ch: int) -> UNet:
+    return UNet(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
+                cfg.image_size)
+
+
+def build_classifier(cfg: Config, in_ch: int, num_classes: int, time_dependent: bool) -> Classifier:
+    return Classifier(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
+                      cfg.image_size, num_classes, time_dependent)
+
+
+def progress(iterable, disable: bool = False, **options) -> tqdm:
+    """tqdm bars with loss and ETA; under torchrun only rank 0 draws them."""
+    return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, disable=disable or not is_main(),
+                **options)
 
 
 # --- B. Datasets: the training set D ----------------------------------------------------------
@@ -1340,6 +1288,38 @@ class DDPMTraining:
 
 # --- D. Variants: the TDKD teacher's labels (--labels teacher) and Carlini Cond judging the
 #     predicted x_0 (--cond-input x0). Each replaces one step of the lesson. ----------------------
+
+
+STREAM_SHUFFLE = 3  # the permutation of the `shuffled` control has its own random stream
+
+
+def shuffled_labels(labels: dict, seed: int) -> dict:
+    """The `shuffled` control: the surrogate labels permuted at random among the synthetic samples.
+
+    Every cluster keeps its size, but a label no longer says anything about the image it sits on:
+    p_i = p in Theorem 1, which then predicts no gain. If this control gains as much as SIDE, the
+    clusters are not what helps."""
+    order = np.random.default_rng([seed, STREAM_SHUFFLE]).permutation(len(labels["labels"]))
+    return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])
+
+
+def oracle_labels(synthetic: np.ndarray, train_images: np.ndarray) -> dict:
+    """The `oracle` control: each synthetic sample labelled with its nearest training image (pixel
+    L2). Only the model's owner could make these labels, so this is no attack: it bounds what
+    better surrogate labels could do. Classes are the training images nearest to some sample."""
+    _, index = nearest_neighbours(synthetic, train_images, 1)
+    kept, labels = np.unique(index[:, 0], return_inverse=True)
+    return dict(labels=labels, soft=np.eye(len(kept), dtype=np.float32)[labels], kept=kept,
+                sizes=np.bincount(labels, minlength=len(kept)))
+
+
+def classifier_labels(cfg: Config, source: str, labels: dict, synthetic, train: dict) -> dict:
+    """What a row's classifier learns: the surrogate labels, or a control made from them."""
+    if source == "shuffled":
+        return shuffled_labels(labels, cfg.seed)
+    if source == "oracle":
+        return oracle_labels(synthetic, train["images"])
+    return labels
 
 
 def teacher_labels(cfg, synthetic, train_images, train_labels, device) -> dict:
@@ -2087,6 +2067,12 @@ def method_names(cfg: Config) -> list[str]:
     return [m.strip() for m in cfg.methods.split(",") if m.strip()]
 
 
+def method_rows(cfg: Config) -> list[Method]:
+    """The rows --methods asks for, in its order, with --cond-input filled in."""
+    rows = [METHODS[name] for name in method_names(cfg)]
+    return [dataclasses.replace(r, sees=cfg.cond_input) if r.sees is None else r for r in rows]
+
+
 def validate(cfg: Config) -> None:
     """Check every flag before any slow work starts (one clear line per problem). Fixed sets of
     values (--dataset, --sampler, ...) are argparse choices, checked before this."""
@@ -2209,28 +2195,28 @@ def main(argv=None) -> int:
 # `torchrun --nproc_per_node G side.py ...` starts G copies of this file with RANK, LOCAL_RANK and
 # WORLD_SIZE set. DDPM training runs as DistributedDataParallel (each rank draws its own batches,
 # so the effective batch is G x --batch-size); sampling is sharded by generation index (shard_of,
-# beside sample()); every other stage (data, k-means, classifiers, the report) runs on rank 0
+# below); every other stage (data, k-means, classifiers, the report) runs on rank 0
 # while the others wait, then read what rank 0 wrote. Only rank 0 writes files or prints.
 
 EVERY_RANK = ("synthetic", "samples_")  # run-folder stages that every rank computes (sampling)
 
 
 def process_rank() -> int:
-    return int(os.environ.get("RANK", 0))  # set by torchrun; 0 for a plain `python side.py`
+    """This process's rank: the process group's once joined, torchrun's RANK before that (0 for a
+    plain `python side.py`). The one place the rank is read."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
 
 
 def process_count() -> int:
+    if dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def is_main() -> bool:
     return process_rank() == 0
-
-
-def rank_and_world() -> tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
 
 
 @contextlib.contextmanager
@@ -2260,6 +2246,14 @@ def gather_all(obj) -> list:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
     return parts
+
+
+def shard_of(count: int) -> range:
+    """The generations this process draws: a contiguous block of 0..count-1 per torchrun rank.
+    Generation i depends only on (seed, stream, i), so G processes give exactly the images one
+    process gives."""
+    rank, world = process_rank(), process_count()
+    return range(rank * count // world, (rank + 1) * count // world)
 
 
 def rank0_only(work, *args, share: bool = False):

@@ -121,23 +121,24 @@ def test_ddpm_step_is_the_posterior_q_of_x_prev_given_x_t_and_x0():
     x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
     mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x
     beta_tilde = (1 - a_prev) / (1 - a_t) * beta
-    no_noise = diffusion.reverse_step(x, eps, t, t - 1, 1.0, 0 * noise)
+    no_noise = side.reverse_step(diffusion, x, eps, t, t - 1, 1.0, 0 * noise)
     assert no_noise.item() == pytest.approx(mean.item(), rel=1e-4)
-    step = diffusion.reverse_step(x, eps, t, t - 1, 1.0, noise) - no_noise
+    step = side.reverse_step(diffusion, x, eps, t, t - 1, 1.0, noise) - no_noise
     assert step.item() == pytest.approx(beta_tilde.sqrt().item(), rel=1e-4)
-    last = diffusion.reverse_step(x, eps, 0, -1, 1.0, noise)  # no noise is added on the last step
-    assert torch.equal(last, diffusion.reverse_step(x, eps, 0, -1, 1.0, 0 * noise))
+    last = side.reverse_step(diffusion, x, eps, 0, -1, 1.0, noise)  # no noise is added on the last step
+    assert torch.equal(last, side.reverse_step(diffusion, x, eps, 0, -1, 1.0, 0 * noise))
     # DDIM, eta = 0: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, deterministic
-    ddim = diffusion.reverse_step(x, eps, t, 480, 0.0, noise)
+    ddim = side.reverse_step(diffusion, x, eps, t, 480, 0.0, noise)
     a_480 = diffusion.alpha_bar[480]
     eps_clamped = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     assert ddim.item() == pytest.approx((a_480.sqrt() * x0 + (1 - a_480).sqrt() * eps_clamped).item(), rel=1e-4)
-    assert diffusion.timesteps("ddpm", 50) == list(range(999, -1, -1))
-    assert diffusion.timesteps("ddim", 50)[:2] == [980, 960] and diffusion.timesteps("ddim", 50)[-1] == 0
+    assert side.sampling_timesteps(diffusion, "ddpm", 50) == list(range(999, -1, -1))
+    ddim_steps = side.sampling_timesteps(diffusion, "ddim", 50)
+    assert ddim_steps[:2] == [980, 960] and ddim_steps[-1] == 0
 
 
 def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
-    """Against a peer. Convention: Diffusion.reverse_step clamps the x_0 estimate to [-1, 1] and then
+    """Against a peer. Convention: side.reverse_step clamps the x_0 estimate to [-1, 1] and then
     re-derives eps from the clamped x_0, so x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev) eps is
     consistent with the x_0 it reports, and eta = 1 with t_prev = t - 1 is exactly the DDPM posterior.
     In diffusers that is DDIMScheduler(clip_sample=True) stepped with use_clipped_model_output=True;
@@ -148,7 +149,7 @@ def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
     ddim = diffusers.DDIMScheduler(**schedule, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0)
     ddim.set_timesteps(50)
     diffusion = side.Diffusion()
-    steps = diffusion.timesteps("ddim", 50)
+    steps = side.sampling_timesteps(diffusion, "ddim", 50)
     assert [int(t) for t in ddim.timesteps] == steps
     np.testing.assert_allclose(diffusion.alpha_bar.numpy(), ddim.alphas_cumprod.numpy(), rtol=1e-5)
 
@@ -161,7 +162,7 @@ def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
         a_t = diffusion.alpha_bar[t].float()
         clamped += int((((x_side - (1 - a_t).sqrt() * eps_model(x_side, t)) / a_t.sqrt()).abs() > 1).sum())
         one_step = ddim.step(eps_model(x_side, t), t, x_side, eta=0.0, use_clipped_model_output=True).prev_sample
-        x_side = diffusion.reverse_step(x_side, eps_model(x_side, t), t, t_prev, 0.0, 0)
+        x_side = side.reverse_step(diffusion, x_side, eps_model(x_side, t), t, t_prev, 0.0, 0)
         torch.testing.assert_close(x_side, one_step, atol=2e-5, rtol=1e-5)
         x_ref = ddim.step(eps_model(x_ref, t), t, x_ref, eta=0.0, use_clipped_model_output=True).prev_sample
     torch.testing.assert_close(x_side, x_ref, atol=1e-4, rtol=1e-4)  # the whole 50-step trajectory
@@ -174,7 +175,7 @@ def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
         x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(t))
         reference = ddpm.step(eps_model(x, t), t, x, generator=torch.Generator().manual_seed(7)).prev_sample
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # the noise diffusers drew
-        torch.testing.assert_close(diffusion.reverse_step(x, eps_model(x, t), t, t - 1, 1.0, noise), reference,
+        torch.testing.assert_close(side.reverse_step(diffusion, x, eps_model(x, t), t, t - 1, 1.0, noise), reference,
                                    atol=1e-4, rtol=1e-4)
 
 
@@ -311,7 +312,7 @@ def test_guidance_asks_the_classifier_about_the_current_x_t_at_the_current_t():
         return torch.stack([score, -score], 1)
     classifier, targets = Recorder(respond=bright_while_t_is_large), np.zeros(3, dtype=int)
     guided = side.sample(model, cfg, 3, torch.device("cpu"), classifier=classifier, targets=targets, guidance=5.0)
-    steps = side.Diffusion().timesteps(cfg.sampler, cfg.sample_steps)
+    steps = side.sampling_timesteps(side.Diffusion(), cfg.sampler, cfg.sample_steps)
     assert [int(t[0]) for _, t in classifier.calls] == steps and all((t == t[0]).all() for _, t in classifier.calls)
     assert len(model.calls) == len(classifier.calls)
     for (x_model, t_model), (x_clf, t_clf) in zip(model.calls, classifier.calls):
@@ -357,12 +358,12 @@ def test_targets_are_drawn_uniformly_over_the_kept_labels():
 def test_ddpm_sampler_is_ancestral_and_ddim_follows_its_eta(monkeypatch):
     """--sampler ddpm visits t = 999..0 with eta = 1 (fresh noise every step: ancestral DDPM); DDIM takes
     its stride and its --eta. A stand-in eps model keeps the 1000 steps cheap."""
-    steps_taken, real_step = [], side.Diffusion.reverse_step
+    steps_taken, real_step = [], side.reverse_step
 
     def spy(self, x, eps, t, t_prev, eta, noise):
         steps_taken.append((t, t_prev, eta, float(torch.as_tensor(noise).abs().sum())))
         return real_step(self, x, eps, t, t_prev, eta, noise)
-    monkeypatch.setattr(side.Diffusion, "reverse_step", spy)
+    monkeypatch.setattr(side, "reverse_step", spy)
     model = Recorder(respond=lambda x, t: 0.1 * x)
     model.head = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))  # sample() reads the image channels from the head
     cfg = tiny_config(sampler="ddpm", eta=0.0)
@@ -1274,7 +1275,7 @@ def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(data
         x, t = torch.randn(2, 3, size, size, generator=gen), torch.full((2,), 500)
         unguided = side.guided_eps(unet, None, x, t, None, 0.0, diffusion)
         guided = side.guided_eps(unet, clf, x, t, torch.tensor([3, 7]), 10.0, diffusion)  # lambda 10
-        x_prev = diffusion.reverse_step(x, guided, 500, 480, 0.0, 0)
+        x_prev = side.reverse_step(diffusion, x, guided, 500, 480, 0.0, 0)
     for tensor in (unguided, guided, x_prev):
         assert tensor.shape == x.shape and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
     assert (guided - unguided).abs().max() > 1e-4  # the classifier's gradient reached eps
