@@ -1,0 +1,382 @@
+#!/usr/bin/env bash
+# tools/run_exercises.sh: time the exercises of theory.md, section "9. Exercises", from a clean clone.
+#
+#   tools/run_exercises.sh                 # all fifteen, in the default order below
+#   tools/run_exercises.sh 0 1 2           # only these, in the order given
+#
+# Each exercise runs the commands of its *Command(s)* block in theory.md, character for character
+# (each exercise below is a bash function whose body is that block, pasted), with
+# OMP_NUM_THREADS=1 exported (theory.md's convention for a shared machine). Per exercise:
+#   - wall seconds (date +%s.%N around the whole block) and the exit code of the block, appended
+#     as "exercise N<TAB>seconds<TAB>rc" to runs/exercise_times.tsv;
+#   - its stdout and stderr, with a header (date, HEAD, nproc, uptime) and footer (uptime at the
+#     end, seconds, rc), in runs/exercise_logs/exN.log (overwritten when the exercise runs again).
+# The block runs under `set -e` (a failed `cp` stops the exercise, as it would stop a student) and
+# `set -x` (the log shows every command as run). A failing exercise is recorded and the script goes
+# on to the next one. This session's header and the summary table go to the terminal and to
+# runs/exercise_logs/session-<UTC time>.log.
+#
+# Skipped, not run and not written to the tsv (the summary says why):
+#   - an exercise whose run folder exists already (side.py would reuse its cached stages, so the
+#     time would not be a from-scratch time; delete the folder to time it again);
+#   - an exercise that needs runs/ex0 when runs/ex0/report.json is missing (Exercise 0 failed or
+#     has not run).
+#
+# Default order: 0, 1, 2, 3, 4, 10, 12, 13, 6, 9, 11, 14, 7, 5, 8.
+#   - 0 first: every pipeline exercise except 14 reads or copies runs/ex0 (5 copies only
+#     runs/ex0/tune-seed100).
+#   - 1-4 (the Theorem 1 toy) need nothing.
+#   - 1-4, 10, 12, 13, 6, 9, 11, 14, 7 keep the order in which theory.md says its times were
+#     measured ("in the order 0, 1-4, 10, 12, 13, 6, 9, 11, 14, 7", theory.md lines 673-674), so
+#     the new times compare like with like.
+#   - 5 and 8, whose times in theory.md are estimates, not measurements, come last. Only runs/ex0
+#     must exist before them. No exercise's commands read runs/ex5. 6 and 9 list "runs/ex5 for the
+#     spread" (theory.md lines 663, 666), but only for reading the spread by eye.
+#   - Exercise 10 (c) writes runs/ex0/figures/gradient_norm.png into runs/ex0. It is the only
+#     exercise that writes into runs/ex0. The copies made after it (6, 9, 11, 13, 7, 8) carry that
+#     figure along, and no stage reads it.
+#
+# The one departure from theory.md's text: Exercises 6 and 9 say "read side's lambda, L, from
+# runs/ex0/report.md" and write L in the command (theory.md lines 866, 955). Here L is read before
+# the clock starts, from runs/ex0/report.json -> guidance.side, the lambda side sampled with in
+# Exercise 0 (the value report.md shows), printed with %g. L replaces the literal L in the command.
+#
+# Not scripted: what is only read or viewed (Exercise 12's "view runs/ex0/figures/matches.png", the
+# reports). Exercise 6's main question has no command (the shuffled row is in runs/ex0); its timed
+# command is the "second look" at side's lambda.
+set -u
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$0")/.." || exit 2
+if [ ! -f side.py ] || [ ! -f theory.md ]; then
+    echo "run_exercises.sh: side.py and theory.md not found in $(pwd)" >&2
+    exit 2
+fi
+
+export OMP_NUM_THREADS=1
+export PYTHONUNBUFFERED=1  # stdout reaches the log line by line, in order with stderr, as on a terminal
+
+DEFAULT_ORDER=(0 1 2 3 4 10 12 13 6 9 11 14 7 5 8)
+# theory.md's times (its table, lines 655-671; "est." = its estimate, not measured)
+declare -A DOC_TIME=([0]="987 s" [1]="3 s" [2]="4 s" [3]="9 s" [4]="7 s" [5]="est. 22-27 min"
+                     [6]="22 s" [7]="520 s" [8]="est. ~12 min" [9]="58 s" [10]="9 s" [11]="77 s"
+                     [12]="<1 s" [13]="31 s" [14]="421 s")
+# the run folders each exercise creates (it is skipped when one exists already)
+declare -A CREATES=([0]="runs/ex0" [5]="runs/ex5" [6]="runs/ex6"
+                    [7]="runs/ex7_k8 runs/ex7_k32 runs/ex7_tau" [8]="runs/ex8" [9]="runs/ex9"
+                    [11]="runs/ex11" [13]="runs/ex13" [14]="runs/ex14_n64 runs/ex14_n256")
+# the exercises that read or copy runs/ex0
+NEEDS_EX0=" 5 6 7 8 9 10 11 12 13 "
+
+usage() {
+    sed -n '2,5p' "$SELF" | sed 's/^# \{0,1\}//'
+    echo "exercises: 0-14; default order: ${DEFAULT_ORDER[*]}"
+}
+
+ORDER=()
+if [ $# -eq 0 ]; then
+    ORDER=("${DEFAULT_ORDER[@]}")
+else
+    for arg in "$@"; do
+        case "$arg" in
+            -h|--help) usage; exit 0 ;;
+        esac
+        if ! [[ "$arg" =~ ^([0-9]|1[0-4])$ ]]; then
+            echo "run_exercises.sh: '$arg' is not an exercise number (0-14)" >&2
+            usage >&2
+            exit 2
+        fi
+        case " ${ORDER[*]} " in
+            *" $arg "*) ;;  # given twice: run once
+            *) ORDER+=("$arg") ;;
+        esac
+    done
+fi
+
+if ! command -v python >/dev/null 2>&1; then
+    if command -v python3 >/dev/null 2>&1; then
+        # theory.md's commands say `python`; where only python3 exists, `python` runs it
+        python() { command python3 "$@"; }
+        PYTHON_NOTE="(no 'python' on PATH: python runs $(command -v python3))"
+    else
+        echo "run_exercises.sh: neither python nor python3 on PATH" >&2
+        exit 2
+    fi
+else
+    PYTHON_NOTE="$(command -v python)"
+fi
+
+mkdir -p runs/exercise_logs || exit 2
+TSV=runs/exercise_times.tsv
+SESSION=runs/exercise_logs/session-$(date -u +%Y%m%dT%H%M%SZ).log
+
+say() { printf '%s\n' "$*" | tee -a "$SESSION"; }
+
+machine_header() {
+    echo "## date: $(date -u '+%Y-%m-%d %H:%M:%S UTC') ($(date '+%Y-%m-%d %H:%M:%S %Z'))"
+    echo "## git rev-parse HEAD: $(git rev-parse HEAD 2>&1)"
+    echo "## git status --short: $(git status --short 2>&1 | wc -l) line(s)"
+    git status --short 2>&1 | head -20 | sed 's/^/##   /'
+    echo "## nproc: $(nproc)"
+    echo "## uptime: $(uptime)"
+    echo "## OMP_NUM_THREADS=$OMP_NUM_THREADS   python: $PYTHON_NOTE $(python --version 2>&1)"
+}
+
+# side's lambda in runs/ex0, which Exercises 6 and 9 call L
+side_lambda() {
+    python -c "import json; print('%g' % json.load(open('runs/ex0/report.json'))['guidance']['side'])"
+}
+
+# --- the exercises: each body is theory.md's command block, verbatim (except L in 6 and 9) -------
+
+# Exercise 0. The default run (theory.md line 685)
+ex0() {
+python side.py --out runs/ex0
+}
+
+# Exercise 1. Theorem 1 on a toy (line 710)
+ex1() {
+python side.py theorem1
+}
+
+# Exercise 2. The gain depends on the label's mass (lines 729-735)
+ex2() {
+python -c "
+import numpy as np, side
+for w in (0.05, 0.2, 0.5, 0.8):
+    side.TOY_WEIGHTS = np.array([(1 - w) / 2, (1 - w) / 2, w])
+    row = side.theorem1_table(epsilons=(0.01,))[2]
+    print('w = %.2f   gap at eps=0.01: %+.3f   -KL: %+.3f   -log(1/w): %+.3f' % (w, row['gaps'][0.01], row['neg_kl'], np.log(w)))
+"
+}
+
+# Exercise 3. Overlap, not tightness; the equality case (three snippets, lines 751-772)
+ex3() {
+python -c "
+import numpy as np, side
+for mean, scale in (((0, 2.5), 0.1), ((0, 2.5), 0.3), ((0, 2.5), 1.0), ((0, 2.5), 3.0), ((0, 1.0), 0.3), ((2, 0), 0.3)):
+    side.TOY_MEANS[2], side.TOY_SCALES[2] = mean, scale
+    row = side.theorem1_table(epsilons=(0.01,))[2]
+    print('label 2 (w = 0.2) at %-8s scale %.1f:  -KL %+.3f   ceiling -log(1/w) = -1.609' % (mean, scale, row['neg_kl']))
+"
+python -c "
+import numpy as np, side
+side.TOY_MEANS[:] = (0.0, 0.0); side.TOY_SCALES[:] = 1.0   # three identical components: p_i = p
+for r in side.theorem1_table():
+    print(r['label'], ' '.join('%+.4f' % g for g in r['gaps'].values()), ' -KL %+.4f' % r['neg_kl'])
+"
+python -c "
+import numpy as np
+x = np.random.default_rng(0).standard_normal(2_000_000)   # p = N(0, 1)
+for name, post in [('soft, width 1.0', 1 / (1 + np.exp(-(x - 1) / 1.0))), ('soft, width 0.1', 1 / (1 + np.exp(-(x - 1) / 0.1))),
+                   ('hard: x > 1', (x > 1) * 1.0), ('hard: |x| < 0.2', (abs(x) < 0.2) * 1.0), ('random, P = 0.16', np.full_like(x, 0.16))]:
+    w = post.mean()   # mass of the label; KL(p_i || p) = E_p[P(y|x) log(P(y|x) / w)] / w
+    kl = (post * np.log(np.maximum(post, 1e-300) / w)).mean() / w
+    print('%-17s w = %.3f   KL(p_i||p) = %.3f   log(1/w) = %.3f' % (name, w, kl, np.log(1 / w)))
+"
+}
+
+# Exercise 4. What changes sign at large eps (two snippets, lines 795-808)
+ex4() {
+python -c "
+import numpy as np, side
+rng, epsilons = np.random.default_rng(0), (0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+print('eps:      ' + ' '.join('%7g' % e for e in epsilons))
+for k in range(3):
+    print('label %d:  ' % k + ' '.join('%+7.2f' % side.memorization_gap(k, e, 20000, rng) for e in epsilons))
+"
+python -c "
+import numpy as np, side
+rng = np.random.default_rng(0)
+for size in (1, 3, 10, 100, 1000):
+    gaps = np.array([side.memorization_gap(1, 0.01, size, rng) for _ in range(500)])
+    print('|D_1| = %4d   mean gap %+.3f   spread (sd) %.3f   positive in %5.1f %% of 500 draws' % (size, gaps.mean(), gaps.std(), 100 * (gaps > 0).mean()))
+"
+}
+
+# Exercise 5. Spread over seeds (lines 826-827)
+ex5() {
+mkdir -p runs/ex5 && cp -r runs/ex0/tune-seed100 runs/ex5/
+python side.py --out runs/ex5 --seeds 0,1,2
+}
+
+# Exercise 6. Shuffled labels, the second look at side's lambda (lines 865-866; L = side's lambda)
+ex6() {
+cp -r runs/ex0 runs/ex6
+python side.py --out runs/ex6 --methods uncond,side,shuffled --method-guidance side=$L,shuffled=$L
+}
+
+# Exercise 7. K and tau (lines 889-894)
+ex7() {
+cp -r runs/ex0 runs/ex7_k8
+python side.py --out runs/ex7_k8 --methods uncond,side --clusters 8
+cp -r runs/ex0 runs/ex7_k32
+python side.py --out runs/ex7_k32 --methods uncond,side --clusters 32
+cp -r runs/ex0 runs/ex7_tau
+python side.py --out runs/ex7_tau --methods uncond,side --cohesion 0.93
+}
+
+# Exercise 8. k-means clusters vs a teacher's classes (lines 924-925)
+ex8() {
+cp -r runs/ex0 runs/ex8
+python side.py --out runs/ex8 --labels teacher
+}
+
+# Exercise 9. side vs cond, every row at side's lambda (lines 954-955; L = side's lambda)
+ex9() {
+cp -r runs/ex0 runs/ex9
+python side.py --out runs/ex9 --methods uncond,cond,cond_x0,side --guidance $L
+}
+
+# Exercise 10. The noise-aware classifier: (a) line 977, (b) lines 983-997, (c) lines 1008-1029
+ex10() {
+python -c "import json; print(json.load(open('runs/ex0/report.json'))['classifier_accuracy_by_t'])"
+python -c "
+import side, torch, numpy as np
+cfg = side.apply_profile(side.Config(out='runs/ex0', device='cpu'))
+syn = np.load('runs/ex0/synthetic.npz')['images']; lab = np.load('runs/ex0/labels.npz')['labels']
+h = np.arange(len(syn)) % 10 == 0; x0 = side.to_unit_range(syn[h]); d = side.Diffusion()
+for name, td in (('side', True), ('cond', False)):
+    net = side.build_classifier(cfg, 1, int(lab.max()) + 1, td).eval()
+    net.load_state_dict(torch.load(f'runs/ex0/classifier_{name}.pt', weights_only=False)['state'])
+    g = torch.Generator().manual_seed(0)
+    for t0 in (0, 300, 900):
+        t = torch.full((len(x0),), t0); xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        with torch.no_grad(): p = net(xt, t).softmax(1)
+        print(name, t0, 'acc %.3f' % (p.argmax(1).numpy() == lab[h]).mean(),
+              'mean max prob %.3f' % p.max(1).values.mean(), 'classes', len(p.argmax(1).unique()))
+"
+python -c "
+import json, side, torch, numpy as np, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
+cfg = side.apply_profile(side.Config(out='runs/ex0', device='cpu')); d = side.DIFFUSION
+lam = json.load(open('runs/ex0/report.json'))['guidance']   # each row's own lambda
+syn = np.load('runs/ex0/synthetic.npz')['images']; lab = np.load('runs/ex0/labels.npz')['labels']
+h = np.arange(len(syn)) % 10 == 0; x0 = side.to_unit_range(syn[h]); c = torch.as_tensor(lab[h])
+unet = side.build_unet(cfg, 1); unet.load_state_dict(torch.load('runs/ex0/ddpm.pt', weights_only=False)['ema']); unet.eval()
+ts, g = (0, 100, 200, 300, 500, 700, 900, 980), torch.Generator().manual_seed(0)
+for name, td in (('side', True), ('cond', False)):
+    net = side.build_classifier(cfg, 1, int(lab.max()) + 1, td).eval()
+    net.load_state_dict(torch.load(f'runs/ex0/classifier_{name}.pt', weights_only=False)['state'])
+    pushes, epss = [], []
+    for t0 in ts:
+        t = torch.full((len(x0),), t0); xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        eps = side.guided_eps(unet, None, xt, t, None, 0, d)
+        push = eps - side.guided_eps(unet, net, xt, t, c, 1.0, d)   # the guidance term at lambda = 1
+        epss.append(eps.flatten(1).norm(dim=1).mean().item()); pushes.append(push.flatten(1).norm(dim=1).mean().item())
+        print('%-4s t = %3d   |eps| %.2f   |push| at lambda = 1: %.4f   at its lambda %g: %.3f' % (name, t0, epss[-1], pushes[-1], lam[name], lam[name] * pushes[-1]))
+    plt.semilogy(ts, [lam[name] * p for p in pushes], 'o-', label='%s push, lambda = %g' % (name, lam[name]))
+plt.semilogy(ts, epss, 'k--', label='|eps_theta|'); plt.xlabel('t'); plt.ylabel('mean L2 norm'); plt.legend()
+plt.savefig('runs/ex0/figures/gradient_norm.png', dpi=80)
+"
+}
+
+# Exercise 11. The guidance scale (lines 1046-1047)
+ex11() {
+cp -r runs/ex0 runs/ex11
+python side.py --out runs/ex11 --methods uncond,side --sweep guidance=0,1,3,10,30
+}
+
+# Exercise 12. Reading a match grid (lines 1067-1078; viewing matches.png is not scripted)
+ex12() {
+python -c "
+import numpy as np
+tr = np.load('runs/ex0/train_subset.npz')['images']; tr = tr.reshape(len(tr), -1) / 255.
+D = np.sqrt(((tr[:, None] - tr[None]) ** 2).sum(-1)); np.fill_diagonal(D, np.inf)
+yard = D.min() / 2
+print('closest pair of distinct training digits %.3f, median NN distance %.3f, yardstick %.3f' % (D.min(), np.median(D.min(1)), yard))
+for m in ['uncond', 'cond', 'cond_x0', 'side', 'shuffled']:
+    d = np.load(f'runs/ex0/nn_{m}.npz'); r, d1 = d['nn_ratio'], d['d1']; o = np.argsort(r)[:24]
+    mem, close = r < 1/3, d1 < yard
+    print(m, 'grid ratio %.3f-%.3f d1 %.3f-%.3f distinct train imgs %d' % (r[o].min(), r[o].max(), d1[o].min(), d1[o].max(), len(np.unique(d['nn_index'][o]))),
+          '| Gu&close', (mem & close).sum(), 'Gu&far', (mem & ~close).sum(), 'notGu&close', (~mem & close).sum())
+"
+}
+
+# Exercise 13. UMS depends on N_G (lines 1102-1103)
+ex13() {
+cp -r runs/ex0 runs/ex13
+python side.py --out runs/ex13 --n-gen 128
+}
+
+# Exercise 14. Memorization vs training-set size (lines 1128-1129)
+ex14() {
+python side.py --n 64  --methods uncond --out runs/ex14_n64
+python side.py --n 256 --methods uncond --out runs/ex14_n256
+}
+
+# --- the runner ---------------------------------------------------------------------------------
+say "=== tools/run_exercises.sh: exercises ${ORDER[*]} ($(pwd))"
+machine_header | tee -a "$SESSION"
+say "## torch / numpy / scikit-learn: $(python -c 'import torch, numpy, sklearn; print(torch.__version__, numpy.__version__, sklearn.__version__)' 2>&1 | tail -1)"
+say "## times: $TSV   logs: runs/exercise_logs/exN.log   this session: $SESSION"
+
+declare -A SECS=() RC=() NOTE=()
+L=""
+for n in "${ORDER[@]}"; do
+    log=runs/exercise_logs/ex$n.log
+    skip=""
+    for folder in ${CREATES[$n]:-}; do
+        if [ -e "$folder" ]; then
+            skip="$folder exists (its cached stages would be reused; delete it to time exercise $n)"
+            break
+        fi
+    done
+    if [ -z "$skip" ] && [[ "$NEEDS_EX0" == *" $n "* ]] && [ ! -f runs/ex0/report.json ]; then
+        skip="needs runs/ex0 from Exercise 0, and runs/ex0/report.json is missing"
+    fi
+    if [ -z "$skip" ] && { [ "$n" = 6 ] || [ "$n" = 9 ]; }; then
+        L=$(side_lambda 2>/dev/null)
+        if ! [[ "$L" =~ ^[0-9.eE+-]+$ ]]; then
+            skip="could not read side's lambda L from runs/ex0/report.json (guidance.side)"
+        fi
+    fi
+    if [ -n "$skip" ]; then
+        NOTE[$n]="skipped: $skip"
+        say "--- exercise $n: skipped: $skip"
+        continue
+    fi
+
+    say "--- exercise $n: started $(date '+%H:%M:%S'), load $(uptime | sed 's/.*load average: //')"
+    {
+        echo "## exercise $n (tools/run_exercises.sh, function ex$n; theory.md section 9)"
+        machine_header
+        if [ "$n" = 6 ] || [ "$n" = 9 ]; then
+            echo "## L = side's lambda in runs/ex0/report.json (guidance.side) = $L"
+        fi
+        echo "## ---- output"
+    } > "$log"
+    t0=$(date +%s.%N)
+    ( set -e; set -x; "ex$n" ) >> "$log" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+    {
+        echo "## ---- end"
+        echo "## exercise $n: $secs s, rc $rc, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        echo "## uptime at the end: $(uptime)"
+    } >> "$log"
+    printf 'exercise %s\t%s\t%s\n' "$n" "$secs" "$rc" >> "$TSV"
+    SECS[$n]=$secs
+    RC[$n]=$rc
+    [ "$n" = 6 ] || [ "$n" = 9 ] && NOTE[$n]="L = $L"
+    [ "$rc" -ne 0 ] && NOTE[$n]="${NOTE[$n]:+${NOTE[$n]}; }FAILED, see $log"
+    say "--- exercise $n: $secs s, rc $rc (theory.md: ${DOC_TIME[$n]})"
+done
+
+say ""
+say "=== summary ($(date -u '+%Y-%m-%d %H:%M:%S UTC'); HEAD $(git rev-parse --short HEAD 2>/dev/null); nproc $(nproc); OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+say "## uptime: $(uptime)"
+say "$(printf '%-9s %10s %4s  %-16s %s' exercise seconds rc theory.md note)"
+total=0
+failed=0
+for n in "${ORDER[@]}"; do
+    if [ -n "${SECS[$n]:-}" ]; then
+        total=$(awk -v a="$total" -v b="${SECS[$n]}" 'BEGIN { printf "%.3f", a + b }')
+        [ "${RC[$n]}" -ne 0 ] && failed=$((failed + 1))
+        say "$(printf '%-9s %10s %4s  %-16s %s' "$n" "${SECS[$n]}" "${RC[$n]}" "${DOC_TIME[$n]}" "${NOTE[$n]:-}")"
+    else
+        failed=$((failed + 1))
+        say "$(printf '%-9s %10s %4s  %-16s %s' "$n" - - "${DOC_TIME[$n]}" "${NOTE[$n]:-}")"
+    fi
+done
+say "total: $total s ($(awk -v t="$total" 'BEGIN { printf "%.1f", t / 60 }') min); failed or skipped: $failed"
+[ "$failed" -eq 0 ]
