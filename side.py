@@ -2,7 +2,7 @@
 
 Chen, Wang, Zou, Ma, "SIDE: Surrogate Conditional Data Extraction from Diffusion Models",
 arXiv:2410.02467 (v7). `python side.py --help` lists every flag; the default run is offline.
-The lesson comes first, in the order of the paper's Algorithm 1:
+The lesson comes first: what Algorithm 1 needs (1-4), then Algorithm 1 in its own order (5-9):
 
     0. configuration        every setting in one block; the command line is the one override path
     1. networks             a small UNet eps_theta(x_t, t); its encoder half is the classifier's
@@ -14,8 +14,8 @@ The lesson comes first, in the order of the paper's Algorithm 1:
     7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
     8. memorization check   Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
     9. Algorithm 1          run(): the whole attack, top to bottom, with no file handling
-    Appendix (plumbing)     datasets, the run folder, report, sweeps, Theorem 1 toy, command line,
-                            many GPUs (torchrun)
+    Appendix (plumbing)     profiles, datasets, the run folder, variants and controls, report,
+                            sweeps and the protocol, Theorem 1 toy, command line, torchrun
 """
 from __future__ import annotations
 
@@ -338,9 +338,9 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, training, diffusion: Diffusion
 
 
 # =================================================================================================
-# 4. Guided sampling. The guided score (paper Eq. 1 / Algorithm 1 line 24) is
-#    s_theta + lambda grad log p_phi(c | x_t); since s_theta = -eps / sqrt(1 - abar_t), in
-#    eps-space it is eps - lambda sqrt(1 - abar_t) grad. One guidance function and one reverse
+# 4. Guided sampling, for Algorithm 1 line 1 (unguided) and lines 16-26. The guided score (Eq. 1,
+#    line 24) is s_theta + lambda grad log p_phi(c | x_t); since s_theta = -eps / sqrt(1 - abar_t),
+#    in eps-space it is eps - lambda sqrt(1 - abar_t) grad. One guidance function and one reverse
 #    step (DDIM, Song et al. 2021) serve both samplers.
 # =================================================================================================
 
@@ -365,6 +365,7 @@ def sampling_timesteps(diffusion: Diffusion, sampler: str, sample_steps: int) ->
     stride = 1 if sampler == "ddpm" else diffusion.steps // sample_steps
     return list(range(0, diffusion.steps, stride))[::-1]
 
+
 def reverse_step(diffusion: Diffusion, x, eps, t: int, t_prev: int, eta: float,
                  noise) -> torch.Tensor:
     """One DDIM step t -> t_prev (Song et al. 2021, Eq. 12) with x_0 clamped to [-1, 1].
@@ -381,7 +382,7 @@ def reverse_step(diffusion: Diffusion, x, eps, t: int, t_prev: int, eta: float,
     return x_prev + sigma * noise if t_prev >= 0 else x_prev
 
 
-STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # independent random streams per purpose
+STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # a random stream each (3: appendix D)
 
 
 def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
@@ -478,10 +479,10 @@ def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device) -> 
 
 
 # =================================================================================================
-# 6. Classifiers. SIDE trains p_phi(y | x_t, t) with cross-entropy on x_t = q_sample(x_0, t), t
-#    uniform (Eq. 2): x_t comes from the target model's own forward process. Carlini Cond trains
-#    the same network without a time module on clean x_0 only. With soft targets (TDKD, v1-v6)
-#    the same loss is the distillation loss KL(teacher || student) up to a constant.
+# 6. Classifiers (Algorithm 1 line 6). SIDE trains p_phi(y | x_t, t) with cross-entropy on
+#    x_t = q_sample(x_0, t), t uniform (Eq. 2): x_t comes from the target model's own forward
+#    process. Carlini Cond trains the same network without a time module on clean x_0 only. With
+#    soft targets (TDKD, v1-v6) the loss is the distillation loss KL(teacher || student) + const.
 # =================================================================================================
 
 
@@ -724,13 +725,14 @@ def part1(cfg: Config, folder, model, train: dict, rows: list, device: torch.dev
 # =================================================================================================
 # Appendix: the plumbing. Nothing below is needed to follow SIDE; it feeds run() its data and
 # keeps what it computes.   A. profiles and devices   B. datasets   C. the run folder
-# D. variants (TDKD teacher labels, Cond on x0)   E. memorization report and figures   F. sweeps
+# D. variants and controls   E. memorization report and figures   F. sweeps
 # and the protocol (lambda tuned per row on a seed never reported, several seeds, the aggregate)
 # G. Theorem 1 on a toy   H. validation and the command line   I. many GPUs (torchrun)
 # =================================================================================================
 
 # --- A. Profiles and devices ----------------------------------------------------------------------
-# Defaults that depend on the dataset and the device. Every value can be overridden by its flag.
+# Defaults that depend on the dataset and the device (every value can be overridden by its flag),
+# the networks built from a Config, and progress bars.
 # digits: n = 128 with 2,000 steps and K = 64, chosen on the tune seed 100 (tools/n_curve.py) so
 # that the DDPM copies some, but at most a third, of its training digits: room to copy more
 # distinct images (README, "How the default run was chosen").
@@ -1286,8 +1288,9 @@ class DDPMTraining:
             save_checkpoint(self.path, self.state, self.cfg)
 
 
-# --- D. Variants: the TDKD teacher's labels (--labels teacher) and Carlini Cond judging the
-#     predicted x_0 (--cond-input x0). Each replaces one step of the lesson. ----------------------
+# --- D. Variants and controls. The controls' labels (shuffled, oracle), the TDKD teacher's labels
+#     (--labels teacher) and Carlini Cond judging the predicted x_0 (--cond-input x0). Each
+#     replaces one step of the lesson. -------------------------------------------------------------
 
 
 STREAM_SHUFFLE = 3  # the permutation of the `shuffled` control has its own random stream
@@ -2252,6 +2255,8 @@ def shard_of(count: int) -> range:
     """The generations this process draws: a contiguous block of 0..count-1 per torchrun rank.
     Generation i depends only on (seed, stream, i), so G processes give exactly the images one
     process gives."""
+    if not dist.is_initialized():  # as gather_all: without a process group, all of them
+        return range(count)
     rank, world = process_rank(), process_count()
     return range(rank * count // world, (rank + 1) * count // world)
 

@@ -360,9 +360,9 @@ def test_ddpm_sampler_is_ancestral_and_ddim_follows_its_eta(monkeypatch):
     its stride and its --eta. A stand-in eps model keeps the 1000 steps cheap."""
     steps_taken, real_step = [], side.reverse_step
 
-    def spy(self, x, eps, t, t_prev, eta, noise):
+    def spy(diffusion, x, eps, t, t_prev, eta, noise):
         steps_taken.append((t, t_prev, eta, float(torch.as_tensor(noise).abs().sum())))
-        return real_step(self, x, eps, t, t_prev, eta, noise)
+        return real_step(diffusion, x, eps, t, t_prev, eta, noise)
     monkeypatch.setattr(side, "reverse_step", spy)
     model = Recorder(respond=lambda x, t: 0.1 * x)
     model.head = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))  # sample() reads the image channels from the head

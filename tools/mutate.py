@@ -39,7 +39,7 @@ MUTATIONS = [
     ("held-out accuracy measured on training samples",
      'accuracy_by_t(net, synthetic[held_out], labels["labels"][held_out], device, cfg.seed)',
      'accuracy_by_t(net, synthetic[~held_out], labels["labels"][~held_out], device, cfg.seed)'),
-    # --- classifiers (section 7) and the threat model
+    # --- classifiers (section 6) and the threat model
     ("classifier also trained on the held-out samples",
      'train_classifier(cfg, synthetic[~held_out], labels["soft"][~held_out]',
      'train_classifier(cfg, synthetic, labels["soft"]'),
@@ -68,14 +68,14 @@ MUTATIONS = [
     ("accuracy_by_t always scores at t = 0",
      "x_t, t, _ = diffusion.noised(x0, gen, low, high)",
      "x_t, t, _ = diffusion.noised(x0, gen, 0, 1)"),
-    # --- networks (section 2)
+    # --- networks (section 1)
     ("time embedding ignores t",
      "angles = t.float()[:, None] * freqs[None]",
      "angles = 0 * t.float()[:, None] * freqs[None]"),
     ("self-attention mixes the samples of a batch",
      "reshape(b, 3, c, h * w).unbind(1)",
      "reshape(3, b, c, h * w).unbind(0)"),
-    # --- diffusion maths (section 3)
+    # --- diffusion maths (section 2) and the reverse step (section 4)
     ("q_sample noise scaled by 1 - abar_t, not its square root",
      "return a.sqrt() * x0 + (1 - a).sqrt() * noise",
      "return a.sqrt() * x0 + (1 - a) * noise"),
@@ -97,7 +97,7 @@ MUTATIONS = [
     ("DDPM step variance beta_t instead of beta_tilde_t",
      "sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()",
      "sigma = eta * (1 - a_t / a_prev).sqrt()"),
-    # --- DDPM training (section 4)
+    # --- DDPM training (section 3)
     ("DDPM regresses x_0 instead of eps",
      "t.to(x0.device)).float(), noise)",
      "t.to(x0.device)).float(), x0)"),
@@ -107,7 +107,7 @@ MUTATIONS = [
     ("EMA moves by decay instead of 1 - decay",
      "e.lerp_(p, 1 - decay)",
      "e.lerp_(p, decay)"),
-    # --- sampling and guidance (section 5)
+    # --- sampling and guidance (section 4)
     ("guidance pushes away from the target",
      "return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad",
      "return eps + guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad"),
@@ -126,7 +126,7 @@ MUTATIONS = [
     ("random streams ignore their purpose",
      "np.random.SeedSequence([seed, stream, index])",
      "np.random.SeedSequence([seed, index])"),
-    # --- surrogate labels (section 6)
+    # --- surrogate labels (section 5)
     ("pixel features not centred",
      "flat = flat_pixels(images_u8) / 255.0 - mean",
      "flat = flat_pixels(images_u8) / 255.0"),
@@ -139,7 +139,7 @@ MUTATIONS = [
     ("cohesion measured against the mean centroid",
      "cosines = (features * centroids[kmeans.labels_]).sum(1)",
      "cosines = (features * centroids.mean(0)).sum(1)"),
-    # --- extraction (section 8)
+    # --- extraction (section 7)
     ("one constant target cluster",
      "torch.randint(num_classes, (1,), generator=",
      "torch.randint(1, (1,), generator="),
@@ -155,7 +155,7 @@ MUTATIONS = [
     ("the cond_x0 row judges x_t, not the predicted x_0",
      'if method.sees == "x0":',
      'if method.sees == "x_0":'),
-    # --- the controls (section 5) and the protocol (appendix F)
+    # --- the controls (appendix D) and the protocol (appendix F)
     ("the shuffled control does not permute the labels",
      'return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])',
      "return dict(labels)"),
@@ -189,7 +189,7 @@ MUTATIONS = [
     ("ever-extracted counts subset positions, not dataset indices",
      'copied |= set(indices[nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD]].tolist())',
      'copied |= set(nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD].tolist())'),
-    # --- memorization check (section 9)
+    # --- memorization check (section 8)
     ("memorization scored against all but one training image",
      'memorization_metrics(data["images"], train_images, featurize, bands, device)',
      'memorization_metrics(data["images"], train_images[1:], featurize, bands, device)'),
