@@ -644,6 +644,19 @@ def test_theory_md_quotes_are_verbatim_side_py():
         assert block in inspect.getsource(obj), f"theory.md's quote is not from {name}"
 
 
+
+def test_run_exercises_runs_theory_md_s_commands_as_printed():
+    """tools/run_exercises.sh holds a copy of every exercise's commands: each of its lines (with
+    the script's $L written back as the L the student types) is a line of theory.md, so the two
+    cannot drift apart unnoticed."""
+    script, text = (ROOT / "tools" / "run_exercises.sh").read_text(), (ROOT / "theory.md").read_text()
+    bodies = dict(re.findall(r"^ex(\d+)\(\) \{\n(.*?)^\}", script, re.S | re.M))
+    assert sorted(map(int, bodies)) == list(range(15)), "one function per exercise, 0-14"
+    doc_lines = set(text.splitlines())
+    for number, body in bodies.items():
+        for line in filter(None, body.replace("$L", "L").splitlines()):
+            assert line in doc_lines, f"exercise {number}: {line!r} is not a line of theory.md"
+
 # ------------------------------------------------------------------------------------------------
 # real data loaders (../shared/data)
 # ------------------------------------------------------------------------------------------------
