@@ -4,25 +4,27 @@ Chen, Wang, Zou, Ma, "SIDE: Surrogate Conditional Data Extraction from Diffusion
 arXiv:2410.02467 (v7). `python side.py --help` lists every flag; the default run is offline.
 The lesson comes first: what Algorithm 1 needs (1-4), then Algorithm 1 in its own order (5-9):
 
-    0. configuration        every setting in one block; the command line is the one override path
+    0. configuration        every setting in one block, the defaults of each dataset and device
     1. networks             a small UNet eps_theta(x_t, t); its encoder half is the classifier's
     2. diffusion maths      linear beta schedule, the forward process q(x_t | x_0)
     3. DDPM training        L_simple, Adam, EMA: the target model
     4. guided sampling      the guided score (Eq. 1), the DDIM / DDPM reverse step, per-sample seeds
-    5. surrogate labels     Algorithm 1 lines 2-5: embed, k-means, cohesion filter, relabel
+    5. surrogate labels     Algorithm 1 lines 2-5: features, k-means, cohesion filter, relabel
     6. classifiers          Algorithm 1 line 6 / Eq. 2: p_phi(y | x_t, t) on noised samples
     7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
     8. memorization check   Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
     9. Algorithm 1          run(): the whole attack, top to bottom, with no file handling
-    Appendix (plumbing)     profiles, datasets, the run folder, variants and controls, report,
-                            sweeps and the protocol, Theorem 1 toy, command line, torchrun
+    Plumbing                datasets, the run folder, the report, the command line
+
+One run is one seed with the rows uncond, cond and side. What turns runs into evidence (lambda
+tuned on a seed that is never reported, several seeds, controls, sweeps, torchrun) is
+experiments.py, which imports this file; this file never imports it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import functools
 import hashlib
 import json
@@ -32,21 +34,22 @@ import os
 import pickle
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 # =================================================================================================
-# 0. Configuration. Every setting is a field; the command line is the one override path. Fields
-#    left as None are filled by the profile for (dataset, device) (appendix A, PROFILES).
+# 0. Configuration. Every setting is a field and a flag (--help). Fields left as None are filled
+#    from PROFILES for the dataset and the device (cpu or gpu).
 # =================================================================================================
 
 
@@ -85,41 +88,53 @@ class Config:
     sample_steps: int = option(50, "DDIM steps")
     eta: float = option(0.0, "DDIM eta (0 = deterministic)")
     # --- surrogate labels (Algorithm 1, Part 1) ---
-    labels: str = option("kmeans", "kmeans (v7) | teacher (TDKD, v1-v6)", ("kmeans", "teacher"))
     n_syn: int = option(None, "N_syn: generated images to cluster")
     clusters: int = option(None, "K: k-means clusters")
     cohesion: float = option(None, "tau: keep clusters with cohesion >= tau")
+    embed: str = option("", "feature model F for k-means and AMS/UMS (e.g. SSCD): TorchScript "
+                            "or a torch.export .pt2 (default: pixels)")
     # --- the classifiers p_phi(y | x_t, t) (SIDE) and p(y | x) (Carlini Cond) ---
     clf_steps: int = option(None, "classifier optimizer steps")
     clf_lr: float = option(1e-3, "AdamW learning rate (paper: 1e-4, ResNet34)")
     clf_batch: int = option(128, "classifier batch size")
     # --- extraction (Algorithm 1, Part 2) ---
-    n_gen: int = option(None, "N_G: generations per method")
-    guidance: float = option(None, "lambda for every guided row, fixed (unset: tuned per row)",
-                             shown="tuned on --tune-seed")
-    method_guidance: str = option("", "lambda per row, e.g. side=10,cond=3 (fixes those rows)")
-    methods: str = option("uncond,cond,cond_x0,side,shuffled",
-                          "rows: uncond, cond, cond_x0, side, shuffled, oracle")
-    cond_input: str = option("xt", "what the cond row's classifier judges: x_t or the predicted "
-                             "x_0 (cond_x0 always judges x_0)", ("xt", "x0"))
-    # --- the protocol: lambda tuned per row on a seed never reported, several reported seeds ---
-    seeds: str = option("", "reported seeds, e.g. 0,1,2: the pipeline per seed, one aggregate "
-                        "report", shown="--seed")
-    tune_seed: int = option(100, "the seed lambda is tuned on, never reported")
-    lambda_grid: str = option("0.3,1,3,10,30", "the lambdas tried on --tune-seed")
-    tune_n_gen: int = option(None, "N_G per row and lambda when tuning")
-    # --- evaluation ---
-    sim_model: str = option("", "TorchScript embedding model for AMS/UMS (e.g. SSCD)")
-    embed: str = option("", "embedding model for k-means and AMS/UMS: TorchScript (as SSCD) or "
-                            "a torch.export .pt2")
+    methods: str = option("uncond,cond,side", "rows of the report: uncond, cond, side")
+    n_gen: int = option(None, "N_G: generations per row")
+    guidance: str = option(None, "lambda of the guided rows: one value for all, or row=value "
+                                 "pairs such as side=30,cond=0.3")
     bands: str = option("", "AMS/UMS band edges low,mid,high (default per space)")
     # --- run ---
     seed: int = option(0, "seeds training, every generation (and --subset random)")
     device: str = option("auto", "where to compute", ("auto", "cpu", "cuda"))
     out: str = option("", "run folder (default runs/<dataset>-n<N>-<size>px)")
     fresh: bool = option(False, "ignore cached stages and redo everything")
-    sweep: str = option("", "e.g. guidance=0,1,3,10,30 (also clusters, cohesion)")
     compile: bool = option(False, "torch.compile the UNet (CUDA only; the CPU runs eagerly)")
+
+
+# The defaults of each (dataset, device). Every value can be overridden by its flag.
+# digits: n = 128, 2,000 steps and K = 64 were chosen on tune seed 100 so that the DDPM copies some,
+# but at most a third, of its training digits; the lambdas are experiments.py's choice on that
+# seed (`python experiments.py`: each row's best of 0.3, 1, 3, 10, 30). No other profile's lambda
+# is tuned: there side=10, cond=1 are mid-grid starting points; tune them with experiments.py.
+_SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
+              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance="cond=1,side=10")
+# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128
+_GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
+            n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
+            guidance="cond=1,side=10")
+_DIGITS = dict(_SMALL, n=128, image_size=8, train_steps=2000, clusters=64,
+               guidance="cond=0.3,side=30")
+PROFILES = {
+    ("digits", "cpu"): _DIGITS,
+    ("digits", "gpu"): _DIGITS,
+    ("cifar10", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
+    ("celeba", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
+    ("folder", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
+    ("cifar10", "gpu"): dict(_GPU, n=1000, image_size=32, train_steps=40000,
+                             channels="128,256,256"),
+    ("celeba", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
+    ("folder", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
+}
 
 
 # =================================================================================================
@@ -306,11 +321,11 @@ DIFFUSION = Diffusion()  # the target model's schedule, built once; every functi
 # =================================================================================================
 
 
-def ddpm_loss(model, x0_all, gen, batch_size: int, diffusion: Diffusion) -> torch.Tensor:
+def ddpm_loss(model, x0_all, gen, batch_size: int) -> torch.Tensor:
     """L_simple on one batch: draw x_0, t ~ U{0..T-1} and eps, predict eps from x_t."""
     batch = torch.randint(len(x0_all), (batch_size,), generator=gen)
     x0 = x0_all[batch.to(x0_all.device)]
-    x_t, t, noise = diffusion.noised(x0, gen)
+    x_t, t, noise = DIFFUSION.noised(x0, gen)
     with autocast(x0.device):
         return F.mse_loss(model(x_t, t.to(x0.device)).float(), noise)
 
@@ -322,13 +337,14 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
             e.lerp_(p, 1 - decay)
 
 
-def train_ddpm(cfg: Config, x0_all: torch.Tensor, training, diffusion: Diffusion = DIFFUSION):
-    """The target DPM; returns its EMA network. `training` (appendix C) yields the steps to do and
-    holds the rest: resume, checkpoints, Ctrl-C, and `net`, the model or its DDP wrapper."""
+def train_ddpm(cfg: Config, x0_all: torch.Tensor, training):
+    """The target DPM; returns its EMA network. `training` (the run folder's DDPMTraining) yields
+    the steps to do and holds the rest: resume, checkpoints, Ctrl-C, and `net`, the network the
+    loss runs through (the model itself, or experiments.py's DistributedDataParallel wrapper)."""
     model, ema, opt, gen, net = (training.state[k] for k in ("model", "ema", "opt", "generator",
                                                               "net"))
     for step in training.steps():
-        loss = ddpm_loss(net, x0_all, gen, cfg.batch_size, diffusion)
+        loss = ddpm_loss(net, x0_all, gen, cfg.batch_size)
         training.check(loss, step)  # stops (non-finite loss, Ctrl-C) before the weights change
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -345,7 +361,7 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, training, diffusion: Diffusion
 # =================================================================================================
 
 
-def guided_eps(model, classifier, x, t, targets, guidance: float, diffusion: Diffusion):
+def guided_eps(model, classifier, x, t, targets, guidance: float):
     """eps_theta(x_t, t) - lambda sqrt(1 - abar_t) grad_x log p_phi(c | x_t, t)  (paper Eq. 1)."""
     with torch.no_grad(), autocast(x.device):
         eps = model(x, t).float()
@@ -356,25 +372,24 @@ def guided_eps(model, classifier, x, t, targets, guidance: float, diffusion: Dif
         log_probs = F.log_softmax(classifier(x_in, t).float(), dim=1)
         selected = log_probs[torch.arange(len(x), device=x.device), targets].sum()
         grad = torch.autograd.grad(selected, x_in)[0]
-    return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad
+    return eps - guidance * (1 - DIFFUSION.abar(t.cpu(), x)).sqrt() * grad
 
 
-def sampling_timesteps(diffusion: Diffusion, sampler: str, sample_steps: int) -> list[int]:
+def sampling_timesteps(sampler: str, sample_steps: int) -> list[int]:
     """Original timestep indices visited, descending to 0: all for DDPM; for DDIM every
     (T / steps)-th, T - T/steps ... 0 (diffusers' "leading" spacing: 980, ..., 0 for 50)."""
-    stride = 1 if sampler == "ddpm" else diffusion.steps // sample_steps
-    return list(range(0, diffusion.steps, stride))[::-1]
+    stride = 1 if sampler == "ddpm" else T_STEPS // sample_steps
+    return list(range(0, T_STEPS, stride))[::-1]
 
 
-def reverse_step(diffusion: Diffusion, x, eps, t: int, t_prev: int, eta: float,
-                 noise) -> torch.Tensor:
+def reverse_step(x, eps, t: int, t_prev: int, eta: float, noise) -> torch.Tensor:
     """One DDIM step t -> t_prev (Song et al. 2021, Eq. 12) with x_0 clamped to [-1, 1].
 
     eta = 1 with t_prev = t - 1 is exactly ancestral DDPM with variance beta_tilde_t, so one
     step function serves both samplers. No noise is added on the last step (t_prev = -1)."""
     index = torch.full((x.shape[0],), t, dtype=torch.long)
-    a_t = diffusion.abar(index, x)
-    a_prev = diffusion.abar(index - (t - t_prev), x)
+    a_t = DIFFUSION.abar(index, x)
+    a_prev = DIFFUSION.abar(index - (t - t_prev), x)
     x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
     eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # the noise consistent with the clamped x_0
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
@@ -382,7 +397,7 @@ def reverse_step(diffusion: Diffusion, x, eps, t: int, t_prev: int, eta: float,
     return x_prev + sigma * noise if t_prev >= 0 else x_prev
 
 
-STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # a random stream each (3: appendix D)
+STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # a random stream each
 
 
 def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
@@ -394,15 +409,16 @@ def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
 
 def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
            classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample",
-           batch: int = 0, start: int = 0, diffusion: Diffusion = DIFFUSION) -> np.ndarray:
+           batch: int = 0, start: int = 0) -> np.ndarray:
     """Generations start .. start+count-1 (uint8), batch by batch, guided toward `targets` (one per
-    generation) when guidance > 0. Under torchrun each process draws its share (appendix I)."""
+    generation) when guidance > 0. PROCESSES (plumbing) says which of them this process draws:
+    all of them, except under experiments.py's torchrun, which shares them among the processes."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
-    steps = sampling_timesteps(diffusion, cfg.sampler, cfg.sample_steps)
+    steps = sampling_timesteps(cfg.sampler, cfg.sample_steps)
     eta = 1.0 if cfg.sampler == "ddpm" else cfg.eta
     guided = classifier is not None and guidance > 0
     batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
-    images, mine = [], shard_of(count)  # mine: all of 0..count-1 in a single process
+    images, mine = [], PROCESSES.share(count)  # all of 0..count-1 in a single process
     for first in progress(range(mine.start, mine.stop, batch), desc=desc, unit="batch"):
         indices = range(start + first, start + min(mine.stop, first + batch))
         rngs = [sample_rng(cfg.seed, stream, i) for i in indices]
@@ -411,14 +427,13 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
             targets[first:first + len(rngs)], device=device)
         for t, t_prev in zip(steps, steps[1:] + [-1]):
             t_batch = torch.full((len(x),), t, device=device, dtype=torch.long)  # original index
-            eps = guided_eps(model, classifier, x, t_batch, target, guidance, diffusion)
+            eps = guided_eps(model, classifier, x, t_batch, target, guidance)
             noise = 0
             if eta > 0:
                 noise = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
-            x = reverse_step(diffusion, x, eps, t, t_prev, eta, noise)
+            x = reverse_step(x, eps, t, t_prev, eta, noise)
         images.append(to_uint8(x))
-    return np.concatenate(gather_all(np.concatenate(images)))  # every process's share, in order
-
+    return PROCESSES.join(np.concatenate(images))  # every process's share, in order
 
 # =================================================================================================
 # 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in part1()).
@@ -442,7 +457,7 @@ def clustering_features(cfg: Config, images_u8: np.ndarray, device) -> np.ndarra
     """F(x) of Algorithm 1 line 2: the --embed model's L2-normalized embedding, else the pixels
     centred on the synthetic-set mean."""
     if cfg.embed:
-        return embed_all(load_embedding(cfg.embed, device, "--embed"), images_u8).numpy()
+        return embed_all(load_embedding(cfg.embed, device), images_u8).numpy()
     return pixel_features(images_u8, flat_pixels(images_u8).mean(0) / 255.0)
 
 
@@ -468,10 +483,9 @@ def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed:
 
 
 def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device) -> dict:
-    """Algorithm 1 lines 2-5 (--labels kmeans), or the TDKD teacher's soft labels (v1-v6); "soft"
-    holds the classifiers' targets (one-hot for k-means)."""
-    if cfg.labels == "teacher":
-        return teacher_labels(cfg, synthetic, train["images"], train["labels"], device)
+    """Algorithm 1 lines 2-5. "soft" holds the classifiers' targets, one-hot here (experiments.py's
+    TDKD teacher, the paper's v1-v6 labels, gives soft ones). `train` is not used: the attacker
+    labels the model's samples without the training set."""
     features = clustering_features(cfg, synthetic, device)
     labels = surrogate_labels(features, cfg.clusters, cfg.cohesion, cfg.seed)
     labels["soft"] = np.eye(len(labels["kept"]), dtype=np.float32)[labels["labels"]]
@@ -482,7 +496,7 @@ def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device) -> 
 # 6. Classifiers (Algorithm 1 line 6). SIDE trains p_phi(y | x_t, t) with cross-entropy on
 #    x_t = q_sample(x_0, t), t uniform (Eq. 2): x_t comes from the target model's own forward
 #    process. Carlini Cond trains the same network without a time module on clean x_0 only. With
-#    soft targets (TDKD, v1-v6) the loss is the distillation loss KL(teacher || student) + const.
+#    soft targets the same loss is distillation, KL(teacher || student) + const (paper v1-v6).
 # =================================================================================================
 
 
@@ -490,7 +504,7 @@ class Classifier(nn.Module):
     """p_phi(y | x_t, t) (time_dependent=True, SIDE) or p(y | x) (False, Carlini Cond).
 
     The time-independent variant has no time module, so t cannot influence it. The label it is
-    guided toward is never an input (a bug in one public reimplementation)."""
+    guided toward is never an input: it scores every label from the image alone."""
 
     def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int], size: int,
                  num_classes: int, time_dependent: bool):
@@ -511,16 +525,16 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def noised_batch(x0, gen, time_dependent: bool, diffusion: Diffusion):
+def noised_batch(x0, gen, time_dependent: bool):
     """(x_t, t): noised by q(x_t | x_0) for the time-dependent classifier, clean for the other."""
     if not time_dependent:
         return x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)
-    x_t, t, _ = diffusion.noised(x0, gen)
+    x_t, t, _ = DIFFUSION.noised(x0, gen)
     return x_t, t.to(x0.device)
 
 
 def train_classifier(cfg: Config, images_u8: np.ndarray, targets: np.ndarray, time_dependent: bool,
-                     device: torch.device, desc: str, diffusion: Diffusion = DIFFUSION):
+                     device: torch.device, desc: str):
     """Fit a classifier on (images, soft targets); AdamW as in the paper (Setup)."""
     torch.manual_seed(cfg.seed + 1)
     x0_all = to_unit_range(images_u8).to(device)
@@ -531,7 +545,7 @@ def train_classifier(cfg: Config, images_u8: np.ndarray, targets: np.ndarray, ti
     bar = progress(range(cfg.clf_steps), desc=desc)
     for _ in bar:
         batch = torch.randint(len(x0_all), (cfg.clf_batch,), generator=gen).to(device)
-        x, t = noised_batch(x0_all[batch], gen, time_dependent, diffusion)
+        x, t = noised_batch(x0_all[batch], gen, time_dependent)
         with autocast(device):
             loss = soft_cross_entropy(net(x, t).float(), soft[batch])
         opt.zero_grad(set_to_none=True)
@@ -557,28 +571,24 @@ def fit_classifier(cfg: Config, synthetic: np.ndarray, labels: dict, time_depend
 # 7. Extraction: Algorithm 1, Part 2. For each generation draw a target cluster c ~ U{1..K'} and
 #    sample with the guided score. `uncond` (Carlini UnCond) is the same call with lambda = 0.
 #    `cond` (Carlini Cond) guides with the time-independent classifier on x_t, so it differs from
-#    `side` only in noise-awareness; `cond_x0` judges the predicted x_0. The controls `shuffled`
-#    and `oracle` (appendix D) guide like `side` with other labels. Each row has its own lambda,
-#    chosen on a seed that is never reported (appendix F).
+#    `side` only in noise-awareness. Each guided row has its own lambda (--guidance).
 # =================================================================================================
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One row of Table 1, as data: a new row is a new entry in METHODS."""
+    """One row of Table 1, as data: a new row is a new entry in METHODS (experiments.py adds its
+    controls this way, through the two hooks)."""
     name: str                    # the row's name; its generations go to samples_<name>.npz
     classifier: str | None       # the classifier that guides it (classifier_<classifier>.pt)
     time_dependent: bool = True  # that classifier is p_phi(y | x_t, t) (SIDE) or p(y | x)
-    sees: str | None = "xt"      # it judges x_t or the predicted x_0; None: --cond-input decides
-    labels: str = "surrogate"    # what that classifier learns: surrogate, shuffled or oracle labels
+    relabel: Callable | None = None  # (cfg, labels, synthetic, train) -> what the classifier learns
+    judge: Callable | None = None    # (classifier, model) -> what guides: the classifier, wrapped
 
 
 METHODS = {"uncond": Method("uncond", classifier=None),  # no classifier: lambda = 0
-           "cond": Method("cond", classifier="cond", time_dependent=False, sees=None),
-           "cond_x0": Method("cond_x0", classifier="cond", time_dependent=False, sees="x0"),
-           "side": Method("side", classifier="side", time_dependent=True),
-           "shuffled": Method("shuffled", classifier="shuffled", labels="shuffled"),  # a control
-           "oracle": Method("oracle", classifier="oracle", labels="oracle")}  # an upper bound
+           "cond": Method("cond", classifier="cond", time_dependent=False),
+           "side": Method("side", classifier="side", time_dependent=True)}
 
 
 def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
@@ -595,8 +605,8 @@ def extract(cfg: Config, method: Method, model, classifier, guidance: float, dev
         images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, desc=desc)
     else:
         targets = draw_targets(cfg.seed, cfg.n_gen, classifier.head[-1].out_features)
-        if method.sees == "x0":
-            classifier = SeesPredictedX0(classifier, model, DIFFUSION)
+        if method.judge is not None:
+            classifier = method.judge(classifier, model)
         images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets,
                         guidance, desc=desc)
     seeds = np.array([[cfg.seed, STREAM_EVAL, i] for i in range(cfg.n_gen)])
@@ -607,7 +617,7 @@ def extract(cfg: Config, method: Method, model, classifier, guidance: float, dev
 # 8. Memorization check, in pixel L2, block by block (the N_G x n x pixels tensor is never built).
 #    Gu et al. 2023: memorized iff d1 / d2 < 1/3. Carlini et al. 2023: normalized L2 = d1 / (alpha
 #    * mean distance to the 50 nearest), alpha = 0.5. AMS / UMS (Eq. 6-9) use a similarity gamma:
-#    1 - normalized L2 (the paper's measure at low resolution), or --sim-model's cosine (SSCD).
+#    1 - normalized L2 (the paper's measure at low resolution), or --embed's cosine (SSCD).
 # =================================================================================================
 
 GU_THRESHOLD = 1 / 3
@@ -671,47 +681,48 @@ def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, ba
 
 
 # =================================================================================================
-# 9. Algorithm 1, top to bottom, with no file handling: `folder` (the run folder, appendix C) is
+# 9. Algorithm 1, top to bottom, with no file handling: `folder` (the run folder, plumbing) is
 #    called as folder(name, compute) and returns compute()'s result, or the one a run with the same
 #    settings saved under that name; folder.phase() names and times each step.
 # =================================================================================================
 
 
-def run(cfg: Config, folder, device: torch.device) -> dict:
-    """Input: the target DPM trained on D. Output: D_ext, N_G generations for every method."""
-    rows = method_rows(cfg)
+def run(cfg: Config, folder, device: torch.device, rows: list[Method] | None = None,
+        surrogate: Callable = label_synthetic) -> dict:
+    """Input: the target DPM trained on D. Output: D_ext, N_G generations for every row.
+    experiments.py passes other rows (its controls) and another `surrogate` (the TDKD teacher)."""
+    rows = rows or method_rows(cfg)
     folder.phase("data", f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
     train = folder("data", lambda: load_training_set(cfg))
     folder.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
     x0_train = to_unit_range(train["images"]).to(device)
     model = train_ddpm(cfg, x0_train, folder.ddpm_training(x0_train))  # the target DPM
-    model = maybe_compile(model, cfg, device)  # --compile (appendix I); otherwise model itself
+    model = maybe_compile(model, cfg, device)  # --compile; otherwise the model itself
     labels, classifiers, accuracies = None, {}, {}
     if any(row.classifier for row in rows):  # the baseline alone needs no labels or classifier
-        labels, classifiers, accuracies = part1(cfg, folder, model, train, rows, device)
-    folder.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per method, "
-                           f"{guidance_text(cfg)}")
+        labels, classifiers, accuracies = part1(cfg, folder, model, train, rows, surrogate, device)
+    folder.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per row, {guidance_text(cfg)}")
     generations = {}
     for row in rows:  # Part 2, lines 16-26, once for every row, at the row's own lambda
-        classifier, guidance = classifiers.get(row.classifier), guidance_for(cfg, row.name)
+        classifier, guidance = classifiers.get(row.classifier), guidance_for(cfg, row)
         generations[row.name] = folder(f"samples_{row.name}", lambda: extract(
             cfg, row, model, classifier, guidance, device), guidance=guidance)
     return dict(train=train, labels=labels, accuracies=accuracies, generations=generations)
 
 
-def part1(cfg: Config, folder, model, train: dict, rows: list, device: torch.device):
+def part1(cfg: Config, folder, model, train: dict, rows: list, surrogate, device: torch.device):
     """Algorithm 1, Part 1: surrogate labels from the model's own samples, then the classifiers."""
     folder.phase("labels", f"[3/6] surrogate labels: N_syn = {cfg.n_syn}, K = {cfg.clusters}, "
                            f"tau = {cfg.cohesion}")
     synthetic = folder("synthetic", lambda: dict(images=sample(  # line 1: D_syn, its own stream
         model, cfg, cfg.n_syn, device, STREAM_SYNTHETIC, desc="sample N_syn")))["images"]
-    labels = folder("labels", lambda: label_synthetic(cfg, synthetic, train, device))  # lines 2-5
+    labels = folder("labels", lambda: surrogate(cfg, synthetic, train, device))  # lines 2-5
     folder.phase("classifier", f"[4/6] classifiers on {len(labels['kept'])} labels")
     classifiers, accuracies = {}, {}
     for row in rows:  # line 6, once for every classifier the rows ask for
         if row.classifier is None or row.classifier in classifiers:
             continue
-        learns = classifier_labels(cfg, row.labels, labels, synthetic, train)
+        learns = row.relabel(cfg, labels, synthetic, train) if row.relabel else labels
         fitted = folder(f"classifier_{row.classifier}", lambda: fit_classifier(
             cfg, synthetic, learns, row.time_dependent, device))
         in_ch, classes = synthetic.shape[-1], learns["soft"].shape[1]
@@ -723,36 +734,11 @@ def part1(cfg: Config, folder, model, train: dict, rows: list, device: torch.dev
 
 
 # =================================================================================================
-# Appendix: the plumbing. Nothing below is needed to follow SIDE; it feeds run() its data and
-# keeps what it computes.   A. profiles and devices   B. datasets   C. the run folder
-# D. variants and controls   E. memorization report and figures   F. sweeps
-# and the protocol (lambda tuned per row on a seed never reported, several seeds, the aggregate)
-# G. Theorem 1 on a toy   H. validation and the command line   I. many GPUs (torchrun)
+# Plumbing. Nothing below is a step of SIDE: devices and networks from a Config, the datasets, the
+# run folder, the report, and the command line.
 # =================================================================================================
 
-# --- A. Profiles and devices ----------------------------------------------------------------------
-# Defaults that depend on the dataset and the device (every value can be overridden by its flag),
-# the networks built from a Config, and progress bars.
-# digits: n = 128 with 2,000 steps and K = 64, chosen on the tune seed 100 (tools/n_curve.py) so
-# that the DDPM copies some, but at most a third, of its training digits: room to copy more
-# distinct images (README, "How the default run was chosen").
-_SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
-              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, tune_n_gen=256)
-# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128 (README, "Profiles").
-_GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
-            n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
-            tune_n_gen=1024)
-PROFILES = {
-    ("digits", "cpu"): dict(_SMALL, n=128, image_size=8, train_steps=2000, clusters=64),
-    ("digits", "gpu"): dict(_SMALL, n=128, image_size=8, train_steps=2000, clusters=64),
-    ("cifar10", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
-    ("celeba", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
-    ("folder", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
-    ("cifar10", "gpu"): dict(_GPU, n=1000, image_size=32, train_steps=40000,
-                             channels="128,256,256"),
-    ("celeba", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
-    ("folder", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
-}
+# --- Profiles, devices, networks, progress bars --------------------------------------------------
 
 
 def resolve_device(name: str) -> torch.device:
@@ -767,11 +753,7 @@ def resolve_device(name: str) -> torch.device:
 def apply_profile(cfg: Config) -> Config:
     """Fill every None field from the (dataset, device) profile."""
     kind = "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
-    profile = PROFILES.get((cfg.dataset, kind))
-    if profile is None:
-        raise UserError(f"unknown --dataset {cfg.dataset!r}; use one of: digits, celeba, cifar10, "
-                        f"folder")
-    for name, value in profile.items():
+    for name, value in PROFILES[(cfg.dataset, kind)].items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
     if not cfg.out:
@@ -809,13 +791,60 @@ def build_classifier(cfg: Config, in_ch: int, num_classes: int, time_dependent: 
                       cfg.image_size, num_classes, time_dependent)
 
 
-def progress(iterable, disable: bool = False, **options) -> tqdm:
-    """tqdm bars with loss and ETA; under torchrun only rank 0 draws them."""
-    return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, disable=disable or not is_main(),
-                **options)
+class OneProcess:
+    """How the work is shared between processes: here one process does all of it. experiments.py's
+    torchrun puts its own in PROCESSES (the same three members), so this file needs no
+    torch.distributed."""
+    main, count = True, 1  # this process writes files and draws progress bars; how many there are
+
+    def share(self, count: int) -> range:
+        """The generations (of 0 .. count-1) this process draws."""
+        return range(count)
+
+    def join(self, images: np.ndarray) -> np.ndarray:
+        """Every process's share, in order of generation."""
+        return images
 
 
-# --- B. Datasets: the training set D ----------------------------------------------------------
+PROCESSES = OneProcess()
+
+
+def progress(iterable, **options) -> tqdm:
+    """tqdm bars with loss and ETA, drawn by the main process only."""
+    quiet = options.pop("disable", False) or not PROCESSES.main
+    return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, disable=quiet, **options)
+
+
+def maybe_compile(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """--compile: the UNet through torch.compile on CUDA; on the CPU it warns once, runs eagerly."""
+    if not cfg.compile:
+        return model
+    if device.type != "cuda":
+        warn_once("--compile applies on CUDA only; running the UNet eagerly on the CPU")
+        return model
+    return torch.compile(model)
+
+
+def compile_problem(device: torch.device) -> str:
+    """Why torch.compile cannot run here ('' when it can)."""
+    if not hasattr(torch, "compile"):
+        return "this PyTorch has no torch.compile (it needs PyTorch 2.0 or later)"
+    from torch import _dynamo
+    if not _dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {sys.version.split()[0]} in this PyTorch"
+    from torch.utils._triton import has_triton
+    if device.type == "cuda" and not has_triton():
+        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
+    return ""
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    if PROCESSES.main:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+# --- Datasets: the training set D ----------------------------------------------------------------
 # Images are stored as uint8 N x H x W x C exactly as trained on and scaled to [-1, 1] for the DPM
 # (paper, Setup). No flips or other augmentation: memorization of the exact images is studied.
 
@@ -1004,10 +1033,9 @@ def load_training_set(cfg: Config) -> dict:
                 labels=labels if labels is not None else np.full(len(images), -1))
 
 
-# --- C. The run folder: one load -> compute -> save mechanism for every stage, and the DDPM's
+# --- The run folder: one load -> compute -> save mechanism for every stage, and the DDPM's
 #     checkpoint. Files are written atomically: a run killed at any moment never leaves a
-#     half-written file that a rerun trusts.
-# ----------------------------------------------------------------------------------------------
+#     half-written file that a rerun trusts. -----------------------------------------------------
 
 # Which settings each stage depends on. A stage is redone when one of these (or an upstream stage)
 # changes, and skipped otherwise: `--guidance 3` reruns only guided sampling and the report.
@@ -1017,22 +1045,13 @@ STAGE_FIELDS = {
     "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
     "sampler": ["sampler", "sample_steps", "eta"],
     "synthetic": ["n_syn"],
-    "labels": ["labels", "clusters", "cohesion", "embed"],
+    "labels": ["clusters", "cohesion", "embed"],
     "classifier": ["clf_steps", "clf_lr", "clf_batch"],
     "generations": ["n_gen"],
-    "cond": ["cond_input"],
 }
 
 
-def stage_key(cfg: Config, *groups: str, **values) -> str:
-    """A short hash of the settings in `groups`, and of `values` (a guided row's own lambda): the
-    identity of a stage's output."""
-    settings = {g: {f: getattr(cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
-    text = json.dumps({**settings, **values}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def stage_groups(cfg: Config, name: str) -> list[str]:
+def stage_groups(name: str) -> list[str]:
     """The settings groups the stage `name` (as run() calls it) depends on."""
     sampled = ["data", "ddpm", "sampler"]  # every stage after training samples the target model
     labelled = sampled + ["synthetic", "labels"]
@@ -1040,15 +1059,11 @@ def stage_groups(cfg: Config, name: str) -> list[str]:
         return ["data"]
     if name == "synthetic":
         return sampled + ["synthetic"]
-    if name == "labels":  # the TDKD teacher is trained with the classifier settings
-        return labelled + (["classifier"] if cfg.labels == "teacher" else [])
-    if name.startswith("classifier_"):
-        return labelled + ["classifier"]
-    method = METHODS[name.removeprefix("samples_")]
-    if method.classifier is None:  # the baseline does not depend on labels, classifier or lambda
+    if name == "labels":
+        return labelled
+    if name == "samples_uncond":  # the baseline does not depend on labels, classifier or lambda
         return sampled + ["generations"]
-    follows_flag = ["cond"] if method.sees is None else []  # --cond-input
-    return labelled + ["classifier", "generations"] + follows_flag  # and the row's lambda, in run()
+    return labelled + ["classifier"] + ([] if name.startswith("classifier_") else ["generations"])
 
 
 def stage_path(out: Path, name: str) -> Path:
@@ -1059,8 +1074,8 @@ def stage_path(out: Path, name: str) -> Path:
 
 def write_atomically(path: Path, write) -> None:
     """write(tmp) to a temporary file beside `path`, then rename it over `path` in one step.
-    Under torchrun only rank 0 writes; the other ranks read what it wrote."""
-    if not is_main():
+    Only the main process writes (experiments.py's torchrun: the others read what it wrote)."""
+    if not PROCESSES.main:
         return
     tmp = path.with_name(path.name + ".tmp" + path.suffix)  # np.savez needs the .npz suffix
     write(tmp)
@@ -1089,7 +1104,9 @@ class RunFolder:
     """run()'s `folder`. folder(name, compute) returns the stage's saved result when it was made
     with the same settings, and otherwise compute()'s, saved with the hash of those settings. A
     stage file that cannot be read (a full disk, a half-copied folder, a hand edit) is recomputed,
-    with one line saying so. ddpm.pt is read once, here, before anything is written."""
+    with one line saying so. ddpm.pt is read once, here, before anything is written.
+    experiments.py's subclasses add settings (`fields`, `groups`) and torchrun."""
+    fields = STAGE_FIELDS
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.out, self.device = cfg, Path(cfg.out), device
@@ -1098,12 +1115,17 @@ class RunFolder:
 
     def __call__(self, name: str, compute, **values) -> dict:
         """`values`: what the stage depends on beyond the settings (a guided row's own lambda)."""
-        groups = stage_groups(self.cfg, name)
-        path, key = stage_path(self.out, name), stage_key(self.cfg, *groups, **values)
-        if not dist.is_initialized() or name.startswith(EVERY_RANK):
-            return self.load_or_compute(path, key, compute)
-        result = rank0_only(self.load_or_compute, path, key, compute)  # the others wait...
-        return result if is_main() else self.load(path, key)  # ...then read what rank 0 saved
+        return self.load_or_compute(stage_path(self.out, name), self.key(name, **values), compute)
+
+    def groups(self, name: str) -> list[str]:
+        return stage_groups(name)
+
+    def key(self, name: str, **values) -> str:
+        """A short hash of the settings the stage depends on, and of `values`: the identity of the
+        stage's output."""
+        settings = {g: {f: getattr(self.cfg, f) for f in self.fields[g]} for g in self.groups(name)}
+        text = json.dumps({**settings, **values}, sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def load_or_compute(self, path: Path, key: str, compute) -> dict:
         cached = None if self.cfg.fresh or not path.is_file() else self.load(path, key)
@@ -1129,6 +1151,11 @@ class RunFolder:
             return None
         print(f"  {path.name}: up to date, skipping")
         return data
+
+    def on_main(self, work, *args):
+        """work(*args) where files are written: here, in this one process (experiments.py's
+        torchrun runs it on rank 0 and shares the result)."""
+        return work(*args)
 
     def phase(self, name: str, message: str) -> None:
         """Print `message` and start timing the phase `name` (the previous one ends here)."""
@@ -1160,22 +1187,19 @@ class RunFolder:
             raise UserError(f"{path} is at step {state['step']}, beyond --train-steps "
                             f"{cfg.train_steps}; raise --train-steps, use another --out, "
                             f"or --fresh")
-        unfinished = state["step"] < cfg.train_steps
-        state["net"] = training_network(state["model"], cfg, self.device) if unfinished \
-            else state["model"]
+        state["net"] = maybe_compile(state["model"], cfg, self.device)  # what the loss runs through
         return DDPMTraining(cfg, path, state, len(x0_all))
 
 
 def resume_generator(state: dict, saved: dict, cfg: Config, path: Path) -> None:
-    """This rank's batch generator as the checkpoint left it. Under torchrun the checkpoint holds
-    every rank's; an unfinished run resumes only with as many processes as it was trained by."""
-    rank_rngs = saved.get("rank_rngs", [saved["rng"]])
-    count = len(rank_rngs)
-    if state["step"] < cfg.train_steps and count != process_count():
+    """The batch generator as the checkpoint left it. A checkpoint of experiments.py's torchrun
+    holds every process's (this is the first's); an unfinished run resumes only with as many."""
+    count = len(saved["rngs"])
+    if state["step"] < cfg.train_steps and count != PROCESSES.count:
         raise UserError(f"{path} was being trained by {count} process(es); resume it with as many "
-                        f"(torchrun --nproc_per_node {count}), or retrain with --fresh")
-    if process_rank() < count:
-        state["generator"].set_state(rank_rngs[process_rank()].cpu())  # map_location moved it
+                        f"(torchrun --nproc_per_node {count} experiments.py), or retrain with "
+                        f"--fresh")
+    state["generator"].set_state(saved["rngs"][0].cpu())  # map_location may have moved it
 
 
 def training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
@@ -1184,7 +1208,7 @@ def training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
     model = build_unet(cfg, in_ch).to(device)
     ema = build_unet(cfg, in_ch).to(device)
     ema.load_state_dict(model.state_dict())
-    generator = torch.Generator().manual_seed(batch_seed(cfg.seed))  # saved in checkpoints
+    generator = torch.Generator().manual_seed(cfg.seed)  # saved in checkpoints
     return dict(model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
                 generator=generator, step=0)
 
@@ -1216,14 +1240,11 @@ def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
                         f"Use the old settings, another --out, or --fresh to retrain")
 
 
-def save_checkpoint(path: Path, state: dict, cfg: Config) -> None:
-    """Rank 0 writes the unwrapped model; under torchrun with every rank's batch generator."""
-    rank_rngs = gather_all(state["rng"])
+def save_checkpoint(path: Path, state: dict, cfg: Config, rngs: list) -> None:
+    """The unwrapped model, its EMA, Adam, the step and every process's batch generator."""
     save_torch(path, dict(model=state["model"].state_dict(), ema=state["ema"].state_dict(),
-                          opt=state["opt"].state_dict(), rng=state["rng"], rank_rngs=rank_rngs,
-                          step=state["step"], config=dataclasses.asdict(cfg)))
-    if dist.is_initialized():
-        dist.barrier()  # no rank reads ddpm.pt again before rank 0 has written it
+                          opt=state["opt"].state_dict(), rngs=rngs, step=state["step"],
+                          config=dataclasses.asdict(cfg)))
 
 
 class DeferredInterrupt:
@@ -1269,98 +1290,33 @@ class DDPMTraining:
             for step in bar:
                 yield step
                 state["step"], state["rng"] = step + 1, gen.get_state()
-                epoch = state["step"] * cfg.batch_size * process_count() / self.n_images
+                epoch = state["step"] * cfg.batch_size * PROCESSES.count / self.n_images
                 bar.set_postfix(loss=f"{self.loss:.4f}", epoch=f"{epoch:.0f}", refresh=False)
-        save_checkpoint(self.path, state, cfg)
+        self.save()
 
     def check(self, loss: torch.Tensor, step: int) -> None:
-        """Stop on Ctrl-C or a non-finite loss (on every rank alike: see agree()); otherwise
-        checkpoint the weights that have just given a finite loss."""
-        self.loss, stop = agree(loss, self.ctrl_c.pressed or step == self.stop_at)
+        """Stop on Ctrl-C or a non-finite loss; otherwise checkpoint the weights that have just
+        given a finite loss."""
+        self.loss, stop = self.agree(loss, self.ctrl_c.pressed or step == self.stop_at)
         if stop:  # (step, rng) in state still describe the start of this step
-            save_checkpoint(self.path, self.state, self.cfg)
+            self.save()
             raise UserError(f"stopped at step {step}; checkpoint saved to {self.path}. "
                             f"Rerun the same command to resume")
         if not math.isfinite(self.loss):
             raise UserError(f"DDPM loss became {self.loss} at step {step}; lower --lr. "
                             f"The last good checkpoint ({self.path.name}) is kept")
         if step > self.first and step % self.cfg.ckpt_every == 0:
-            save_checkpoint(self.path, self.state, self.cfg)
+            self.save()
 
+    def agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+        """The loss and whether to stop (experiments.py's torchrun: agreed by every process)."""
+        return loss.item(), stop
 
-# --- D. Variants and controls. The controls' labels (shuffled, oracle), the TDKD teacher's labels
-#     (--labels teacher) and Carlini Cond judging the predicted x_0 (--cond-input x0). Each
-#     replaces one step of the lesson. -------------------------------------------------------------
+    def save(self) -> None:
+        save_checkpoint(self.path, self.state, self.cfg, [self.state["rng"]])
 
-
-STREAM_SHUFFLE = 3  # the permutation of the `shuffled` control has its own random stream
-
-
-def shuffled_labels(labels: dict, seed: int) -> dict:
-    """The `shuffled` control: the surrogate labels permuted at random among the synthetic samples.
-
-    Every cluster keeps its size, but a label no longer says anything about the image it sits on:
-    p_i = p in Theorem 1, which then predicts no gain. If this control gains as much as SIDE, the
-    clusters are not what helps."""
-    order = np.random.default_rng([seed, STREAM_SHUFFLE]).permutation(len(labels["labels"]))
-    return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])
-
-
-def oracle_labels(synthetic: np.ndarray, train_images: np.ndarray) -> dict:
-    """The `oracle` control: each synthetic sample labelled with its nearest training image (pixel
-    L2). Only the model's owner could make these labels, so this is no attack: it bounds what
-    better surrogate labels could do. Classes are the training images nearest to some sample."""
-    _, index = nearest_neighbours(synthetic, train_images, 1)
-    kept, labels = np.unique(index[:, 0], return_inverse=True)
-    return dict(labels=labels, soft=np.eye(len(kept), dtype=np.float32)[labels], kept=kept,
-                sizes=np.bincount(labels, minlength=len(kept)))
-
-
-def classifier_labels(cfg: Config, source: str, labels: dict, synthetic, train: dict) -> dict:
-    """What a row's classifier learns: the surrogate labels, or a control made from them."""
-    if source == "shuffled":
-        return shuffled_labels(labels, cfg.seed)
-    if source == "oracle":
-        return oracle_labels(synthetic, train["images"])
-    return labels
-
-
-def teacher_labels(cfg, synthetic, train_images, train_labels, device) -> dict:
-    """TDKD (paper v1-v6): a time-independent teacher trained on the real labels labels the
-    generations."""
-    if (train_labels < 0).any():
-        raise UserError(f"--labels teacher needs real labels; {cfg.dataset} has none here "
-                        f"(celeba needs identity_CelebA.txt beside img_align_celeba)")
-    classes = int(train_labels.max()) + 1
-    teacher = train_classifier(cfg, train_images, np.eye(classes, dtype=np.float32)[train_labels],
-                               False, device, "train teacher")
-    with torch.no_grad():
-        soft = torch.cat([F.softmax(teacher(x, None), 1).cpu() for x in
-                          to_unit_range(synthetic).to(device).split(512)]).numpy()
-    labels = soft.argmax(1)
-    return dict(labels=labels, soft=soft, kept=np.arange(classes),
-                sizes=np.bincount(labels, minlength=classes),
-                cohesion=np.zeros(0))  # cohesion is a k-means notion
-
-
-class SeesPredictedX0(nn.Module):
-    """--cond-input x0: the time-independent classifier judges the model's estimate of x_0,
-    x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t), instead of the noisy x_t.
-    The gradient then flows back through eps_theta too (about 3x the cost of a step). x0_hat is
-    not clamped: clamping would zero the gradient wherever the estimate saturates (often at
-    large t)."""
-
-    def __init__(self, classifier: nn.Module, model: nn.Module, diffusion: Diffusion):
-        super().__init__()
-        self.classifier, self.model, self.diffusion = classifier, model, diffusion
-
-    def forward(self, x, t):
-        a = self.diffusion.abar(t.cpu(), x)
-        return self.classifier((x - (1 - a).sqrt() * self.model(x, t).float()) / a.sqrt(), t)
-
-
-# --- E. Memorization report and figures: the check of section 8 for every method, in blocks, with
-#     the classifier's accuracy by t, a table, pictures and report.json / report.md -------------
+# --- The report: the check of section 8 for every row, in blocks, with the classifiers' accuracy
+#     by t, a table, pictures and report.json / report.md ----------------------------------------
 
 
 def block_slices(total: int, size: int):
@@ -1380,12 +1336,12 @@ T_RANGES = [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
 
 @torch.no_grad()
 def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, device: torch.device,
-                  seed: int, diffusion: Diffusion = DIFFUSION) -> dict:
+                  seed: int) -> dict:
     """Accuracy on x_t for each range of t. Low accuracy at large t is expected by design."""
     x0, gen = to_unit_range(images_u8).to(device), torch.Generator().manual_seed(seed)
     truth, result = torch.as_tensor(labels, device=device), {}
     for low, high in T_RANGES:
-        x_t, t, _ = diffusion.noised(x0, gen, low, high)
+        x_t, t, _ = DIFFUSION.noised(x0, gen, low, high)
         predicted = torch.cat([net(x_t[s], t[s].to(device)).argmax(1)
                                for s in block_slices(len(x0), 512)])
         result[f"t{low}-{high - 1}"] = round((predicted == truth).float().mean().item(), 4)
@@ -1428,9 +1384,9 @@ def similarity_scan(generated, train, featurize, bands, block: int = 1024):
     return best.numpy(), best_index.numpy(), {k: v.numpy() for k, v in hit.items()}
 
 
-def load_embedding(path: str, device, flag: str = "--sim-model"):
-    """--embed / --sim-model: an image-embedding model (e.g. SSCD) taking N x 3 x H x W in [0, 1]
-    and returning one vector per image. Returns embed(images_u8) -> L2-normalized N x D features."""
+def load_embedding(path: str, device, flag: str = "--embed"):
+    """--embed: an image-embedding model (e.g. SSCD) taking N x 3 x H x W in [0, 1] and returning
+    one vector per image. Returns embed(images_u8) -> L2-normalized N x D features."""
     model = read_embedding_model(path, device, flag)
 
     @torch.no_grad()
@@ -1497,12 +1453,11 @@ def clustering_space(cfg: Config) -> str:
 
 
 def similarity_space(cfg, device):
-    """(featurize, bands, name): the similarity gamma used for AMS/UMS and its band edges.
-    --sim-model (similarity only) takes precedence over --embed (clustering and similarity)."""
-    flag, path = ("--sim-model", cfg.sim_model) if cfg.sim_model else ("--embed", cfg.embed)
-    if path:
-        bands, featurize = EMBEDDING_BANDS, load_embedding(path, device, flag)
-        name = f"cosine of {Path(path).name}"
+    """(featurize, bands, name): the similarity gamma used for AMS/UMS and its band edges: the
+    cosine of the --embed model's features, else 1 - Carlini's normalized L2 in pixels."""
+    if cfg.embed:
+        bands, featurize = EMBEDDING_BANDS, load_embedding(cfg.embed, device)
+        name = f"cosine of {Path(cfg.embed).name}"
     else:
         bands, featurize, name = PIXEL_BANDS, None, "1 - normalized L2 (pixels)"
     if cfg.bands:
@@ -1535,26 +1490,38 @@ def markdown_table(methods: dict) -> str:
     return "\n".join(table_lines(header, rows))
 
 
+def table_lines(header: list, rows: list) -> list[str]:
+    """A Markdown table, one string per line."""
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def write_report(cfg, evaluation, labels, accuracies, timings, out) -> dict:
     methods = {m: r["summary"] for m, r in evaluation["results"].items()}
     report = dict(config=dataclasses.asdict(cfg), timings_s=timings, methods=methods,
                   similarity=dict(space=evaluation["space"], bands=list(evaluation["bands"])),
                   labels=labels_summary(cfg, labels), classifier_accuracy_by_t=accuracies,
-                  guidance={m: guidance_for(cfg, m) for m in methods if m != "uncond"})
+                  guidance={m: v for m, v in row_lambdas(cfg).items() if m in methods})
     if "uncond" in methods and methods["uncond"]["memorized_fraction"] > 0:
         baseline = methods["uncond"]["memorized_fraction"]
         report["gain_over_uncond"] = {m: s["memorized_fraction"] / baseline
                                       for m, s in methods.items()}
-    save_text(out / "report.json", json.dumps(report, indent=2))
-    save_text(out / "report.md", report_markdown(cfg, report))
+    save_report(out, report, report_markdown(cfg, report))
     return report
+
+
+def save_report(out: Path, report: dict, markdown: str) -> None:
+    """The one report writer: report.json and report.md (experiments.py's aggregate uses it too)."""
+    save_text(out / "report.json", json.dumps(report, indent=2))
+    save_text(out / "report.md", markdown)
 
 
 def labels_summary(cfg, labels) -> dict | None:
     if not labels:
         return None
-    return dict(source=cfg.labels, clusters_kept=int(len(labels["kept"])),
-                features=clustering_space(cfg) if cfg.labels == "kmeans" else "none",
+    teacher = "teacher" in labels  # experiments.py's TDKD labels name their teacher
+    return dict(source="teacher" if teacher else "kmeans", clusters_kept=int(len(labels["kept"])),
+                features="none" if teacher else clustering_space(cfg),
                 sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist())
 
 
@@ -1564,7 +1531,7 @@ def report_markdown(cfg, report) -> str:
     low, mid, high = sim["bands"]
     lines = [f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
              f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, "
-             f"{guidance_text(cfg)}, {kept} surrogate labels ({cfg.labels}).", "",
+             f"{guidance_text(cfg)}, {kept} surrogate labels ({labels['source'] if labels else 'none'}).", "",
              markdown_table(report["methods"]), "",
              f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} "
              f"with bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. "
@@ -1624,18 +1591,19 @@ def save_figures(evaluation, generations, train_images, out, show: int = 24) -> 
     save_figure(fig, out / "figures" / "histograms.png", dpi=120)
 
 
-def run_pipeline(cfg: Config) -> dict:
-    """run() in its run folder, then the memorization check, report and figures."""
-    device, out = resolve_device(cfg.device), Path(cfg.out)
-    folder = RunFolder(cfg, device)  # reads ddpm.pt before anything in `out` is written
-    save_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    result = run(cfg, folder, device)
+def run_pipeline(cfg: Config, folder: RunFolder | None = None, **attack) -> dict:
+    """run() in its run folder, then the memorization check, report and figures. experiments.py
+    passes its own folder, and run()'s `rows` and `surrogate` in `attack`."""
+    device = resolve_device(cfg.device)
+    folder = folder or RunFolder(cfg, device)  # reads ddpm.pt before anything in `out` is written
+    save_text(Path(cfg.out) / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    result = run(cfg, folder, device, **attack)
     folder.phase("evaluate", "[6/6] memorization check")
-    return rank0_only(score_and_report, cfg, folder, result, device, share=True)
+    return folder.on_main(score_and_report, cfg, folder, result, device)
 
 
 def score_and_report(cfg: Config, folder: RunFolder, result: dict, device) -> dict:
-    """The memorization check, figures and report (rank 0 alone under torchrun)."""
+    """The memorization check, figures and report."""
     out, train_images, generations = Path(cfg.out), result["train"]["images"], result["generations"]
     evaluation = evaluate(cfg, generations, train_images, out, device)
     save_figures(evaluation, generations, train_images, out)
@@ -1654,412 +1622,7 @@ def print_summary(report: dict, out: Path) -> None:
     total = report["timings_s"]["total"]
     print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   total {total:.0f} s")
 
-
-# --- F. Sweeps ------------------------------------------------------------------------------------
-
-
-def parse_sweep(text: str):
-    name, _, values = text.partition("=")
-    kinds = {"guidance": float, "clusters": int, "cohesion": float}
-    if name not in kinds or not values:
-        raise UserError(f"--sweep {text!r}: use guidance=0,1,3 or clusters=8,16 or "
-                        f"cohesion=0.3,0.5")
-    return name, [kinds[name](v) for v in values.split(",")]
-
-
-def run_sweep(cfg: Config) -> dict:
-    """Rerun only the stages that depend on the swept setting, and plot the side row against it."""
-    name, values = parse_sweep(cfg.sweep)
-    rows = []
-    for i, value in enumerate(values):
-        print(f"\n=== sweep {name} = {value} ===")
-        setting = dataclasses.replace(cfg, **{name: value}, sweep="", fresh=cfg.fresh and i == 0)
-        validate(setting)
-        report = run_protocol(setting)
-        rows.append(dict(value=value, **{m: s for m, s in report["methods"].items()}))
-    save_text(Path(cfg.out) / "sweep.json", json.dumps(dict(setting=name, rows=rows), indent=2))
-    if is_main():
-        plot_sweep(name, rows, Path(cfg.out))
-    return dict(setting=name, rows=rows)
-
-
-def plot_sweep(name: str, rows: list, out: Path) -> None:
-    fig, ax1 = pyplot().subplots(figsize=(5, 3.5))
-    values, method = [r["value"] for r in rows], "side" if "side" in rows[0] else list(rows[0])[-1]
-    ax1.plot(values, [100 * r[method]["memorized_fraction"] for r in rows], "o-",
-             label=f"{method}: Gu memorized %")
-    ax1.plot(values, [r[method]["ums_high"] + r[method]["ums_mid"] for r in rows], "s--",
-             label=f"{method}: mid+high UMS")
-    if "uncond" in rows[0]:
-        ax1.axhline(100 * rows[0]["uncond"]["memorized_fraction"], color="gray", ls=":",
-                    label="uncond memorized %")
-    ax1.set(xlabel=name, ylabel="%")
-    ax1.legend(fontsize=8)
-    save_figure(fig, out / "figures" / f"sweep_{name}.png", dpi=120)
-
-
-# --- F. (cont.) The protocol: lambda chosen per row on a seed never reported, then several reported
-#     seeds and one aggregate report (README, "Protocol"). Selection and report never share a seed.
-
-TIE_RULE = "highest Gu memorized fraction; ties: more distinct images copied, then smaller lambda"
-
-
-def parse_seeds(text: str, flag: str) -> list[int]:
-    parts = [p.strip() for p in text.split(",")]
-    if not all(p.isdigit() for p in parts):
-        raise UserError(f"{flag} takes non-negative integers such as 0,1,2 (got {text!r})")
-    seeds = [int(p) for p in parts]
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        raise UserError(f"{flag} repeats seed {repeated[0]} ({text!r}); give each seed once")
-    return seeds
-
-
-def reported_seeds(cfg: Config) -> list[int]:
-    return parse_seeds(cfg.seeds, "--seeds") if cfg.seeds.strip() else [cfg.seed]
-
-
-def is_lambda(text: str) -> bool:
-    try:
-        return float(text) >= 0
-    except ValueError:
-        return False
-
-
-def lambda_grid(cfg: Config) -> list[float]:
-    values = [v.strip() for v in cfg.lambda_grid.split(",") if v.strip()]
-    if not values or not all(is_lambda(v) for v in values):
-        raise UserError(f"--lambda-grid {cfg.lambda_grid!r}: give lambda values >= 0 to tune over, "
-                        f"e.g. --lambda-grid 0.3,1,3,10,30 (or fix lambda with --guidance)")
-    return [float(v) for v in values]
-
-
-def fixed_guidance(cfg: Config) -> dict:
-    """{method: lambda} given on the command line: --method-guidance, else --guidance."""
-    guided = [m for m in method_names(cfg) if m != "uncond"]
-    fixed = {m: cfg.guidance for m in guided} if cfg.guidance is not None else {}
-    for item in filter(None, (i.strip() for i in cfg.method_guidance.split(","))):
-        method, _, value = (part.strip() for part in item.partition("="))
-        if method not in list(METHODS)[1:] or not is_lambda(value):
-            raise UserError(f"--method-guidance {cfg.method_guidance!r}: give row=lambda pairs, "
-                            f"lambda >= 0, e.g. side=10,cond=3 (rows: {', '.join(METHODS)})")
-        fixed[method] = float(value)
-    return fixed
-
-
-def guidance_for(cfg: Config, method: str) -> float:
-    """The lambda this row samples with: its --method-guidance entry, else --guidance."""
-    value = 0.0 if METHODS[method].classifier is None else fixed_guidance(cfg).get(method)
-    if value is None:
-        raise UserError(f"no lambda for {method}: give --guidance, or let main() tune it")
-    return value
-
-
-def guidance_text(cfg: Config) -> str:
-    guided = [m for m in method_names(cfg) if m != "uncond"]
-    return "lambda " + (", ".join(f"{m} {guidance_for(cfg, m):g}" for m in guided) or "0 (uncond)")
-
-
-def methods_to_tune(cfg: Config) -> list[str]:
-    """Guided rows with no lambda from the command line (a guidance sweep gives every row one)."""
-    if cfg.sweep.startswith("guidance="):
-        return []
-    fixed = fixed_guidance(cfg)
-    return [m for m in method_names(cfg) if m != "uncond" and m not in fixed]
-
-
-def validate_protocol(cfg: Config) -> None:
-    """The protocol's flags, checked with the others before any slow work."""
-    seeds = reported_seeds(cfg)
-    lambda_grid(cfg)
-    parse_seeds(str(cfg.tune_seed), "--tune-seed")
-    if cfg.tune_n_gen <= 0:
-        raise UserError(f"--tune-n-gen must be positive (got {cfg.tune_n_gen})")
-    if len(seeds) > 1 and cfg.sweep:
-        raise UserError(f"--sweep runs on one seed but --seeds {cfg.seeds} gives {len(seeds)}: "
-                        f"drop --sweep, or give one seed (--seeds {seeds[0]})")
-    if methods_to_tune(cfg) and cfg.tune_seed in seeds:
-        raise UserError(f"--tune-seed {cfg.tune_seed} is also a reported seed; choose one outside "
-                        f"them (e.g. --tune-seed {max(seeds) + 100}) or fix lambda with --guidance")
-
-
-def tune_lambdas(cfg: Config, methods: list[str]) -> dict:
-    """Each method's lambda from --lambda-grid by its own Gu memorized fraction on --tune-seed
-    (TIE_RULE), with N_G = --tune-n-gen. Each lambda's result is cached, keyed by the settings."""
-    tune_cfg = dataclasses.replace(cfg, seed=cfg.tune_seed, seeds="", sweep="", method_guidance="",
-                                   n_gen=cfg.tune_n_gen, methods=",".join(["uncond", *methods]),
-                                   out=str(Path(cfg.out) / f"tune-seed{cfg.tune_seed}"))
-    settings = {k: v for k, v in dataclasses.asdict(tune_cfg).items()
-                if k not in ("out", "fresh", "guidance", "lambda_grid")}
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path, grid = Path(tune_cfg.out) / f"tuning-{key}.json", [f"{v:g}" for v in lambda_grid(cfg)]
-    check_writable(path.parent)
-    points = json.loads(path.read_text())["points"] if path.is_file() and not cfg.fresh else {}
-    for value in grid:
-        if value in points:
-            print(f"  lambda = {value} on seed {cfg.tune_seed}: in {path.name}, skipping")
-            continue
-        print(f"\n=== tuning on seed {cfg.tune_seed}: lambda = {value} ({', '.join(methods)}) ===")
-        first = cfg.fresh and not points  # --fresh retrains the tune seed's stages once
-        report = run_pipeline(dataclasses.replace(tune_cfg, guidance=float(value), fresh=first))
-        points[value] = dict(methods=report["methods"], timings_s=report["timings_s"])
-        save_text(path, json.dumps(dict(settings=settings, points=points), indent=2))
-    curve = {m: {v: points[v]["methods"][m] for v in grid} for m in ["uncond", *methods]}
-    return dict(seed=cfg.tune_seed, n_gen=cfg.tune_n_gen, grid=grid, rule=TIE_RULE,
-                folder=tune_cfg.out, curve=curve, best={m: best_lambda(curve[m]) for m in methods},
-                seconds=round(sum(points[v]["timings_s"]["total"] for v in grid), 1))
-
-
-def best_lambda(curve: dict) -> float:
-    """TIE_RULE over {lambda: summary}: most Gu copies, then most distinct images, then smaller."""
-    def score(value):
-        row = curve[value]
-        return row["memorized_fraction"], row["unique_memorized"], -float(value)
-    return float(max(curve, key=score))
-
-
-def choose_lambdas(cfg: Config) -> dict:
-    """Every guided row's lambda, and how it was chosen (fixed on the command line, or tuned)."""
-    to_tune = methods_to_tune(cfg)
-    tuning = tune_lambdas(cfg, to_tune) if to_tune else None
-    lambdas = {**fixed_guidance(cfg), **(tuning["best"] if tuning else {})}
-    lambdas = {m: lambdas[m] for m in method_names(cfg) if m != "uncond"}
-    how = {m: f"tuned on seed {cfg.tune_seed}" if m in to_tune else "fixed, not tuned"
-           for m in lambdas}
-    return dict(lambdas=lambdas, how=how, tuning=tuning)
-
-
-def run_protocol(cfg: Config) -> dict:
-    """Choose every row's lambda, run the whole pipeline (a fresh DDPM) per reported seed, then
-    write the aggregate. One seed runs in --out itself, several in --out/seed<S>."""
-    seeds, out = reported_seeds(cfg), Path(cfg.out)
-    folders = {s: out if len(seeds) == 1 else out / f"seed{s}" for s in seeds}
-    for seed, folder in folders.items():  # a folder of another run stops us before any slow work
-        check_writable(folder)
-        read_checkpoint(folder / "ddpm.pt", dataclasses.replace(cfg, seed=seed),
-                        resolve_device(cfg.device))
-    choice = choose_lambdas(cfg)
-    pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())
-    reports = {}
-    for seed, folder in folders.items():
-        if len(seeds) > 1:
-            print(f"\n=== seed {seed} ({len(reports) + 1} of {len(seeds)}) ===")
-        reports[seed] = run_pipeline(dataclasses.replace(
-            cfg, seed=seed, seeds="", out=str(folder), method_guidance=pinned))
-    return write_aggregate(cfg, folders, reports, choice)
-
-
-def spread(values) -> dict:
-    return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)))
-
-
-def ever_extracted(folders: dict, method: str) -> dict:
-    """Training images (dataset indices) that `method` copied (Gu) on any seed, out of all the
-    training images of those seeds (the same n images unless --subset random)."""
-    copied, pool = set(), set()
-    for folder in folders.values():
-        indices = np.load(Path(folder) / "train_subset.npz")["indices"]
-        nn = np.load(Path(folder) / f"nn_{method}.npz")
-        copied |= set(indices[nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD]].tolist())
-        pool |= set(indices.tolist())
-    return dict(count=len(copied), of=len(pool), fraction=len(copied) / len(pool))
-
-
-def side_ratios(reports: dict, best_cond) -> dict:
-    """Per seed: side's Gu memorized fraction over uncond's and the best cond's (None: 0 copies)."""
-    ratios = {}
-    for seed, report in reports.items():
-        fraction = {m: row["memorized_fraction"] for m, row in report["methods"].items()}
-        others = [m for m in ("uncond", best_cond) if m in fraction] if "side" in fraction else []
-        ratios[str(seed)] = {f"side/{m}": fraction["side"] / fraction[m] if fraction[m] else None
-                             for m in others}
-    return ratios
-
-
-def aggregate(folders: dict, reports: dict) -> dict:
-    """Per method: mean, min and max over seeds of every summary number, and the training images
-    ever extracted; per seed: side / uncond and side / best cond (the better cond by mean)."""
-    first = next(iter(reports.values()))["methods"]
-    summary = {m: {k: spread([r["methods"][m][k] for r in reports.values()]) for k in first[m]}
-               for m in first}
-    conds = [m for m in ("cond", "cond_x0") if m in summary]
-    best_cond = max(conds, key=lambda m: summary[m]["memorized_fraction"]["mean"], default=None)
-    return dict(seeds=list(reports), methods=summary, best_cond=best_cond,
-                ratios=side_ratios(reports, best_cond),
-                ever_extracted={m: ever_extracted(folders, m) for m in summary},
-                verdicts=verdicts({m: s["memorized_fraction"] for m, s in summary.items()},
-                                  len(reports)))
-
-
-def verdicts(fraction: dict, seeds: int) -> list[str]:
-    """side vs uncond and the shuffled control, in words. `fraction`: {method: spread over seeds};
-    a difference exceeds the seed spread when the two min-max ranges do not overlap."""
-    def pct(m):
-        return f"{100 * fraction[m]['mean']:.2f} %"
-
-    def apart(a, b):
-        return fraction[a]["min"] > fraction[b]["max"] or fraction[b]["min"] > fraction[a]["max"]
-    lines, mean = [], {m: s["mean"] for m, s in fraction.items()}
-    one_seed = "on one seed only, no spread to compare with (try --seeds 0,1,2)"
-    beyond = "beyond the seed spread (the min-max ranges do not overlap)"
-    within = one_seed if seeds == 1 else "within the seed spread (the min-max ranges overlap)"
-    if {"side", "uncond"} <= set(fraction):
-        exceeds = seeds > 1 and apart("side", "uncond")
-        lines.append(f"side vs uncond: {pct('side')} vs {pct('uncond')} Gu memorized (mean); the "
-                     f"difference is {beyond if exceeds else within}.")
-    if {"side", "shuffled", "uncond"} <= set(fraction):
-        versus = f"({pct('shuffled')} vs side's {pct('side')}, uncond {pct('uncond')})"
-        if mean["side"] <= mean["uncond"]:
-            lines.append(f"SIDE gained nothing over uncond, so the shuffled control {versus} "
-                         "has no gain to explain.")
-        elif mean["shuffled"] >= mean["side"]:
-            lines.append(f"The shuffled control gained as much as SIDE {versus}: the clusters are "
-                         "not what helps.")
-        elif seeds > 1 and apart("side", "shuffled"):
-            lines.append(f"The shuffled control gained less than SIDE {versus}, {beyond}: "
-                         "the cluster structure is what helps.")
-        else:
-            lines.append(f"The shuffled control gained less than SIDE {versus}, but {within}: "
-                         "this does not show that the clusters help.")
-    return lines
-
-
-def table_lines(header: list, rows: list) -> list[str]:
-    """A Markdown table, one string per line."""
-    return ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header),
-            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
-
-
-def spread_cell(stats: dict, scale: float = 1) -> str:
-    mean, low, high = (stats[k] * scale for k in ("mean", "min", "max"))
-    return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
-
-
-def lambda_markdown(choice: dict) -> list[str]:
-    """Which lambda each row used and how it was chosen; the tune seed's curve behind the choice."""
-    if not choice["lambdas"]:
-        return ["No guided rows, so no lambda."]
-    lines = table_lines(["method", "lambda", "chosen"],
-                        [[m, f"{v:g}", choice["how"][m]] for m, v in choice["lambdas"].items()])
-    tuning = choice["tuning"]
-    if tuning:
-        curve = [[m, *(f"{100 * row['memorized_fraction']:.2f}" for row in by_lambda.values())]
-                 for m, by_lambda in tuning["curve"].items()]
-        lines += ["", f"Tuned on seed {tuning['seed']}, which is never reported, with N_G = "
-                  f"{tuning['n_gen']} per method and lambda (--tune-n-gen; reported seeds use "
-                  f"--n-gen). Rule: {tuning['rule']}. Gu memorized % on the tune seed "
-                  f"({tuning['seconds']:.0f} s of pipeline runs, {tuning['folder']}):", "",
-                  *table_lines(["method", *(f"lambda {v}" for v in tuning["grid"])], curve)]
-    return lines
-
-
-def ratio_cell(value) -> str:
-    return "n/a (divisor has 0 copies)" if value is None else f"{value:.2f}x"
-
-
-def protocol_markdown(agg: dict, choice: dict) -> str:
-    distinct = [[m, spread_cell(agg["methods"][m]["unique_memorized"]),
-                 f"{ever['count']} of {ever['of']}", f"{100 * ever['fraction']:.2f} %"]
-                for m, ever in agg["ever_extracted"].items()]
-    lines = ["## Protocol", "", *lambda_markdown(choice), "",
-             f"Distinct training images copied (Gu), per seed and ever over seeds {agg['seeds']}:",
-             "", *table_lines(["method", "Gu unique, mean [min, max]", "ever extracted",
-                               "of the training set"], distinct)]
-    ratio_names = list(next(iter(agg["ratios"].values())))
-    if ratio_names:
-        ratios = [[seed, *(ratio_cell(r[name]) for name in ratio_names)]
-                  for seed, r in agg["ratios"].items()]
-        lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
-                  "higher mean Gu memorized fraction of cond and cond_x0):", "",
-                  *table_lines(["seed", *ratio_names], ratios)]
-    return "\n".join(lines + ["", *[f"- {v}" for v in agg["verdicts"]]]) + "\n"
-
-
-def write_aggregate(cfg: Config, folders: dict, reports: dict, choice: dict) -> dict:
-    """One seed: its report gains the protocol section. Several: report.md / report.json at the
-    top of --out hold mean [min, max] over seeds, the ratios and the verdicts."""
-    agg, out = aggregate(folders, reports), Path(cfg.out)
-    if len(reports) == 1:
-        report = dict(next(iter(reports.values())), protocol=dict(agg, lambdas=choice))
-        text = (out / "report.md").read_text() + "\n" + protocol_markdown(agg, choice)
-    else:
-        report = dict(config=dataclasses.asdict(cfg), **agg, lambdas=choice)
-        links = ", ".join(f"[seed {s}]({Path(f).name}/report.md)" for s, f in folders.items())
-        text = "\n".join([
-            f"# SIDE over seeds {', '.join(map(str, reports))}: {cfg.dataset}, n = {cfg.n}, "
-            f"{cfg.image_size} px", "", f"N_G = {cfg.n_gen} per method and seed; every seed trains "
-            "its own DDPM. Mean [min, max] over seeds:", "", *table_lines(
-                ["method", *(title for _, title, _ in TABLE_COLUMNS)],
-                [[m, *(spread_cell(c[key], scale) for key, _, scale in TABLE_COLUMNS)]
-                 for m, c in agg["methods"].items()]), "",
-            protocol_markdown(agg, choice), f"Per seed: {links}."])
-    save_text(out / "report.json", json.dumps(report, indent=2))
-    save_text(out / "report.md", text + "\n")
-    print("\n".join(["", *agg["verdicts"], f"protocol report: {out / 'report.md'}"]))
-    return report
-
-
-# --- G. Theorem 1, checked numerically on a toy where every density is known (theory.md) ----------
-# p is a 2-D mixture of Gaussians; its components are the labels, so p_i is component i. Under the
-# theorem's assumption of perfect models (p_theta = p, p_theta_i = p_i), the q_eps terms cancel:
-#   M(D_i; p_i, eps) - M(D_i; p, eps) = E_{x ~ q_eps}[log p(x) - log p_i(x)]  ->  -KL(p_i || p).
-
-TOY_MEANS = np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
-TOY_SCALES = np.array([0.6, 1.0, 0.3])
-TOY_WEIGHTS = np.array([0.4, 0.4, 0.2])
-
-
-def toy_log_component(x: np.ndarray, k: int) -> np.ndarray:
-    """log N(x | mu_k, s_k^2 I) in 2-D."""
-    sq = ((x - TOY_MEANS[k]) ** 2).sum(-1)
-    return -sq / (2 * TOY_SCALES[k] ** 2) - np.log(2 * np.pi * TOY_SCALES[k] ** 2)
-
-
-def toy_log_mixture(x: np.ndarray) -> np.ndarray:
-    parts = np.stack([np.log(w) + toy_log_component(x, k) for k, w in enumerate(TOY_WEIGHTS)])
-    top = parts.max(0)
-    return top + np.log(np.exp(parts - top).sum(0))
-
-
-def toy_sample(k: int, count: int, rng) -> np.ndarray:
-    return TOY_MEANS[k] + TOY_SCALES[k] * rng.standard_normal((count, 2))
-
-
-def memorization_gap(k: int, eps: float, subset_size: int, rng, draws: int = 4) -> float:
-    """M(D_k; p_k, eps) - M(D_k; p, eps) by Monte Carlo over q_eps built on D_k ~ p_k."""
-    subset = toy_sample(k, subset_size, rng)
-    x = subset[:, None, :] + eps * rng.standard_normal((subset_size, draws, 2))
-    return float((toy_log_mixture(x) - toy_log_component(x, k)).mean())
-
-
-def theorem1_table(epsilons=(2.0, 1.0, 0.5, 0.1, 0.01), subset_size: int = 20000,
-                   seed: int = 0) -> list:
-    """For every label k: the gap for shrinking eps, and -KL(p_k || p) from an independent
-    sample."""
-    rng, rows = np.random.default_rng(seed), []
-    for k in range(len(TOY_WEIGHTS)):
-        reference = toy_sample(k, 400000, rng)
-        kl = float((toy_log_component(reference, k) - toy_log_mixture(reference)).mean())
-        gaps = [memorization_gap(k, eps, subset_size, rng) for eps in epsilons]
-        rows.append(dict(label=k, weight=float(TOY_WEIGHTS[k]), scale=float(TOY_SCALES[k]),
-                         neg_kl=-kl, gaps=dict(zip(epsilons, gaps))))
-    return rows
-
-
-def theorem1_markdown(rows: list) -> str:
-    epsilons = list(rows[0]["gaps"])
-    header = " | ".join(f"eps={e:g}" for e in epsilons)
-    lines = [f"| label i (weight, scale) | {header} | -KL(p_i\\|p) |",
-             "|---|" + "---|" * (len(epsilons) + 1)]
-    for r in rows:
-        cells = " | ".join(f"{r['gaps'][e]:+.4f}" for e in epsilons)
-        lines.append(f"| {r['label']} ({r['weight']}, {r['scale']}) | {cells} | "
-                     f"{r['neg_kl']:+.4f} |")
-    title = "M(D_i; p_i, eps) - M(D_i; p, eps) on a 2-D Gaussian mixture (Theorem 1: <= 0, -> -KL):"
-    return title + "\n\n" + "\n".join(lines)
-
-
-# --- H. Validation and the command line -----------------------------------------------------------
+# --- The command line: one line and exit code 2 for every problem, before any slow work ---------
 
 
 class UserError(Exception):
@@ -2070,16 +1633,54 @@ def method_names(cfg: Config) -> list[str]:
     return [m.strip() for m in cfg.methods.split(",") if m.strip()]
 
 
-def method_rows(cfg: Config) -> list[Method]:
-    """The rows --methods asks for, in its order, with --cond-input filled in."""
-    rows = [METHODS[name] for name in method_names(cfg)]
-    return [dataclasses.replace(r, sees=cfg.cond_input) if r.sees is None else r for r in rows]
+def method_rows(cfg: Config, table: dict = METHODS) -> list[Method]:
+    """The rows --methods asks for, in its order (experiments.py passes its larger table)."""
+    return [table[name] for name in method_names(cfg)]
 
 
-def validate(cfg: Config) -> None:
+def is_lambda(text: str) -> bool:
+    try:
+        return float(text) >= 0
+    except ValueError:
+        return False
+
+
+def row_lambdas(cfg: Config) -> dict:
+    """{row: lambda} from --guidance: one value for every guided row, or row=value pairs."""
+    text = (cfg.guidance or "").strip()
+    if is_lambda(text):
+        return {name: float(text) for name in method_names(cfg) if name != "uncond"}
+    lambdas = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if not name or not is_lambda(value):
+            raise UserError(f"--guidance {cfg.guidance!r}: give one lambda >= 0, or row=lambda "
+                            f"pairs such as side=30,cond=0.3")
+        lambdas[name] = float(value)
+    return lambdas
+
+
+def guidance_for(cfg: Config, row: Method) -> float:
+    """The lambda this row samples with (0 for the unguided row)."""
+    if row.classifier is None:
+        return 0.0
+    lambdas = row_lambdas(cfg)
+    if row.name not in lambdas:
+        raise UserError(f"--guidance {cfg.guidance!r} gives no lambda for the {row.name} row; "
+                        f"add {row.name}=<lambda>")
+    return lambdas[row.name]
+
+
+def guidance_text(cfg: Config) -> str:
+    lambdas = row_lambdas(cfg)
+    shown = [f"{m} {lambdas[m]:g}" for m in method_names(cfg) if m in lambdas]
+    return "lambda " + (", ".join(shown) or "0 (uncond)")
+
+
+def validate(cfg: Config, table: dict = METHODS) -> None:
     """Check every flag before any slow work starts (one clear line per problem). Fixed sets of
     values (--dataset, --sampler, ...) are argparse choices, checked before this."""
-    levels = len(channel_list(cfg.channels))
+    levels, names = len(channel_list(cfg.channels)), method_names(cfg)
     factor = 2 ** (levels - 1)
     checks = [
         (cfg.n > 0, f"--n must be positive (got {cfg.n})"),
@@ -2087,8 +1688,6 @@ def validate(cfg: Config) -> None:
          f"--image-size {cfg.image_size} does not fit a UNet with {levels} resolutions: it must be "
          f"a multiple of {factor} (each level halves it), e.g. {factor * 4}, {factor * 8} or "
          f"{factor * 16}"),
-        (cfg.guidance is None or cfg.guidance >= 0,
-         f"--guidance (lambda) must be >= 0 (got {cfg.guidance})"),
         (cfg.n_gen > 0, f"--n-gen must be positive (got {cfg.n_gen})"),
         (cfg.train_steps > 0 and cfg.ckpt_every > 0,
          "--train-steps and --ckpt-every must be positive"),
@@ -2099,27 +1698,28 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.cohesion <= 1, f"--cohesion (tau) must lie in [0, 1] (got {cfg.cohesion})"),
         (0 < cfg.sample_steps <= T_STEPS and T_STEPS % cfg.sample_steps == 0,
          f"--sample-steps must divide T={T_STEPS} (got {cfg.sample_steps}); try 50, 100 or 250"),
-        (set(method_names(cfg)) <= set(METHODS),
-         f"--methods takes {','.join(METHODS)} (got {cfg.methods!r})"),
+        (bool(names) and set(names) <= set(table),
+         f"--methods takes {','.join(table)} (got {cfg.methods!r})"),
+        (not cfg.bands or valid_bands(cfg.bands),
+         f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], e.g. 0.5,0.65,0.75"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    validate_extras(cfg)
+    if cfg.guidance is not None:  # experiments.py leaves it unset for the rows it tunes
+        for row in method_rows(cfg, table):
+            guidance_for(cfg, row)
+    validate_resources(cfg)
 
 
-def validate_extras(cfg: Config) -> None:
-    if cfg.dataset == "digits" and cfg.labels == "teacher" and cfg.n < 10:
-        raise UserError("--labels teacher needs every digit class in the training set; "
-                        "use --n 10 or more")
-    if cfg.bands and not valid_bands(cfg.bands):
-        raise UserError(f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], "
-                        f"e.g. 0.5,0.65,0.75")
-    for flag, path in (("--embed", cfg.embed), ("--sim-model", cfg.sim_model)):
-        if path:  # load it and run it on two images now, not after an hour of training
-            load_embedding(path, "cpu", flag)(probe_images(cfg.image_size))
-    validate_protocol(cfg)
-    validate_scale(cfg)
+def validate_resources(cfg: Config) -> None:
+    """The files and the device: the embedding model is run on two images now, not after an hour
+    of training; --compile must be able to compile; --out must be writable."""
+    if cfg.embed:
+        load_embedding(cfg.embed, "cpu")(probe_images(cfg.image_size))
+    problem = compile_problem(resolve_device(cfg.device)) if cfg.compile else ""
+    if problem:
+        raise UserError(f"--compile: {problem}; drop --compile to run eagerly")
     check_writable(Path(cfg.out))
 
 
@@ -2132,11 +1732,12 @@ def valid_bands(text: str) -> bool:
 
 
 def check_writable(out: Path) -> None:
+    """--out can hold the run. The probe file has a name of its own in every process, so processes
+    checking one folder at once (torchrun) never remove each other's."""
     try:
         (out / "figures").mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test"):
+            pass
     except OSError as error:
         raise UserError(f"--out {out} is not writable ({error.strerror}); choose another folder "
                         f"with --out")
@@ -2146,211 +1747,47 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, with a bad flag or value reported as one line (exit code 2, see main())."""
 
     def error(self, message: str):
-        raise UserError(f"{message}; see python side.py --help")
+        raise UserError(f"{message}; see python {self.prog} --help")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        description="SIDE: extract training images from an unconditional diffusion model "
-                    "(arXiv:2410.02467). Defaults marked 'profile' depend on --dataset and the "
-                    "device.")
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "theorem1"],
-                        help="run: the SIDE pipeline; theorem1: the numerical check of Theorem 1")
+def add_config_flags(parser: argparse.ArgumentParser, config: type = Config) -> None:
+    """One flag per field of `config` (experiments.py passes its larger Config)."""
     kinds = {"int": int, "float": float, "str": str}
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(config):
         flags = ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
-        help_text = f.metadata["help"]
         if f.type == "bool":
-            parser.add_argument(*flags, action="store_true", help=help_text)
-        else:
-            default_text = f.metadata["shown"] if f.default is None else f.default
-            parser.add_argument(*flags, type=kinds[f.type], default=f.default,
-                                choices=f.metadata["choices"] or None,
-                                help=f"{help_text} [{default_text}]")
-    return parser
+            parser.add_argument(*flags, action="store_true", help=f.metadata["help"])
+            continue
+        shown = f.metadata["shown"] if f.default is None else f.default
+        parser.add_argument(*flags, type=kinds[f.type], default=f.default,
+                            choices=f.metadata["choices"] or None,
+                            help=f"{f.metadata['help']} [{shown}]")
+
+
+def config_from(args: argparse.Namespace, config: type = Config):
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
 
 
 def main(argv=None) -> int:
+    parser = OneLineParser(
+        prog="side.py", description="SIDE: extract training images from an unconditional "
+        "diffusion model (arXiv:2410.02467). One seed, the rows uncond, cond and side; "
+        "experiments.py tunes lambda and adds seeds and controls. Defaults marked 'profile' "
+        "depend on --dataset and the device.")
+    add_config_flags(parser)
     try:
-        args = build_parser().parse_args(argv)
-        if args.command == "theorem1":
-            print(theorem1_markdown(theorem1_table()))
-            return 0
-        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-        apply_profile(cfg)
-        validate(cfg)  # every rank, before any process group: bad input leaves no rank waiting
-        with distributed(cfg):
-            print("config: " + json.dumps(dataclasses.asdict(cfg)))
-            run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
+        cfg = apply_profile(config_from(parser.parse_args(argv)))
+        validate(cfg)
+        print("config: " + json.dumps(dataclasses.asdict(cfg)))
+        run_pipeline(cfg)
         return 0
     except UserError as error:
-        if is_main():  # under torchrun every rank stops with it; rank 0 alone says it
-            print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if is_main():
-            print("\ninterrupted: finished stages are saved; rerun the same command to continue",
-                  file=sys.stderr)
+        print("\ninterrupted: finished stages are saved; rerun the same command to continue",
+              file=sys.stderr)
         return 130
-
-
-# --- I. Many GPUs: torchrun ----------------------------------------------------------------------
-# `torchrun --nproc_per_node G side.py ...` starts G copies of this file with RANK, LOCAL_RANK and
-# WORLD_SIZE set. DDPM training runs as DistributedDataParallel (each rank draws its own batches,
-# so the effective batch is G x --batch-size); sampling is sharded by generation index (shard_of,
-# below); every other stage (data, k-means, classifiers, the report) runs on rank 0
-# while the others wait, then read what rank 0 wrote. Only rank 0 writes files or prints.
-
-EVERY_RANK = ("synthetic", "samples_")  # run-folder stages that every rank computes (sampling)
-
-
-def process_rank() -> int:
-    """This process's rank: the process group's once joined, torchrun's RANK before that (0 for a
-    plain `python side.py`). The one place the rank is read."""
-    if dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
-def process_count() -> int:
-    if dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main() -> bool:
-    return process_rank() == 0
-
-
-@contextlib.contextmanager
-def distributed(cfg: Config):
-    """Join torchrun's process group (nccl on CUDA, gloo on the CPU) for the length of a run.
-    Without torchrun this does nothing: torch.distributed is never initialised."""
-    if "RANK" not in os.environ:
-        yield
-        return
-    cuda = resolve_device(cfg.device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
-    # rank 0 alone trains the classifiers and scores; the others wait, for hours at paper scale
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
-    if not is_main():
-        sys.stdout = open(os.devnull, "w")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def gather_all(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] without torchrun."""
-    if not dist.is_initialized():
-        return [obj]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def shard_of(count: int) -> range:
-    """The generations this process draws: a contiguous block of 0..count-1 per torchrun rank.
-    Generation i depends only on (seed, stream, i), so G processes give exactly the images one
-    process gives."""
-    if not dist.is_initialized():  # as gather_all: without a process group, all of them
-        return range(count)
-    rank, world = process_rank(), process_count()
-    return range(rank * count // world, (rank + 1) * count // world)
-
-
-def rank0_only(work, *args, share: bool = False):
-    """work(*args) on rank 0 while the others wait. A UserError on rank 0 is raised on every rank,
-    so no rank is left waiting; with share=True every rank returns rank 0's (small) result."""
-    if not dist.is_initialized():
-        return work(*args)
-    result, box = None, [None, None]
-    if is_main():
-        try:
-            result = work(*args)
-            box[0] = result if share else None
-        except UserError as error:
-            box[1] = str(error)
-    dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise UserError(box[1])
-    return result if is_main() else box[0]
-
-
-def training_network(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """What the DDPM loss runs through: torch.compile'd (--compile, CUDA), then DDP under
-    torchrun. The optimizer, the EMA and the checkpoints keep the plain `model`."""
-    net = maybe_compile(model, cfg, device)
-    if dist.is_initialized():
-        # 1x1 convolutions get gradients whose strides differ only on size-1 dimensions: harmless
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
-    return net
-
-
-def batch_seed(seed: int) -> int:
-    """Rank 0 draws its batches with `seed` itself (one process is unchanged); rank r with
-    (seed, r)."""
-    rank = process_rank()
-    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def agree(loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
-    """The loss averaged over the ranks, and whether any rank must stop: all ranks decide alike."""
-    if not dist.is_initialized():
-        return loss.item(), stop
-    both = torch.tensor([loss.item(), float(stop)], device=loss.device)
-    dist.all_reduce(both)
-    return both[0].item() / dist.get_world_size(), both[1].item() > 0
-
-
-def validate_scale(cfg: Config) -> None:
-    """torchrun and --compile checks, made before any process group exists."""
-    labelled = any(METHODS[name].classifier for name in method_names(cfg))
-    counts = {"--n-gen": cfg.n_gen, "--n-syn": cfg.n_syn if labelled else None,
-              "--tune-n-gen": cfg.tune_n_gen if methods_to_tune(cfg) else None}
-    counts = {flag: count for flag, count in counts.items() if count is not None}
-    shared = min(counts.values())
-    if process_count() > shared:
-        given = ", ".join(f"{flag} {count}" for flag, count in counts.items())
-        raise UserError(f"torchrun started {process_count()} processes but there are only {shared} "
-                        f"generations to share ({given}); use --nproc_per_node {shared} or "
-                        f"fewer, or raise {'/'.join(counts)}")
-    problem = compile_problem(resolve_device(cfg.device)) if cfg.compile else ""
-    if problem:
-        raise UserError(f"--compile: {problem}; drop --compile to run eagerly")
-
-
-def compile_problem(device: torch.device) -> str:
-    """Why torch.compile cannot run here ('' when it can)."""
-    if not hasattr(torch, "compile"):
-        return "this PyTorch has no torch.compile (it needs PyTorch 2.0 or later)"
-    from torch import _dynamo
-    if not _dynamo.is_dynamo_supported():
-        return f"torch.compile does not support Python {sys.version.split()[0]} in this PyTorch"
-    from torch.utils._triton import has_triton
-    if device.type == "cuda" and not has_triton():
-        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
-    return ""
-
-
-def maybe_compile(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """--compile: the UNet through torch.compile on CUDA; on the CPU it warns once, runs eagerly."""
-    if not cfg.compile:
-        return model
-    if device.type != "cuda":
-        warn_once("--compile applies on CUDA only; running the UNet eagerly on the CPU")
-        return model
-    return torch.compile(model)
-
-
-@functools.cache
-def warn_once(message: str) -> None:
-    if is_main():
-        print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
