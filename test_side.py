@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import experiments
 import side
 
 torch.set_num_threads(1)  # tiny networks run fastest on one thread, and shared CI cores are not oversubscribed
@@ -121,19 +122,19 @@ def test_ddpm_step_is_the_posterior_q_of_x_prev_given_x_t_and_x0():
     x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
     mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x
     beta_tilde = (1 - a_prev) / (1 - a_t) * beta
-    no_noise = side.reverse_step(diffusion, x, eps, t, t - 1, 1.0, 0 * noise)
+    no_noise = side.reverse_step(x, eps, t, t - 1, 1.0, 0 * noise)
     assert no_noise.item() == pytest.approx(mean.item(), rel=1e-4)
-    step = side.reverse_step(diffusion, x, eps, t, t - 1, 1.0, noise) - no_noise
+    step = side.reverse_step(x, eps, t, t - 1, 1.0, noise) - no_noise
     assert step.item() == pytest.approx(beta_tilde.sqrt().item(), rel=1e-4)
-    last = side.reverse_step(diffusion, x, eps, 0, -1, 1.0, noise)  # no noise is added on the last step
-    assert torch.equal(last, side.reverse_step(diffusion, x, eps, 0, -1, 1.0, 0 * noise))
+    last = side.reverse_step(x, eps, 0, -1, 1.0, noise)  # no noise is added on the last step
+    assert torch.equal(last, side.reverse_step(x, eps, 0, -1, 1.0, 0 * noise))
     # DDIM, eta = 0: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, deterministic
-    ddim = side.reverse_step(diffusion, x, eps, t, 480, 0.0, noise)
+    ddim = side.reverse_step(x, eps, t, 480, 0.0, noise)
     a_480 = diffusion.alpha_bar[480]
     eps_clamped = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     assert ddim.item() == pytest.approx((a_480.sqrt() * x0 + (1 - a_480).sqrt() * eps_clamped).item(), rel=1e-4)
-    assert side.sampling_timesteps(diffusion, "ddpm", 50) == list(range(999, -1, -1))
-    ddim_steps = side.sampling_timesteps(diffusion, "ddim", 50)
+    assert side.sampling_timesteps("ddpm", 50) == list(range(999, -1, -1))
+    ddim_steps = side.sampling_timesteps("ddim", 50)
     assert ddim_steps[:2] == [980, 960] and ddim_steps[-1] == 0
 
 
@@ -149,7 +150,7 @@ def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
     ddim = diffusers.DDIMScheduler(**schedule, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0)
     ddim.set_timesteps(50)
     diffusion = side.Diffusion()
-    steps = side.sampling_timesteps(diffusion, "ddim", 50)
+    steps = side.sampling_timesteps("ddim", 50)
     assert [int(t) for t in ddim.timesteps] == steps
     np.testing.assert_allclose(diffusion.alpha_bar.numpy(), ddim.alphas_cumprod.numpy(), rtol=1e-5)
 
@@ -162,7 +163,7 @@ def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
         a_t = diffusion.alpha_bar[t].float()
         clamped += int((((x_side - (1 - a_t).sqrt() * eps_model(x_side, t)) / a_t.sqrt()).abs() > 1).sum())
         one_step = ddim.step(eps_model(x_side, t), t, x_side, eta=0.0, use_clipped_model_output=True).prev_sample
-        x_side = side.reverse_step(diffusion, x_side, eps_model(x_side, t), t, t_prev, 0.0, 0)
+        x_side = side.reverse_step(x_side, eps_model(x_side, t), t, t_prev, 0.0, 0)
         torch.testing.assert_close(x_side, one_step, atol=2e-5, rtol=1e-5)
         x_ref = ddim.step(eps_model(x_ref, t), t, x_ref, eta=0.0, use_clipped_model_output=True).prev_sample
     torch.testing.assert_close(x_side, x_ref, atol=1e-4, rtol=1e-4)  # the whole 50-step trajectory
@@ -175,7 +176,7 @@ def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
         x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(t))
         reference = ddpm.step(eps_model(x, t), t, x, generator=torch.Generator().manual_seed(7)).prev_sample
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))  # the noise diffusers drew
-        torch.testing.assert_close(side.reverse_step(diffusion, x, eps_model(x, t), t, t - 1, 1.0, noise), reference,
+        torch.testing.assert_close(side.reverse_step(x, eps_model(x, t), t, t - 1, 1.0, noise), reference,
                                    atol=1e-4, rtol=1e-4)
 
 
@@ -213,7 +214,7 @@ def test_ddpm_loss_is_l_simple_on_q_samples_at_the_t_the_model_is_told():
     and its output is compared with that very eps. A zero predictor's loss is then mean(eps^2)."""
     _, x0 = one_image_repeated()
     model = Recorder(respond=lambda x, t: torch.zeros_like(x))
-    loss = side.ddpm_loss(model, x0.expand(20, -1, -1, -1), torch.Generator().manual_seed(0), 400, side.Diffusion())
+    loss = side.ddpm_loss(model, x0.expand(20, -1, -1, -1), torch.Generator().manual_seed(0), 400)
     x_t, t = model.seen()
     assert_is_q_of_xt_given_x0(x_t, t, x0)
     assert loss.item() == pytest.approx(unit_noise(x_t, t, x0).pow(2).mean().item(), rel=1e-4)
@@ -294,7 +295,7 @@ def test_guided_eps_subtracts_lambda_sqrt_one_minus_abar_times_the_gradient():
             return torch.zeros_like(x)
 
     diffusion, x, t = side.Diffusion(), torch.zeros(1, 1, 2, 2), torch.tensor([400])
-    eps = side.guided_eps(ZeroEps(), Linear(), x, t, torch.tensor([0]), 2.0, diffusion)
+    eps = side.guided_eps(ZeroEps(), Linear(), x, t, torch.tensor([0]), 2.0)
     expected = -2.0 * (1 - diffusion.alpha_bar[400]).sqrt().item() * 0.5  # p0 = 0.5 at x = 0
     assert torch.allclose(eps, torch.full_like(eps, expected), atol=1e-6)
 
@@ -312,7 +313,7 @@ def test_guidance_asks_the_classifier_about_the_current_x_t_at_the_current_t():
         return torch.stack([score, -score], 1)
     classifier, targets = Recorder(respond=bright_while_t_is_large), np.zeros(3, dtype=int)
     guided = side.sample(model, cfg, 3, torch.device("cpu"), classifier=classifier, targets=targets, guidance=5.0)
-    steps = side.sampling_timesteps(side.Diffusion(), cfg.sampler, cfg.sample_steps)
+    steps = side.sampling_timesteps(cfg.sampler, cfg.sample_steps)
     assert [int(t[0]) for _, t in classifier.calls] == steps and all((t == t[0]).all() for _, t in classifier.calls)
     assert len(model.calls) == len(classifier.calls)
     for (x_model, t_model), (x_clf, t_clf) in zip(model.calls, classifier.calls):
@@ -338,7 +339,7 @@ def test_vanishing_guidance_through_the_gradient_path_gives_the_unguided_samples
         assert np.abs(faint.astype(int) - plain).max() <= 1, eta
     diffusion, x, t = side.Diffusion(), torch.randn(4, 1, 8, 8), torch.full((4,), 300)
     y = torch.as_tensor(targets)
-    eps0, eps1, eps2 = (side.guided_eps(unet, classifier, x, t, y, lam, diffusion) for lam in (1e-9, 1.0, 2.0))
+    eps0, eps1, eps2 = (side.guided_eps(unet, classifier, x, t, y, lam) for lam in (1e-9, 1.0, 2.0))
     assert (eps1 - eps0).abs().max() > 1e-4
     torch.testing.assert_close(eps2 - eps0, 2 * (eps1 - eps0), atol=1e-5, rtol=1e-4)
 
@@ -360,9 +361,9 @@ def test_ddpm_sampler_is_ancestral_and_ddim_follows_its_eta(monkeypatch):
     its stride and its --eta. A stand-in eps model keeps the 1000 steps cheap."""
     steps_taken, real_step = [], side.reverse_step
 
-    def spy(diffusion, x, eps, t, t_prev, eta, noise):
+    def spy(x, eps, t, t_prev, eta, noise):
         steps_taken.append((t, t_prev, eta, float(torch.as_tensor(noise).abs().sum())))
-        return real_step(diffusion, x, eps, t, t_prev, eta, noise)
+        return real_step(x, eps, t, t_prev, eta, noise)
     monkeypatch.setattr(side, "reverse_step", spy)
     model = Recorder(respond=lambda x, t: 0.1 * x)
     model.head = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))  # sample() reads the image channels from the head
@@ -525,6 +526,18 @@ def test_memorization_check_flags_planted_copies_and_passes_fresh_noise():
     assert summary["ams_high"] == pytest.approx(100 * 3 / 23)
 
 
+def test_gu_threshold_is_one_third_not_one_half():
+    """Gu et al.: memorized iff d1 / d2 < 1/3. Two generations between two flat training images, one
+    at d1/d2 = 0.30 and one at 0.41: a threshold of 1/2 would flag both."""
+    train = np.stack([np.full((8, 8, 1), level, np.uint8) for level in (0, 100, 255)])
+    generated = np.stack([np.full((8, 8, 1), level, np.uint8) for level in (23, 29)])  # 23/77, 29/71
+    per = side.memorization_metrics(generated, train, None, side.PIXEL_BANDS, "cpu")["per_sample"]
+    np.testing.assert_allclose(per["nn_ratio"], [23 / 77, 29 / 71], rtol=1e-5)
+    assert per["nn_ratio"][1] < 1 / 2
+    summary = side.memorization_metrics(generated, train, None, side.PIXEL_BANDS, "cpu")["summary"]
+    assert summary["memorized"] == 1 and summary["memorized_fraction"] == 0.5
+
+
 def test_blocked_nearest_neighbours_match_brute_force():
     rng = np.random.default_rng(1)
     gen, train = rng.integers(0, 256, (37, 4, 4, 3), dtype=np.uint8), rng.integers(0, 256, (53, 4, 4, 3), dtype=np.uint8)
@@ -604,7 +617,7 @@ def test_tiny_ddpm_memorizes_a_handful_of_images(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_theorem1_gap_is_negative_and_tends_to_minus_kl():
-    rows = side.theorem1_table(epsilons=(0.5, 0.05, 0.005), subset_size=20000, seed=1)
+    rows = experiments.theorem1_table(epsilons=(0.5, 0.05, 0.005), subset_size=20000, seed=1)
     for row in rows:
         assert row["neg_kl"] < 0
         assert all(gap <= 0.02 for eps, gap in row["gaps"].items() if eps <= 0.05)
@@ -613,16 +626,18 @@ def test_theorem1_gap_is_negative_and_tends_to_minus_kl():
 
 def test_theory_md_pointers_name_code_that_exists():
     text = (ROOT / "theory.md").read_text()
-    source = (ROOT / "side.py").read_text().splitlines()
-    # a pointer is `side.py: name()`, `side.py: Class`, `side.py: Class.method()` or `side.py#L10-L20 name()`
-    pointers = re.findall(r"`side\.py(?:#L(\d+)-L(\d+))?:?\s+([A-Za-z_][\w.]*)(?:\(\))?`", text)
-    assert len(pointers) >= 15, "theory.md should point into side.py throughout"
-    for start, end, name in pointers:
-        obj = side
+    modules = {"side": side, "experiments": experiments}
+    # a pointer is `side.py: name()`, `side.py: Class`, `side.py: Class.method()` or `side.py#L10-L20 name()`,
+    # and the same into experiments.py
+    pointers = re.findall(r"`(side|experiments)\.py(?:#L(\d+)-L(\d+))?:?\s+([A-Za-z_][\w.]*)(?:\(\))?`", text)
+    assert sum(module == "side" for module, *_ in pointers) >= 15, "theory.md should point into side.py throughout"
+    for module, start, end, name in pointers:
+        obj = modules[module]
         for part in name.split("."):
-            assert hasattr(obj, part), f"theory.md points at side.py {name}, which does not exist"
+            assert hasattr(obj, part), f"theory.md points at {module}.py {name}, which does not exist"
             obj = getattr(obj, part)
         if start:
+            source = (ROOT / f"{module}.py").read_text().splitlines()
             span = "\n".join(source[int(start) - 1:int(end)])
             assert re.search(rf"\b{re.escape(name.split('.')[-1])}\b", span), f"lines {start}-{end} no longer hold {name}"
 
@@ -745,7 +760,6 @@ def bad_embedding_cases(tmp_path):
         "embed not torchscript": (["--embed", str(tmp_path / "junk.pt")], "not a loadable TorchScript model"),
         "embed not export": (["--embed", str(tmp_path / "junk.pt2")], "not a loadable torch.export program"),
         "embed no vector": (["--embed", str(tmp_path / "maps.pt")], "one embedding vector per image"),
-        "sim-model no vector": (["--sim-model", str(tmp_path / "maps.pt")], "one embedding vector per image"),
     }
 
 
@@ -819,7 +833,7 @@ def tiny_run_record(tmp_path_factory):
                 calls[_name].append((bound.arguments, result))
                 return result
             patch.setattr(side, name, spy)
-        assert side.main([*TINY, "--out", str(out)]) == 0
+        assert experiments.main([*TINY, "--out", str(out)]) == 0  # every row, lambda fixed
     return out, calls, snapshot(out)
 
 
@@ -845,7 +859,7 @@ def test_classifiers_learn_from_generated_samples_only_and_are_scored_on_held_ou
     # the rows' classifiers in --methods order: cond p(y|x), side p(y|x_t,t), and the shuffled
     # control's p(y|x_t,t), which learns the same labels permuted among the samples (seed 0)
     assert [args["time_dependent"] for args, _ in trained] == [False, True, True]
-    shuffled = side.shuffled_labels(dict(labels), seed=0)
+    shuffled = experiments.shuffled_labels(tiny_config(seed=0), dict(labels))
     learned = [labels, labels, shuffled]
     assert not np.array_equal(shuffled["labels"], labels["labels"])
     for (args, net), (scored, _), learns in zip(trained, calls["accuracy_by_t"], learned):
@@ -863,17 +877,17 @@ def test_classifiers_learn_from_generated_samples_only_and_are_scored_on_held_ou
 
 
 def test_each_row_guides_with_its_own_classifier_judging_what_the_row_says(tiny_run_record):
-    """cond and cond_x0 share the time-independent classifier; only cond_x0 (and cond only under
-    --cond-input x0, not set here) hands it the predicted x_0. side and shuffled each have their own."""
+    """cond and cond_x0 share the time-independent classifier; only cond_x0 hands it the predicted
+    x_0. side and shuffled each have their own."""
     _, calls, _ = tiny_run_record
     by_row = {args["desc"].removeprefix("generate "): args for args, _ in calls["sample"]
               if args["desc"].startswith("generate ")}
     assert list(by_row) == ["uncond", "cond", "cond_x0", "side", "shuffled"]
     assert by_row["uncond"]["classifier"] is None
     wrapped = by_row["cond_x0"]["classifier"]
-    assert isinstance(wrapped, side.SeesPredictedX0) and wrapped.classifier is by_row["cond"]["classifier"]
+    assert isinstance(wrapped, experiments.SeesPredictedX0) and wrapped.classifier is by_row["cond"]["classifier"]
     nets = [by_row[row]["classifier"] for row in ("cond", "side", "shuffled")]
-    assert not any(isinstance(net, side.SeesPredictedX0) for net in nets)
+    assert not any(isinstance(net, experiments.SeesPredictedX0) for net in nets)
     assert len({id(net) for net in nets}) == 3
     assert [by_row[row]["guidance"] for row in by_row] == [0.0, 10.0, 10.0, 10.0, 10.0]
 
@@ -948,7 +962,7 @@ def test_changed_guidance_reruns_only_guided_sampling(tiny_run, capsys):
 
 def test_sweep_reuses_the_trained_ddpm(tiny_run, capsys):
     stamp = (tiny_run / "ddpm.pt").stat().st_mtime_ns
-    assert side.main([*TINY, "--out", str(tiny_run), "--sweep", "guidance=0,5"]) == 0
+    assert experiments.main([*TINY, "--out", str(tiny_run), "--sweep", "guidance=0,5"]) == 0
     assert "train DDPM" not in capsys.readouterr().err
     assert (tiny_run / "ddpm.pt").stat().st_mtime_ns == stamp
     sweep = json.loads((tiny_run / "sweep.json").read_text())
@@ -1005,7 +1019,7 @@ def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path)
 def test_same_seed_reproduces_every_number_and_every_saved_array(tiny_run_record, tmp_path):
     """Every method's numbers, the classifier accuracies, every .npz array and every network's weights."""
     first = tiny_run_record[2]
-    assert side.main([*TINY, "--out", str(tmp_path)]) == 0
+    assert experiments.main([*TINY, "--out", str(tmp_path)]) == 0
     second = snapshot(tmp_path)
     assert sorted(first) == sorted(second)
     for key in ("methods", "classifier_accuracy_by_t", "labels", "similarity"):
@@ -1022,7 +1036,7 @@ def test_same_seed_reproduces_every_number_and_every_saved_array(tiny_run_record
 
 
 def test_teacher_labels_run_end_to_end(tmp_path):
-    assert side.main([*TINY, "--out", str(tmp_path), "--labels", "teacher", "--methods", "uncond,side"]) == 0
+    assert experiments.main([*TINY, "--out", str(tmp_path), "--labels", "teacher", "--methods", "uncond,side"]) == 0
     labels = np.load(tmp_path / "labels.npz")
     assert labels["soft"].shape == (48, 10)  # soft teacher predictions over the 10 digit classes
     np.testing.assert_allclose(labels["soft"].sum(1), 1, rtol=1e-5)
@@ -1058,7 +1072,7 @@ def test_cond_input_x0_feeds_the_classifier_the_predicted_x0():
     a = diffusion.alpha_bar[700].float()
     with torch.no_grad():
         x0_hat = (x - (1 - a).sqrt() * unet(x, t)) / a.sqrt()
-        wrapped = side.SeesPredictedX0(classifier, unet, diffusion)
+        wrapped = experiments.SeesPredictedX0(classifier, unet)
         assert torch.allclose(wrapped(x, t), classifier(x0_hat, t), atol=1e-5)
         assert not torch.allclose(wrapped(x, t), classifier(x, t), atol=1e-3)
 
@@ -1078,46 +1092,50 @@ def test_shuffled_control_keeps_cluster_sizes_and_changes_assignments():
     labels = np.repeat(np.arange(5), [40, 30, 20, 6, 4])
     surrogate = dict(labels=labels, soft=np.eye(5, dtype=np.float32)[labels], kept=np.arange(5),
                      sizes=np.bincount(labels))
-    shuffled = side.shuffled_labels(surrogate, seed=0)
+    shuffled = experiments.shuffled_labels(tiny_config(seed=0), surrogate)
     np.testing.assert_array_equal(np.bincount(shuffled["labels"], minlength=5), np.bincount(labels))
     assert (shuffled["labels"] != labels).mean() > 0.5  # a random permutation moves ~70 % here
     np.testing.assert_array_equal(shuffled["soft"].argmax(1), shuffled["labels"])  # soft rows move along
-    np.testing.assert_array_equal(side.shuffled_labels(surrogate, seed=0)["labels"], shuffled["labels"])
-    assert not np.array_equal(side.shuffled_labels(surrogate, seed=1)["labels"], shuffled["labels"])
+    np.testing.assert_array_equal(experiments.shuffled_labels(tiny_config(seed=0), surrogate)["labels"],
+                                  shuffled["labels"])
+    assert not np.array_equal(experiments.shuffled_labels(tiny_config(seed=1), surrogate)["labels"],
+                              shuffled["labels"])
     np.testing.assert_array_equal(surrogate["labels"], labels)  # the surrogate labels are untouched
 
 
 def test_oracle_labels_name_each_sample_s_nearest_training_image():
     train = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1)).astype(np.uint8)
     synthetic = np.clip(train[[4, 4, 1, 5]].astype(int) + 3, 0, 255).astype(np.uint8)
-    oracle = side.oracle_labels(synthetic, train)
+    oracle = experiments.oracle_labels(tiny_config(), None, synthetic, dict(images=train))
     assert list(oracle["kept"][oracle["labels"]]) == [4, 4, 1, 5]
     assert oracle["soft"].shape == (4, 3) and list(oracle["sizes"]) == [1, 2, 1]
 
 
-def test_cond_row_follows_cond_input_and_cond_x0_always_judges_the_predicted_x0():
-    for cond_input in ("xt", "x0"):
-        rows = side.method_rows(tiny_config(cond_input=cond_input, methods="cond,cond_x0,side,shuffled"))
-        assert [row.sees for row in rows] == [cond_input, "x0", "xt", "xt"]
-        assert [row.classifier for row in rows] == ["cond", "cond", "side", "shuffled"]
-        assert [row.labels for row in rows] == ["surrogate", "surrogate", "surrogate", "shuffled"]
+def test_cond_x0_alone_judges_the_predicted_x0_and_each_control_relabels_as_it_says():
+    rows = side.method_rows(tiny_config(methods="cond,cond_x0,side,shuffled,oracle"), experiments.METHODS)
+    assert [row.judge for row in rows] == [None, experiments.SeesPredictedX0, None, None, None]
+    assert [row.classifier for row in rows] == ["cond", "cond", "side", "shuffled", "oracle"]
+    assert [row.time_dependent for row in rows] == [False, False, True, True, True]
+    assert [row.relabel for row in rows] == [None, None, None, experiments.shuffled_labels,
+                                             experiments.oracle_labels]
+    assert list(side.METHODS) == ["uncond", "cond", "side"]  # side.py's own rows: no controls
 
 
 def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, monkeypatch):
-    real, calls = side.run_pipeline, []
+    real, calls = experiments.run_pipeline, []
 
     def rigged(cfg):  # the tune seed (7) favours the largest lambda, every other seed the smallest
         report = real(cfg)
         calls.append((cfg.seed, side.guidance_text(cfg)))
         for method, row in report["methods"].items():
             if method != "uncond":
-                value = side.guidance_for(cfg, method)
+                value = side.guidance_for(cfg, experiments.METHODS[method])
                 row["memorized_fraction"] = value / 100 if cfg.seed == 7 else 1 / (1 + value)
         return report
-    monkeypatch.setattr(side, "run_pipeline", rigged)
+    monkeypatch.setattr(experiments, "run_pipeline", rigged)
     args = [*TINY_TUNED, "--methods", "uncond,cond,side", "--lambda-grid", "0.3,30", "--tune-seed", "7",
             "--tune-n-gen", "6", "--out", str(tmp_path)]
-    assert side.main(args) == 0
+    assert experiments.main(args) == 0
     assert [seed for seed, _ in calls] == [7, 7, 0]
     assert calls[-1] == (0, "lambda cond 30, side 30")  # the reported seed ran once, at the tuned lambdas
     report = json.loads((tmp_path / "report.json").read_text())
@@ -1125,15 +1143,16 @@ def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, mo
     assert report["protocol"]["lambdas"]["how"] == {"cond": "tuned on seed 7", "side": "tuned on seed 7"}
     assert "| side | 30 | tuned on seed 7 |" in (tmp_path / "report.md").read_text()
     calls.clear()
-    assert side.main(args) == 0  # the tuning is cached in the run folder: only the reported seed reruns
+    assert experiments.main(args) == 0  # the tuning is cached in the run folder: only the reported seed reruns
     assert [seed for seed, _ in calls] == [0]
 
 
 def test_one_rows_own_lambda_reruns_only_that_row(tiny_run, capsys):
-    assert side.main([*TINY, "--out", str(tiny_run)]) == 0  # every row at lambda 10
+    assert experiments.main([*TINY, "--out", str(tiny_run)]) == 0  # every row at lambda 10
     rows = ("uncond", "cond", "cond_x0", "side", "shuffled")
     before = {m: (tiny_run / f"samples_{m}.npz").stat().st_mtime_ns for m in rows}
-    assert side.main([*TINY, "--out", str(tiny_run), "--method-guidance", "side=4"]) == 0
+    pairs = "cond=10,cond_x0=10,side=4,shuffled=10"
+    assert experiments.main([*TINY, "--out", str(tiny_run), "--guidance", pairs]) == 0
     after = {m: (tiny_run / f"samples_{m}.npz").stat().st_mtime_ns for m in rows}
     assert [m for m in rows if after[m] != before[m]] == ["side"]
     assert json.loads((tiny_run / "report.json").read_text())["guidance"]["side"] == 4.0
@@ -1146,28 +1165,46 @@ def test_ever_extracted_is_the_union_over_seeds_in_dataset_index_space(tmp_path)
         (tmp_path / name).mkdir()
         np.savez(tmp_path / name / "train_subset.npz", indices=np.array(indices))
         np.savez(tmp_path / name / "nn_side.npz", nn_index=np.array(nn_index), nn_ratio=np.array(ratio))
-    ever = side.ever_extracted({0: tmp_path / "a", 1: tmp_path / "b"}, "side")
+    ever = experiments.ever_extracted({0: tmp_path / "a", 1: tmp_path / "b"}, "side")
     assert ever == dict(count=3, of=6, fraction=0.5)  # dataset images 10, 12 and 20 of 10-12, 20-22
+
+
+def test_aggregate_ratios_are_side_over_each_row_against_the_stronger_cond(tmp_path):
+    """Per seed: side's Gu fraction divided by uncond's and by the better Cond variant's (by mean)."""
+    fractions = {0: dict(uncond=.10, cond=.05, cond_x0=.20, side=.40),
+                 1: dict(uncond=.20, cond=.10, cond_x0=.25, side=.50)}
+    folders, reports = {}, {}
+    for seed, by_row in fractions.items():
+        folders[seed] = tmp_path / f"seed{seed}"
+        folders[seed].mkdir()
+        np.savez(folders[seed] / "train_subset.npz", indices=np.arange(4))
+        for row in by_row:
+            np.savez(folders[seed] / f"nn_{row}.npz", nn_index=np.zeros(2, int), nn_ratio=np.ones(2))
+        reports[seed] = dict(methods={row: dict(memorized_fraction=f, unique_memorized=1) for row, f in by_row.items()})
+    agg = experiments.aggregate(folders, reports)
+    assert agg["best_cond"] == "cond_x0"  # mean 0.225 against cond's 0.075
+    assert agg["ratios"]["0"] == {"side/uncond": pytest.approx(4.0), "side/cond_x0": pytest.approx(2.0)}
+    assert agg["ratios"]["1"] == {"side/uncond": pytest.approx(2.5), "side/cond_x0": pytest.approx(2.0)}
 
 
 def test_seeds_aggregate_equals_the_per_seed_reports_and_a_stopped_run_keeps_finished_seeds(
         tmp_path, monkeypatch):
-    args = [*TINY, "--seeds", "0,1", "--methods", ",".join(side.METHODS), "--out", str(tmp_path)]
-    real = side.run_pipeline
+    args = [*TINY, "--seeds", "0,1", "--methods", ",".join(experiments.METHODS), "--out", str(tmp_path)]
+    real = experiments.run_pipeline
 
     def stop_at_seed_1(cfg):
         if cfg.seed == 1:
             raise side.UserError("stopped")
         return real(cfg)
-    monkeypatch.setattr(side, "run_pipeline", stop_at_seed_1)
-    assert side.main(args) == 2
+    monkeypatch.setattr(experiments, "run_pipeline", stop_at_seed_1)
+    assert experiments.main(args) == 2
     stamp = (tmp_path / "seed0" / "ddpm.pt").stat().st_mtime_ns
-    monkeypatch.setattr(side, "run_pipeline", real)
-    assert side.main(args) == 0
+    monkeypatch.setattr(experiments, "run_pipeline", real)
+    assert experiments.main(args) == 0
     assert (tmp_path / "seed0" / "ddpm.pt").stat().st_mtime_ns == stamp  # seed 0 was kept
     aggregate = json.loads((tmp_path / "report.json").read_text())
     per_seed = [json.loads((tmp_path / f"seed{s}" / "report.json").read_text())["methods"] for s in (0, 1)]
-    assert list(aggregate["methods"]) == list(side.METHODS) and aggregate["seeds"] == [0, 1]
+    assert list(aggregate["methods"]) == list(experiments.METHODS) and aggregate["seeds"] == [0, 1]
     for method, columns in aggregate["methods"].items():
         assert set(columns) == set(per_seed[0][method])
         for key, stats in columns.items():
@@ -1183,7 +1220,7 @@ def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tm
                                                                                monkeypatch):
     def slow_work(cfg):  # a flag that is let through fails here at once, not after a full run
         raise AssertionError(f"slow work started for seed {cfg.seed}")
-    monkeypatch.setattr(side, "run_pipeline", slow_work)
+    monkeypatch.setattr(experiments, "run_pipeline", slow_work)
     cases = {
         "non-integer seed": (["--seeds", "0,x"], "--seeds takes non-negative integers"),
         "repeated seed": (["--seeds", "0,1,0"], "repeats seed 0"),
@@ -1192,31 +1229,33 @@ def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tm
         "empty grid": (["--lambda-grid", ""], "--lambda-grid '': give lambda values"),
         "negative grid": (["--lambda-grid", "1,-3"], "--lambda-grid"),
         "seeds with sweep": (["--seeds", "0,1", "--sweep", "clusters=4,8"], "--sweep runs on one seed"),
-        "bad method guidance": (["--method-guidance", "side=lots"], "--method-guidance"),
+        "bad row guidance": (["--guidance", "side=lots"], "--guidance"),
+        "guidance for no row": (["--guidance", "sidee=3"], "names no row 'sidee'"),
         "unknown method": (["--methods", "uncond,magic"], "--methods takes"),
         "tune n_gen": (["--tune-n-gen", "0"], "--tune-n-gen must be positive"),
     }
     for name, (args, message) in cases.items():
-        code = side.main(["--out", str(tmp_path / "run"), *args])
+        code = experiments.main(["--out", str(tmp_path / "run"), *args])
         err = capsys.readouterr().err
         assert code == 2 and message in err, (name, err)
         assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
     assert not (tmp_path / "run").exists()  # stopped before anything was written
-    side.validate(tiny_config(seed=100, guidance=10.0, out=str(tmp_path / "fixed")))  # fixed: no tuning
+    fixed = experiments.apply_profile(experiments.ExperimentConfig(seed=100, guidance="10", out=str(tmp_path / "f")))
+    experiments.validate(fixed)  # lambda fixed: nothing is tuned, so seed 100 may be reported
 
 
 def test_verdicts_say_whether_side_and_the_shuffled_control_beat_the_seed_spread():
     def seeds(low, high):
         return dict(mean=(low + high) / 2, min=low, max=high)
-    said = side.verdicts(dict(uncond=seeds(.05, .10), side=seeds(.20, .30), shuffled=seeds(.22, .30)), 3)
+    said = experiments.verdicts(dict(uncond=seeds(.05, .10), side=seeds(.20, .30), shuffled=seeds(.22, .30)), 3)
     assert "difference is beyond the seed spread" in said[0] and "the clusters are not what helps" in said[1]
-    said = side.verdicts(dict(uncond=seeds(.05, .25), side=seeds(.20, .30), shuffled=seeds(.05, .10)), 3)
+    said = experiments.verdicts(dict(uncond=seeds(.05, .25), side=seeds(.20, .30), shuffled=seeds(.05, .10)), 3)
     assert "difference is within the seed spread" in said[0] and "cluster structure is what helps" in said[1]
-    said = side.verdicts(dict(uncond=seeds(.05, .10), side=seeds(.20, .30), shuffled=seeds(.15, .25)), 3)
+    said = experiments.verdicts(dict(uncond=seeds(.05, .10), side=seeds(.20, .30), shuffled=seeds(.15, .25)), 3)
     assert "does not show that the clusters help" in said[1]
-    said = side.verdicts(dict(uncond=seeds(.1, .1), side=seeds(.3, .3), shuffled=seeds(.1, .1)), 1)
+    said = experiments.verdicts(dict(uncond=seeds(.1, .1), side=seeds(.3, .3), shuffled=seeds(.1, .1)), 1)
     assert "on one seed only" in said[0] and "does not show" in said[1]
-    said = side.verdicts(dict(uncond=seeds(.2, .3), side=seeds(.1, .2), shuffled=seeds(.3, .4)), 3)
+    said = experiments.verdicts(dict(uncond=seeds(.2, .3), side=seeds(.1, .2), shuffled=seeds(.3, .4)), 3)
     assert "SIDE gained nothing over uncond" in said[1]
 
 
@@ -1266,7 +1305,7 @@ def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(data
     x0_all = torch.rand(4, 3, size, size, generator=gen) * 2 - 1
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # a fused kernel, never the math fallback
         # DDPM training step (Adam's update is the same on any device and left out)
-        loss = side.ddpm_loss(unet, x0_all, gen, 2, diffusion)
+        loss = side.ddpm_loss(unet, x0_all, gen, 2)
         loss.backward()
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters())
@@ -1275,7 +1314,7 @@ def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(data
         assert (2, 1, 256, 256) in {shape for shape, _ in calls}
         assert all(len(shape) == 4 and dtype == torch.bfloat16 for shape, dtype in calls)
         # time-dependent classifier step on noised samples (Eq. 2), as train_classifier takes it
-        x_t, t = side.noised_batch(x0_all[:2], gen, True, diffusion)
+        x_t, t = side.noised_batch(x0_all[:2], gen, True)
         with side.autocast(x_t.device):
             logits = clf(x_t, t)
         soft = torch.eye(cfg.clusters)[[3, 7]]
@@ -1286,9 +1325,9 @@ def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(data
         # one guided DDIM step: eps from the bf16 UNet, the gradient of log p_phi(c | x_t, t) (Eq. 1)
         torch.nn.init.normal_(unet.head[-1].weight, std=0.01)  # a zero head would hide a wrong eps
         x, t = torch.randn(2, 3, size, size, generator=gen), torch.full((2,), 500)
-        unguided = side.guided_eps(unet, None, x, t, None, 0.0, diffusion)
-        guided = side.guided_eps(unet, clf, x, t, torch.tensor([3, 7]), 10.0, diffusion)  # lambda 10
-        x_prev = side.reverse_step(diffusion, x, guided, 500, 480, 0.0, 0)
+        unguided = side.guided_eps(unet, None, x, t, None, 0.0)
+        guided = side.guided_eps(unet, clf, x, t, torch.tensor([3, 7]), 10.0)  # lambda 10
+        x_prev = side.reverse_step(x, guided, 500, 480, 0.0, 0)
     for tensor in (unguided, guided, x_prev):
         assert tensor.shape == x.shape and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
     assert (guided - unguided).abs().max() > 1e-4  # the classifier's gradient reached eps
@@ -1352,8 +1391,8 @@ def test_embed_clusters_and_scores_in_the_embedding_space(tmp_path):
     assert "Clustering features (Algorithm 1 line 2): embedding of proj.pt" in (tmp_path / "report.md").read_text()
 
 
-def test_embed_reads_a_torch_export_program_and_sim_model_still_sets_the_similarity(tmp_path):
-    scripted, exported = embedding_files(tmp_path)
+def test_embed_reads_a_torch_export_program_for_the_clusters_and_the_similarity(tmp_path):
+    _, exported = embedding_files(tmp_path)
     images = np.random.default_rng(1).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
     with torch.no_grad():
         expected = torch.nn.functional.normalize(Projection()(side.to_unit_range(images).expand(-1, 3, -1, -1) / 2 + 0.5), dim=1)
@@ -1363,8 +1402,7 @@ def test_embed_reads_a_torch_export_program_and_sim_model_still_sets_the_similar
     featurize, bands, space = side.similarity_space(cfg, "cpu")
     assert space == "cosine of proj.pt2" and bands == side.EMBEDDING_BANDS
     assert torch.allclose(featurize(images), expected, atol=1e-5)
-    cfg.sim_model = str(scripted)  # --sim-model sets the similarity; --embed still sets the clusters
-    assert side.similarity_space(cfg, "cpu")[2] == "cosine of proj.pt" and side.clustering_space(cfg) == "embedding of proj.pt2"
+    assert side.clustering_space(cfg) == "embedding of proj.pt2"  # one model for both (Algorithm 1 line 2)
 
 
 def test_compile_wraps_the_unet_on_cuda_and_warns_once_on_the_cpu(capsys, monkeypatch):
@@ -1387,11 +1425,11 @@ def test_compile_unavailable_and_too_many_processes_get_one_line_and_exit_code_2
     assert "--compile: this PyTorch has no torch.compile" in err and "drop --compile" in err and err.count("\n") == 1
     monkeypatch.undo()
     monkeypatch.setenv("WORLD_SIZE", "13")  # what torchrun --nproc_per_node 13 sets; --n-gen is 12
-    assert side.main([*TINY, "--out", str(tmp_path)]) == 2
+    assert experiments.main([*TINY, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "torchrun started 13 processes but there are only 12 generations" in err and err.count("\n") == 1
     monkeypatch.setenv("WORLD_SIZE", "5")  # tuning lambda samples --tune-n-gen generations per row
-    assert side.main([*TINY_TUNED, "--tune-n-gen", "4", "--out", str(tmp_path)]) == 2
+    assert experiments.main([*TINY_TUNED, "--tune-n-gen", "4", "--out", str(tmp_path)]) == 2
     assert "only 4 generations to share (--n-gen 12, --n-syn 48, --tune-n-gen 4)" in capsys.readouterr().err
 
 
@@ -1412,10 +1450,31 @@ def run_torchrun(*args, timeout=300):
 
 
 def test_torchrun_with_more_processes_than_generations_stops_every_rank_with_one_line(tmp_path):
-    code, output = run_torchrun("side.py", *TINY_TORCHRUN, "--n-gen", "1", "--out", str(tmp_path), timeout=120)
+    code, output = run_torchrun("experiments.py", *TINY_TORCHRUN, "--n-gen", "1", "--out", str(tmp_path), timeout=120)
     assert code != 0 and re.search(r"exitcode\s*:\s*2\b", output), output
     assert output.count("torchrun started 2 processes but there are only 1 generations") == 1, output
     assert "use --nproc_per_node 1 or fewer" in output
+
+
+def test_a_check_that_fails_on_one_rank_alone_stops_every_rank_and_names_it(tmp_path, capsys, monkeypatch):
+    """Before the process group, each rank checks the flags on its own; the ranks then share what they
+    found, so a problem seen by rank 1 alone (a file system race, say) reaches the user in one line."""
+    monkeypatch.setattr(experiments, "gather_all", lambda problem: [problem, "--out X is not writable"])
+    assert experiments.main([*TINY, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --out X is not writable (on rank 1)\n"
+
+
+def test_torchrun_tuning_lambda_into_a_fresh_folder_writes_one_report(tmp_path):
+    """Every rank checks the tune seed's folder while rank 0 may be creating it: no rank may trip."""
+    out = tmp_path / "new" / "run"
+    tiny_tuned = ["--n-train" if arg == "--n" else arg for arg in TINY_TUNED]
+    code, output = run_torchrun("experiments.py", *tiny_tuned, "--methods", "uncond,side", "--lambda-grid", "0.3,3",
+                                "--tune-n-gen", "6", "--out", str(out))
+    assert code == 0, output
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["lambdas"]["how"] == {"side": "tuned on seed 100"}
+    assert sum(line.startswith("report: ") for line in output.splitlines()) == 3, output  # 2 lambdas, seed 0
 
 
 def sample_to_shard():
@@ -1432,7 +1491,8 @@ def train_tiny_ddpm(out: Path) -> torch.nn.Module:
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config(train_steps=12, ckpt_every=4, out=str(out))
     x0 = side.to_unit_range(side.load_digits(cfg)[0])
-    return side.train_ddpm(cfg, x0, side.RunFolder(cfg, torch.device("cpu")).ddpm_training(x0))
+    folder = (experiments.DistributedFolder if torch.distributed.is_initialized() else side.RunFolder)
+    return side.train_ddpm(cfg, x0, folder(cfg, torch.device("cpu")).ddpm_training(x0))
 
 
 def test_an_unfinished_checkpoint_resumes_only_with_as_many_processes(tmp_path, monkeypatch):
@@ -1441,17 +1501,17 @@ def test_an_unfinished_checkpoint_resumes_only_with_as_many_processes(tmp_path, 
         train_tiny_ddpm(tmp_path)
     monkeypatch.delenv("SIDE_STOP_AT_STEP")
     saved = torch.load(tmp_path / "ddpm.pt", weights_only=False)
-    assert len(saved["rank_rngs"]) == 1  # one process: its own generator
-    saved["rank_rngs"] = saved["rank_rngs"] * 2  # as a two-process torchrun run leaves it
+    assert len(saved["rngs"]) == 1  # one process: its own generator
+    saved["rngs"] = saved["rngs"] * 2  # as a two-process torchrun run leaves it
     torch.save(saved, tmp_path / "ddpm.pt")
     with pytest.raises(side.UserError, match=r"trained by 2 process\(es\); resume it with as many "
-                                             r"\(torchrun --nproc_per_node 2\)"):
+                                             r"\(torchrun --nproc_per_node 2 experiments.py\)"):
         train_tiny_ddpm(tmp_path)
 
 
 def torchrun_worker(out: Path) -> None:
-    """What each rank of test_torchrun_shards_sampling_and_trains_with_ddp runs (under side.distributed)."""
-    rank = side.process_rank()
+    """What each rank of test_torchrun_shards_sampling_and_trains_with_ddp runs (under experiments.distributed)."""
+    rank = torch.distributed.get_rank()
     torch.save(sample_to_shard(), out / f"samples{rank}.pt")
     straight = train_tiny_ddpm(out / "straight")
     os.environ["SIDE_STOP_AT_STEP"] = "6"
@@ -1465,8 +1525,8 @@ def torchrun_worker(out: Path) -> None:
 WORKER = """import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import side, test_side
-with side.distributed(test_side.tiny_config()):
+import experiments, test_side
+with experiments.distributed(test_side.tiny_config()):
     test_side.torchrun_worker(Path(sys.argv[1]))
 """
 
@@ -1486,7 +1546,7 @@ def test_torchrun_shards_sampling_and_trains_with_ddp(tmp_path):
     weights = [torch.load(tmp_path / f"weights{rank}.pt") for rank in (0, 1)]
     assert equal_weights(weights[0]["straight"], weights[1]["straight"])  # DDP kept the ranks in step
     assert equal_weights(weights[0]["resumed"], weights[0]["straight"])  # stopped at 6, resumed, same weights
-    rngs = torch.load(tmp_path / "straight" / "ddpm.pt", weights_only=False)["rank_rngs"]
+    rngs = torch.load(tmp_path / "straight" / "ddpm.pt", weights_only=False)["rngs"]
     assert len(rngs) == 2 and not torch.equal(rngs[0], rngs[1])  # each rank draws its own batches...
     single = train_tiny_ddpm(tmp_path / "single").state_dict()
     assert not equal_weights(single, weights[0]["straight"])  # ...so two ranks learn from twice the data
@@ -1494,7 +1554,7 @@ def test_torchrun_shards_sampling_and_trains_with_ddp(tmp_path):
 
 @slow
 def test_torchrun_run_of_a_tiny_config_writes_one_report(tmp_path):
-    code, output = run_torchrun("side.py", *TINY_TORCHRUN, "--methods", "uncond,side", "--out", str(tmp_path))
+    code, output = run_torchrun("experiments.py", *TINY_TORCHRUN, "--methods", "uncond,side", "--out", str(tmp_path))
     assert code == 0, output
     lines = output.splitlines()  # rank 0 alone prints
     assert sum(line.startswith("report: ") for line in lines) == 1, output

@@ -1,0 +1,754 @@
+"""experiments.py: what turns one SIDE run into evidence. It imports side.py; side.py never imports it.
+
+    python experiments.py                     lambda tuned per row on seed 100 (never reported),
+                                              then seed 0: uncond, cond, cond_x0, side, shuffled
+    python experiments.py --seeds 0,1,2       the same on three reported seeds, one aggregate report
+    python experiments.py --sweep guidance=0,1,3,10,30     one setting swept (also clusters, cohesion)
+    python experiments.py theorem1            Theorem 1 checked numerically on a toy
+    torchrun --nproc_per_node G experiments.py ...          the same on G processes (DDP, sharding)
+
+Every flag of side.py works here too (`python experiments.py --help`). Sections:
+
+    A. configuration        side.Config plus the protocol's flags
+    B. variants, controls   cond_x0 (Cond judging the predicted x_0), shuffled and oracle labels,
+                            the TDKD teacher's labels (paper v1-v6)
+    C. the protocol         lambda tuned per row on a seed never reported; seeds; the aggregate
+    D. sweeps
+    E. Theorem 1 on a toy
+    F. torchrun             DistributedDataParallel training, sharded sampling, rank 0 for the rest
+    G. the command line
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import side
+from side import UserError, option
+
+# --- A. Configuration: side.py's Config and the protocol's flags ---------------------------------
+
+
+@dataclasses.dataclass
+class ExperimentConfig(side.Config):
+    methods: str = option("uncond,cond,cond_x0,side,shuffled",
+                          "rows: uncond, cond, cond_x0, side, shuffled, oracle")
+    guidance: str = option(None, "lambda of the guided rows: one value for all, or row=value "
+                                 "pairs such as side=30 (rows not given are tuned)",
+                           shown="tuned on --tune-seed")
+    labels: str = option("kmeans", "kmeans (v7) | teacher (TDKD, v1-v6)", ("kmeans", "teacher"))
+    seeds: str = option("", "reported seeds, e.g. 0,1,2: the pipeline per seed, one aggregate "
+                        "report", shown="--seed")
+    tune_seed: int = option(100, "the seed lambda is tuned on, never reported")
+    lambda_grid: str = option("0.3,1,3,10,30", "the lambdas tried on --tune-seed")
+    tune_n_gen: int = option(None, "N_G per row and lambda when tuning (profile: 256 on the CPU, "
+                             "1,024 on a GPU)")
+    sweep: str = option("", "e.g. guidance=0,1,3,10,30 (also clusters, cohesion)")
+
+
+TUNE_N_GEN = {"cpu": 256, "gpu": 1024}
+
+
+def apply_profile(cfg: ExperimentConfig) -> ExperimentConfig:
+    """side.py's profile, except lambda: rows the user gives no lambda are tuned, not profiled."""
+    given = cfg.guidance
+    side.apply_profile(cfg)
+    cfg.guidance = given
+    if cfg.tune_n_gen is None:
+        cfg.tune_n_gen = TUNE_N_GEN["gpu" if side.resolve_device(cfg.device).type == "cuda"
+                                    else "cpu"]
+    return cfg
+
+
+# --- B. Variants and controls. Each replaces one step of side.run(): through a row's `relabel`
+#     (what its classifier learns) or `judge` (what guides), or run()'s `surrogate` (the labels) ---
+
+STREAM_SHUFFLE = 3  # the permutation of the `shuffled` control has its own random stream
+
+
+def shuffled_labels(cfg, labels: dict, synthetic=None, train=None) -> dict:
+    """The `shuffled` control: the surrogate labels permuted at random among the synthetic samples.
+
+    Every cluster keeps its size, but a label no longer says anything about the image it sits on,
+    so a classifier cannot learn it from x: its gradient carries no direction toward any cluster.
+    If this control gains as much as SIDE, the clusters are not what helps."""
+    order = np.random.default_rng([cfg.seed, STREAM_SHUFFLE]).permutation(len(labels["labels"]))
+    return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])
+
+
+def oracle_labels(cfg, labels: dict, synthetic: np.ndarray, train: dict) -> dict:
+    """The `oracle` control: each synthetic sample labelled with its nearest training image (pixel
+    L2). Only the model's owner could make these labels, so this is no attack: it bounds what
+    better surrogate labels could do. Classes are the training images nearest to some sample."""
+    _, index = side.nearest_neighbours(synthetic, train["images"], 1)
+    kept, labels = np.unique(index[:, 0], return_inverse=True)
+    return dict(labels=labels, soft=np.eye(len(kept), dtype=np.float32)[labels], kept=kept,
+                sizes=np.bincount(labels, minlength=len(kept)))
+
+
+def teacher_labels(cfg, synthetic: np.ndarray, train: dict, device) -> dict:
+    """TDKD (paper v1-v6), in place of side.label_synthetic: a time-independent teacher trained on
+    the real labels labels the generations with its soft predictions."""
+    train_labels = train["labels"]
+    if (train_labels < 0).any():
+        raise UserError(f"--labels teacher needs real labels; {cfg.dataset} has none here "
+                        f"(celeba needs identity_CelebA.txt beside img_align_celeba)")
+    classes = int(train_labels.max()) + 1
+    teacher = side.train_classifier(cfg, train["images"], np.eye(classes, dtype=np.float32)[
+        train_labels], False, device, "train teacher")
+    with torch.no_grad():
+        soft = torch.cat([F.softmax(teacher(x, None), 1).cpu() for x in
+                          side.to_unit_range(synthetic).to(device).split(512)]).numpy()
+    labels = soft.argmax(1)
+    return dict(labels=labels, soft=soft, kept=np.arange(classes), teacher=np.array("TDKD"),
+                sizes=np.bincount(labels, minlength=classes),
+                cohesion=np.zeros(0))  # cohesion is a k-means notion
+
+
+class SeesPredictedX0(nn.Module):
+    """The cond_x0 row: the time-independent classifier judges the model's estimate of x_0,
+    x0_hat = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t), instead of the noisy x_t.
+    The gradient then flows back through eps_theta too (about 3x the cost of a step). x0_hat is
+    not clamped: clamping would zero the gradient wherever the estimate saturates (often at
+    large t)."""
+
+    def __init__(self, classifier: nn.Module, model: nn.Module):
+        super().__init__()
+        self.classifier, self.model = classifier, model
+
+    def forward(self, x, t):
+        a = side.DIFFUSION.abar(t.cpu(), x)
+        return self.classifier((x - (1 - a).sqrt() * self.model(x, t).float()) / a.sqrt(), t)
+
+
+Method = side.Method
+METHODS = {"uncond": side.METHODS["uncond"], "cond": side.METHODS["cond"],
+           "cond_x0": Method("cond_x0", classifier="cond", time_dependent=False,
+                             judge=SeesPredictedX0),
+           "side": side.METHODS["side"],
+           "shuffled": Method("shuffled", classifier="shuffled", relabel=shuffled_labels),
+           "oracle": Method("oracle", classifier="oracle", relabel=oracle_labels)}
+
+
+class ExperimentFolder(side.RunFolder):
+    """side.py's run folder. With --labels teacher every stage from the labels on depends on that
+    flag too (and the labels on the classifier settings, which train the teacher); with k-means
+    labels the stages are side.py's own, so both entry points share one run folder."""
+
+    def groups(self, name: str) -> list[str]:
+        teacher = name == "labels" and self.cfg.labels == "teacher"
+        return super().groups(name) + (["classifier"] if teacher else [])
+
+    def key(self, name: str, **values) -> str:
+        if self.cfg.labels == "teacher" and "labels" in self.groups(name):
+            values = dict(values, labels="teacher")
+        return super().key(name, **values)
+
+
+def run_pipeline(cfg: ExperimentConfig) -> dict:
+    """side.run_pipeline with this module's rows, labels and (under torchrun) run folder."""
+    device = side.resolve_device(cfg.device)
+    folder = (DistributedFolder if dist.is_initialized() else ExperimentFolder)(cfg, device)
+    surrogate = teacher_labels if cfg.labels == "teacher" else side.label_synthetic
+    return side.run_pipeline(cfg, folder, rows=side.method_rows(cfg, METHODS),
+                             surrogate=surrogate)
+
+
+# --- C. The protocol: lambda chosen per row on a seed never reported, then several reported seeds
+#     and one aggregate report (README, "Protocol"). Selection and report never share a seed. -----
+
+TIE_RULE = "highest Gu memorized fraction; ties: more distinct images copied, then smaller lambda"
+
+
+def parse_seeds(text: str, flag: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise UserError(f"{flag} takes non-negative integers such as 0,1,2 (got {text!r})")
+    seeds = [int(p) for p in parts]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UserError(f"{flag} repeats seed {repeated[0]} ({text!r}); give each seed once")
+    return seeds
+
+
+def reported_seeds(cfg: ExperimentConfig) -> list[int]:
+    return parse_seeds(cfg.seeds, "--seeds") if cfg.seeds.strip() else [cfg.seed]
+
+
+def lambda_grid(cfg: ExperimentConfig) -> list[float]:
+    values = [v.strip() for v in cfg.lambda_grid.split(",") if v.strip()]
+    if not values or not all(side.is_lambda(v) for v in values):
+        raise UserError(f"--lambda-grid {cfg.lambda_grid!r}: give lambda values >= 0 to tune over, "
+                        f"e.g. --lambda-grid 0.3,1,3,10,30 (or fix lambda with --guidance)")
+    return [float(v) for v in values]
+
+
+def fixed_guidance(cfg: ExperimentConfig) -> dict:
+    """{row: lambda} given on the command line (--guidance) for the guided rows of --methods."""
+    guided = [m for m in side.method_names(cfg) if m != "uncond"]
+    return {m: v for m, v in side.row_lambdas(cfg).items() if m in guided}
+
+
+def methods_to_tune(cfg: ExperimentConfig) -> list[str]:
+    """Guided rows with no lambda from the command line (a guidance sweep gives every row one)."""
+    if cfg.sweep.startswith("guidance="):
+        return []
+    fixed = fixed_guidance(cfg)
+    return [m for m in side.method_names(cfg) if m != "uncond" and m not in fixed]
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """The protocol's checks, then side.py's (the last of which creates --out), before any slow
+    work."""
+    unknown = set(side.row_lambdas(cfg)) - set(METHODS) - {"uncond"}
+    if unknown:
+        raise UserError(f"--guidance {cfg.guidance!r} names no row {sorted(unknown)[0]!r}; rows: "
+                        f"{', '.join(list(METHODS)[1:])}")
+    if cfg.dataset == "digits" and cfg.labels == "teacher" and cfg.n < 10:
+        raise UserError("--labels teacher needs every digit class in the training set; "
+                        "use --n 10 or more")
+    seeds = reported_seeds(cfg)
+    lambda_grid(cfg)
+    parse_seeds(str(cfg.tune_seed), "--tune-seed")
+    if cfg.tune_n_gen <= 0:
+        raise UserError(f"--tune-n-gen must be positive (got {cfg.tune_n_gen})")
+    if len(seeds) > 1 and cfg.sweep:
+        raise UserError(f"--sweep runs on one seed but --seeds {cfg.seeds} gives {len(seeds)}: "
+                        f"drop --sweep, or give one seed (--seeds {seeds[0]})")
+    if methods_to_tune(cfg) and cfg.tune_seed in seeds:
+        raise UserError(f"--tune-seed {cfg.tune_seed} is also a reported seed; choose one outside "
+                        f"them (e.g. --tune-seed {max(seeds) + 100}) or fix lambda with --guidance")
+    validate_scale(cfg)
+    side.validate(dataclasses.replace(cfg, guidance=None), METHODS)  # unset rows are tuned
+
+
+def tune_lambdas(cfg: ExperimentConfig, methods: list[str]) -> dict:
+    """Each method's lambda from --lambda-grid by its own Gu memorized fraction on --tune-seed
+    (TIE_RULE), with N_G = --tune-n-gen. Each lambda's result is cached, keyed by the settings."""
+    tune_cfg = dataclasses.replace(cfg, seed=cfg.tune_seed, seeds="", sweep="", guidance=None,
+                                   n_gen=cfg.tune_n_gen, methods=",".join(["uncond", *methods]),
+                                   out=str(Path(cfg.out) / f"tune-seed{cfg.tune_seed}"))
+    settings = {k: v for k, v in dataclasses.asdict(tune_cfg).items()
+                if k not in ("out", "fresh", "guidance", "lambda_grid")}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path, grid = Path(tune_cfg.out) / f"tuning-{key}.json", [f"{v:g}" for v in lambda_grid(cfg)]
+    side.check_writable(path.parent)
+    points = json.loads(path.read_text())["points"] if path.is_file() and not cfg.fresh else {}
+    for value in grid:
+        if value in points:
+            print(f"  lambda = {value} on seed {cfg.tune_seed}: in {path.name}, skipping")
+            continue
+        print(f"\n=== tuning on seed {cfg.tune_seed}: lambda = {value} ({', '.join(methods)}) ===")
+        first = cfg.fresh and not points  # --fresh retrains the tune seed's stages once
+        report = run_pipeline(dataclasses.replace(tune_cfg, guidance=value, fresh=first))
+        points[value] = dict(methods=report["methods"], timings_s=report["timings_s"])
+        side.save_text(path, json.dumps(dict(settings=settings, points=points), indent=2))
+    curve = {m: {v: points[v]["methods"][m] for v in grid} for m in ["uncond", *methods]}
+    return dict(seed=cfg.tune_seed, n_gen=cfg.tune_n_gen, grid=grid, rule=TIE_RULE,
+                folder=tune_cfg.out, curve=curve, best={m: best_lambda(curve[m]) for m in methods},
+                seconds=round(sum(points[v]["timings_s"]["total"] for v in grid), 1))
+
+
+def best_lambda(curve: dict) -> float:
+    """TIE_RULE over {lambda: summary}: most Gu copies, then most distinct images, then smaller."""
+    def score(value):
+        row = curve[value]
+        return row["memorized_fraction"], row["unique_memorized"], -float(value)
+    return float(max(curve, key=score))
+
+
+def choose_lambdas(cfg: ExperimentConfig) -> dict:
+    """Every guided row's lambda, and how it was chosen (fixed on the command line, or tuned)."""
+    to_tune = methods_to_tune(cfg)
+    tuning = tune_lambdas(cfg, to_tune) if to_tune else None
+    lambdas = {**fixed_guidance(cfg), **(tuning["best"] if tuning else {})}
+    lambdas = {m: lambdas[m] for m in side.method_names(cfg) if m != "uncond"}
+    how = {m: f"tuned on seed {cfg.tune_seed}" if m in to_tune else "fixed, not tuned"
+           for m in lambdas}
+    return dict(lambdas=lambdas, how=how, tuning=tuning)
+
+
+def run_protocol(cfg: ExperimentConfig) -> dict:
+    """Choose every row's lambda, run the whole pipeline (a fresh DDPM) per reported seed, then
+    write the aggregate. One seed runs in --out itself, several in --out/seed<S>."""
+    seeds, out = reported_seeds(cfg), Path(cfg.out)
+    folders = {s: out if len(seeds) == 1 else out / f"seed{s}" for s in seeds}
+    for seed, folder in folders.items():  # a folder of another run stops us before any slow work
+        side.check_writable(folder)
+        side.read_checkpoint(folder / "ddpm.pt", dataclasses.replace(cfg, seed=seed),
+                             side.resolve_device(cfg.device))
+    choice = choose_lambdas(cfg)
+    pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())
+    reports = {}
+    for seed, folder in folders.items():
+        if len(seeds) > 1:
+            print(f"\n=== seed {seed} ({len(reports) + 1} of {len(seeds)}) ===")
+        reports[seed] = run_pipeline(dataclasses.replace(
+            cfg, seed=seed, seeds="", out=str(folder), guidance=pinned))
+    return write_aggregate(cfg, folders, reports, choice)
+
+
+def spread(values) -> dict:
+    return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)))
+
+
+def ever_extracted(folders: dict, method: str) -> dict:
+    """Training images (dataset indices) that `method` copied (Gu) on any seed, out of all the
+    training images of those seeds (the same n images unless --subset random)."""
+    copied, pool = set(), set()
+    for folder in folders.values():
+        indices = np.load(Path(folder) / "train_subset.npz")["indices"]
+        nn = np.load(Path(folder) / f"nn_{method}.npz")
+        copied |= set(indices[nn["nn_index"][nn["nn_ratio"] < side.GU_THRESHOLD]].tolist())
+        pool |= set(indices.tolist())
+    return dict(count=len(copied), of=len(pool), fraction=len(copied) / len(pool))
+
+
+def side_ratios(reports: dict, best_cond) -> dict:
+    """Per seed: side's Gu memorized fraction over uncond's and the best cond's (None: 0 copies)."""
+    ratios = {}
+    for seed, report in reports.items():
+        fraction = {m: row["memorized_fraction"] for m, row in report["methods"].items()}
+        others = [m for m in ("uncond", best_cond) if m in fraction] if "side" in fraction else []
+        ratios[str(seed)] = {f"side/{m}": fraction["side"] / fraction[m] if fraction[m] else None
+                             for m in others}
+    return ratios
+
+
+def aggregate(folders: dict, reports: dict) -> dict:
+    """Per method: mean, min and max over seeds of every summary number, and the training images
+    ever extracted; per seed: side / uncond and side / best cond (the better cond by mean)."""
+    first = next(iter(reports.values()))["methods"]
+    summary = {m: {k: spread([r["methods"][m][k] for r in reports.values()]) for k in first[m]}
+               for m in first}
+    conds = [m for m in ("cond", "cond_x0") if m in summary]
+    best_cond = max(conds, key=lambda m: summary[m]["memorized_fraction"]["mean"], default=None)
+    return dict(seeds=list(reports), methods=summary, best_cond=best_cond,
+                ratios=side_ratios(reports, best_cond),
+                ever_extracted={m: ever_extracted(folders, m) for m in summary},
+                verdicts=verdicts({m: s["memorized_fraction"] for m, s in summary.items()},
+                                  len(reports)))
+
+
+def verdicts(fraction: dict, seeds: int) -> list[str]:
+    """side vs uncond and the shuffled control, in words. `fraction`: {method: spread over seeds};
+    a difference exceeds the seed spread when the two min-max ranges do not overlap."""
+    def pct(m):
+        return f"{100 * fraction[m]['mean']:.2f} %"
+
+    def apart(a, b):
+        return fraction[a]["min"] > fraction[b]["max"] or fraction[b]["min"] > fraction[a]["max"]
+    lines, mean = [], {m: s["mean"] for m, s in fraction.items()}
+    one_seed = "on one seed only, no spread to compare with (try --seeds 0,1,2)"
+    beyond = "beyond the seed spread (the min-max ranges do not overlap)"
+    within = one_seed if seeds == 1 else "within the seed spread (the min-max ranges overlap)"
+    if {"side", "uncond"} <= set(fraction):
+        exceeds = seeds > 1 and apart("side", "uncond")
+        lines.append(f"side vs uncond: {pct('side')} vs {pct('uncond')} Gu memorized (mean); the "
+                     f"difference is {beyond if exceeds else within}.")
+    if {"side", "shuffled", "uncond"} <= set(fraction):
+        versus = f"({pct('shuffled')} vs side's {pct('side')}, uncond {pct('uncond')})"
+        if mean["side"] <= mean["uncond"]:
+            lines.append(f"SIDE gained nothing over uncond, so the shuffled control {versus} "
+                         "has no gain to explain.")
+        elif mean["shuffled"] >= mean["side"]:
+            lines.append(f"The shuffled control gained as much as SIDE {versus}: the clusters are "
+                         "not what helps.")
+        elif seeds > 1 and apart("side", "shuffled"):
+            lines.append(f"The shuffled control gained less than SIDE {versus}, {beyond}: "
+                         "the cluster structure is what helps.")
+        else:
+            lines.append(f"The shuffled control gained less than SIDE {versus}, but {within}: "
+                         "this does not show that the clusters help.")
+    return lines
+
+
+def spread_cell(stats: dict, scale: float = 1) -> str:
+    mean, low, high = (stats[k] * scale for k in ("mean", "min", "max"))
+    return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def lambda_markdown(choice: dict) -> list[str]:
+    """Which lambda each row used and how it was chosen; the tune seed's curve behind the choice."""
+    if not choice["lambdas"]:
+        return ["No guided rows, so no lambda."]
+    lines = side.table_lines(["method", "lambda", "chosen"],
+                        [[m, f"{v:g}", choice["how"][m]] for m, v in choice["lambdas"].items()])
+    tuning = choice["tuning"]
+    if tuning:
+        curve = [[m, *(f"{100 * row['memorized_fraction']:.2f}" for row in by_lambda.values())]
+                 for m, by_lambda in tuning["curve"].items()]
+        lines += ["", f"Tuned on seed {tuning['seed']}, which is never reported, with N_G = "
+                  f"{tuning['n_gen']} per method and lambda (--tune-n-gen; reported seeds use "
+                  f"--n-gen). Rule: {tuning['rule']}. Gu memorized % on the tune seed "
+                  f"({tuning['seconds']:.0f} s of pipeline runs, {tuning['folder']}):", "",
+                  *side.table_lines(["method", *(f"lambda {v}" for v in tuning["grid"])], curve)]
+    return lines
+
+
+def ratio_cell(value) -> str:
+    return "n/a (divisor has 0 copies)" if value is None else f"{value:.2f}x"
+
+
+def protocol_markdown(agg: dict, choice: dict) -> str:
+    distinct = [[m, spread_cell(agg["methods"][m]["unique_memorized"]),
+                 f"{ever['count']} of {ever['of']}", f"{100 * ever['fraction']:.2f} %"]
+                for m, ever in agg["ever_extracted"].items()]
+    lines = ["## Protocol", "", *lambda_markdown(choice), "",
+             f"Distinct training images copied (Gu), per seed and ever over seeds {agg['seeds']}:",
+             "", *side.table_lines(["method", "Gu unique, mean [min, max]", "ever extracted",
+                               "of the training set"], distinct)]
+    ratio_names = list(next(iter(agg["ratios"].values())))
+    if ratio_names:
+        ratios = [[seed, *(ratio_cell(r[name]) for name in ratio_names)]
+                  for seed, r in agg["ratios"].items()]
+        lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
+                  "higher mean Gu memorized fraction of cond and cond_x0):", "",
+                  *side.table_lines(["seed", *ratio_names], ratios)]
+    return "\n".join(lines + ["", *[f"- {v}" for v in agg["verdicts"]]]) + "\n"
+
+
+def write_aggregate(cfg: ExperimentConfig, folders: dict, reports: dict, choice: dict) -> dict:
+    """One seed: its report gains the protocol section. Several: report.md / report.json at the
+    top of --out hold mean [min, max] over seeds, the ratios and the verdicts."""
+    agg, out = aggregate(folders, reports), Path(cfg.out)
+    if len(reports) == 1:
+        report = dict(next(iter(reports.values())), protocol=dict(agg, lambdas=choice))
+        text = (out / "report.md").read_text() + "\n" + protocol_markdown(agg, choice)
+    else:
+        report = dict(config=dataclasses.asdict(cfg), **agg, lambdas=choice)
+        links = ", ".join(f"[seed {s}]({Path(f).name}/report.md)" for s, f in folders.items())
+        text = "\n".join([
+            f"# SIDE over seeds {', '.join(map(str, reports))}: {cfg.dataset}, n = {cfg.n}, "
+            f"{cfg.image_size} px", "", f"N_G = {cfg.n_gen} per method and seed; every seed trains "
+            "its own DDPM. Mean [min, max] over seeds:", "", *side.table_lines(
+                ["method", *(title for _, title, _ in side.TABLE_COLUMNS)],
+                [[m, *(spread_cell(c[key], scale) for key, _, scale in side.TABLE_COLUMNS)]
+                 for m, c in agg["methods"].items()]), "",
+            protocol_markdown(agg, choice), f"Per seed: {links}."])
+    side.save_report(out, report, text + "\n")
+    print("\n".join(["", *agg["verdicts"], f"protocol report: {out / 'report.md'}"]))
+    return report
+
+# --- D. Sweeps: one setting at several values, the run folder reused (only what depends on it reruns)
+
+
+def parse_sweep(text: str):
+    name, _, values = text.partition("=")
+    kinds = {"guidance": float, "clusters": int, "cohesion": float}
+    if name not in kinds or not values:
+        raise UserError(f"--sweep {text!r}: use guidance=0,1,3 or clusters=8,16 or "
+                        f"cohesion=0.3,0.5")
+    return name, [kinds[name](v) for v in values.split(",")]
+
+
+def run_sweep(cfg: ExperimentConfig) -> dict:
+    """Rerun only the stages that depend on the swept setting, and plot the side row against it."""
+    name, values = parse_sweep(cfg.sweep)
+    rows = []
+    for i, value in enumerate(values):
+        print(f"\n=== sweep {name} = {value} ===")
+        value_of = f"{value:g}" if name == "guidance" else value  # --guidance is text: 10 or side=10
+        setting = dataclasses.replace(cfg, **{name: value_of}, sweep="", fresh=cfg.fresh and i == 0)
+        validate(setting)
+        report = run_protocol(setting)
+        rows.append(dict(value=value, **{m: s for m, s in report["methods"].items()}))
+    side.save_text(Path(cfg.out) / "sweep.json", json.dumps(dict(setting=name, rows=rows), indent=2))
+    if side.PROCESSES.main:
+        plot_sweep(name, rows, Path(cfg.out))
+    return dict(setting=name, rows=rows)
+
+
+def plot_sweep(name: str, rows: list, out: Path) -> None:
+    fig, ax1 = side.pyplot().subplots(figsize=(5, 3.5))
+    values, method = [r["value"] for r in rows], "side" if "side" in rows[0] else list(rows[0])[-1]
+    ax1.plot(values, [100 * r[method]["memorized_fraction"] for r in rows], "o-",
+             label=f"{method}: Gu memorized %")
+    ax1.plot(values, [r[method]["ums_high"] + r[method]["ums_mid"] for r in rows], "s--",
+             label=f"{method}: mid+high UMS")
+    if "uncond" in rows[0]:
+        ax1.axhline(100 * rows[0]["uncond"]["memorized_fraction"], color="gray", ls=":",
+                    label="uncond memorized %")
+    ax1.set(xlabel=name, ylabel="%")
+    ax1.legend(fontsize=8)
+    side.save_figure(fig, out / "figures" / f"sweep_{name}.png", dpi=120)
+
+
+# --- E. Theorem 1, checked numerically on a toy where every density is known (theory.md) ----------
+# p is a 2-D mixture of Gaussians; its components are the labels, so p_i is component i. Under the
+# theorem's assumption of perfect models (p_theta = p, p_theta_i = p_i), the q_eps terms cancel:
+#   M(D_i; p_i, eps) - M(D_i; p, eps) = E_{x ~ q_eps}[log p(x) - log p_i(x)]  ->  -KL(p_i || p).
+
+TOY_MEANS = np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]])
+TOY_SCALES = np.array([0.6, 1.0, 0.3])
+TOY_WEIGHTS = np.array([0.4, 0.4, 0.2])
+
+
+def toy_log_component(x: np.ndarray, k: int) -> np.ndarray:
+    """log N(x | mu_k, s_k^2 I) in 2-D."""
+    sq = ((x - TOY_MEANS[k]) ** 2).sum(-1)
+    return -sq / (2 * TOY_SCALES[k] ** 2) - np.log(2 * np.pi * TOY_SCALES[k] ** 2)
+
+
+def toy_log_mixture(x: np.ndarray) -> np.ndarray:
+    parts = np.stack([np.log(w) + toy_log_component(x, k) for k, w in enumerate(TOY_WEIGHTS)])
+    top = parts.max(0)
+    return top + np.log(np.exp(parts - top).sum(0))
+
+
+def toy_sample(k: int, count: int, rng) -> np.ndarray:
+    return TOY_MEANS[k] + TOY_SCALES[k] * rng.standard_normal((count, 2))
+
+
+def memorization_gap(k: int, eps: float, subset_size: int, rng, draws: int = 4) -> float:
+    """M(D_k; p_k, eps) - M(D_k; p, eps) by Monte Carlo over q_eps built on D_k ~ p_k."""
+    subset = toy_sample(k, subset_size, rng)
+    x = subset[:, None, :] + eps * rng.standard_normal((subset_size, draws, 2))
+    return float((toy_log_mixture(x) - toy_log_component(x, k)).mean())
+
+
+def theorem1_table(epsilons=(2.0, 1.0, 0.5, 0.1, 0.01), subset_size: int = 20000,
+                   seed: int = 0) -> list:
+    """For every label k: the gap for shrinking eps, and -KL(p_k || p) from an independent
+    sample."""
+    rng, rows = np.random.default_rng(seed), []
+    for k in range(len(TOY_WEIGHTS)):
+        reference = toy_sample(k, 400000, rng)
+        kl = float((toy_log_component(reference, k) - toy_log_mixture(reference)).mean())
+        gaps = [memorization_gap(k, eps, subset_size, rng) for eps in epsilons]
+        rows.append(dict(label=k, weight=float(TOY_WEIGHTS[k]), scale=float(TOY_SCALES[k]),
+                         neg_kl=-kl, gaps=dict(zip(epsilons, gaps))))
+    return rows
+
+
+def theorem1_markdown(rows: list) -> str:
+    epsilons = list(rows[0]["gaps"])
+    header = " | ".join(f"eps={e:g}" for e in epsilons)
+    lines = [f"| label i (weight, scale) | {header} | -KL(p_i\\|p) |",
+             "|---|" + "---|" * (len(epsilons) + 1)]
+    for r in rows:
+        cells = " | ".join(f"{r['gaps'][e]:+.4f}" for e in epsilons)
+        lines.append(f"| {r['label']} ({r['weight']}, {r['scale']}) | {cells} | "
+                     f"{r['neg_kl']:+.4f} |")
+    title = "M(D_i; p_i, eps) - M(D_i; p, eps) on a 2-D Gaussian mixture (Theorem 1: <= 0, -> -KL):"
+    return title + "\n\n" + "\n".join(lines)
+
+# --- F. Many GPUs: torchrun ----------------------------------------------------------------------
+# `torchrun --nproc_per_node G experiments.py ...` starts G copies of this file with RANK,
+# LOCAL_RANK and WORLD_SIZE set. DDPM training runs as DistributedDataParallel (each rank draws its
+# own batches, so the effective batch is G x --batch-size); sampling is sharded by generation index
+# (Torchrun.share); every other stage (data, k-means, classifiers, the report) runs on rank 0
+# while the others wait, then read what rank 0 wrote. Only rank 0 writes files or prints.
+
+EVERY_RANK = ("synthetic", "samples_")  # run-folder stages that every rank computes (sampling)
+
+
+def launched_rank() -> int:
+    """torchrun's RANK (0 for a plain `python experiments.py`), readable before and after the
+    process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
+class Torchrun(side.OneProcess):
+    """side.PROCESSES under torchrun. Generation i depends only on (seed, stream, i), so the ranks'
+    contiguous blocks, joined in order, are exactly the images one process draws."""
+
+    def __init__(self):
+        self.rank, self.count = dist.get_rank(), dist.get_world_size()
+        self.main = self.rank == 0
+
+    def share(self, count: int) -> range:
+        return range(self.rank * count // self.count, (self.rank + 1) * count // self.count)
+
+    def join(self, images: np.ndarray) -> np.ndarray:
+        return np.concatenate(gather_all(images))
+
+
+@contextlib.contextmanager
+def distributed(cfg: ExperimentConfig):
+    """Join torchrun's process group (nccl on CUDA, gloo on the CPU) for the length of a run and
+    install Torchrun as side.PROCESSES. Without torchrun this does nothing."""
+    if "RANK" not in os.environ:
+        yield
+        return
+    cuda = side.resolve_device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
+    # rank 0 alone trains the classifiers and scores; the others wait, for hours at paper scale
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
+    side.PROCESSES, stdout = Torchrun(), sys.stdout
+    if not side.PROCESSES.main:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        yield
+    finally:
+        side.PROCESSES, sys.stdout = side.OneProcess(), stdout
+        dist.destroy_process_group()
+
+
+def gather_all(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] without torchrun."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def agreed_problem(problem: str) -> str:
+    """The first rank's problem ('' if none), on every rank: a check that failed on one rank
+    alone (a file system race, say) stops them all, and rank 0 says why."""
+    found = [(rank, p) for rank, p in enumerate(gather_all(problem)) if p]
+    if not found:
+        return ""
+    rank, first = found[0]
+    return f"{first} (on rank {rank})" if rank else first
+
+
+def rank0_only(work, *args, share: bool = False):
+    """work(*args) on rank 0 while the others wait. A UserError on rank 0 is raised on every rank,
+    so no rank is left waiting; with share=True every rank returns rank 0's (small) result."""
+    if not dist.is_initialized():
+        return work(*args)
+    result, box = None, [None, None]
+    if side.PROCESSES.main:
+        try:
+            result = work(*args)
+            box[0] = result if share else None
+        except UserError as error:
+            box[1] = str(error)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UserError(box[1])
+    return result if side.PROCESSES.main else box[0]
+
+
+class DistributedFolder(ExperimentFolder):
+    """The run folder under torchrun: sampling stages on every rank (each draws its share), every
+    other stage on rank 0, which saves it; the others then read it."""
+
+    def __call__(self, name: str, compute, **values) -> dict:
+        path, key = side.stage_path(self.out, name), self.key(name, **values)
+        if name.startswith(EVERY_RANK):
+            return self.load_or_compute(path, key, compute)
+        result = rank0_only(self.load_or_compute, path, key, compute)  # the others wait...
+        return result if side.PROCESSES.main else self.load(path, key)  # ...then read it
+
+    def on_main(self, work, *args):
+        return rank0_only(work, *args, share=True)
+
+    def ddpm_training(self, x0_all: torch.Tensor) -> side.DDPMTraining:
+        """side.py's training state with this rank's batch generator and the DDP-wrapped network."""
+        training, rank = super().ddpm_training(x0_all), dist.get_rank()
+        state = training.state
+        if self.checkpoint is None:
+            state["generator"].manual_seed(batch_seed(self.cfg.seed, rank))
+        elif rank < len(self.checkpoint["rngs"]):
+            state["generator"].set_state(self.checkpoint["rngs"][rank].cpu())
+        if state["step"] < self.cfg.train_steps:
+            # 1x1 convolutions get gradients whose strides differ only on size-1 dims: harmless
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+            ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
+            state["net"] = nn.parallel.DistributedDataParallel(state["net"], device_ids=ids)
+        return DistributedTraining(self.cfg, training.path, state, training.n_images)
+
+
+class DistributedTraining(side.DDPMTraining):
+    """side.py's training loop plumbing, with every rank agreeing to stop and every rank's batch
+    generator in the checkpoint."""
+
+    def agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+        """The loss averaged over the ranks, and whether any rank must stop: all decide alike."""
+        both = torch.tensor([loss.item(), float(stop)], device=loss.device)
+        dist.all_reduce(both)
+        return both[0].item() / dist.get_world_size(), both[1].item() > 0
+
+    def save(self) -> None:
+        side.save_checkpoint(self.path, self.state, self.cfg, gather_all(self.state["rng"]))
+        dist.barrier()  # no rank reads ddpm.pt again before rank 0 has written it
+
+
+def batch_seed(seed: int, rank: int) -> int:
+    """Rank 0 draws its batches with `seed` itself (as one process does); rank r with (seed, r)."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def validate_scale(cfg: ExperimentConfig) -> None:
+    """Every torchrun process must have generations to draw; checked before any process group."""
+    labelled = any(METHODS[name].classifier for name in side.method_names(cfg))
+    counts = {"--n-gen": cfg.n_gen, "--n-syn": cfg.n_syn if labelled else None,
+              "--tune-n-gen": cfg.tune_n_gen if methods_to_tune(cfg) else None}
+    counts = {flag: count for flag, count in counts.items() if count is not None}
+    shared, processes = min(counts.values()), int(os.environ.get("WORLD_SIZE", 1))
+    if processes > shared:
+        given = ", ".join(f"{flag} {count}" for flag, count in counts.items())
+        raise UserError(f"torchrun started {processes} processes but there are only {shared} "
+                        f"generations to share ({given}); use --nproc_per_node {shared} or "
+                        f"fewer, or raise {'/'.join(counts)}")
+
+
+# --- G. The command line --------------------------------------------------------------------------
+
+
+def build_parser() -> side.OneLineParser:
+    parser = side.OneLineParser(
+        prog="experiments.py", description="SIDE's evidence: lambda tuned per row on a seed that "
+        "is never reported, several seeds with one aggregate report, controls, sweeps, torchrun. "
+        "Every flag of side.py works here too; defaults marked 'profile' depend on --dataset and "
+        "the device.")
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "theorem1"],
+                        help="run: the protocol; theorem1: the numerical check of Theorem 1")
+    side.add_config_flags(parser, ExperimentConfig)
+    return parser
+
+
+def problem_with(cfg: ExperimentConfig) -> str:
+    """validate()'s one line, or '' when every flag is fine."""
+    try:
+        validate(cfg)
+    except UserError as error:
+        return str(error)
+    return ""
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "theorem1":
+            print(theorem1_markdown(theorem1_table()))
+            return 0
+        cfg = apply_profile(side.config_from(args, ExperimentConfig))
+        problem = problem_with(cfg)  # on every rank, before any process group...
+        with distributed(cfg):
+            problem = agreed_problem(problem)  # ...then shared: no rank is left waiting
+            if problem:
+                raise UserError(problem)
+            print("config: " + json.dumps(dataclasses.asdict(cfg)))
+            run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
+        return 0
+    except UserError as error:
+        if launched_rank() == 0:  # under torchrun every rank stops with it; rank 0 says it
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if launched_rank() == 0:
+            print("\ninterrupted: finished stages are saved; rerun the same command to continue",
+                  file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
