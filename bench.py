@@ -89,11 +89,14 @@ def params(model) -> int:
 
 
 def profile_cfg(dataset: str, device) -> side.Config:
-    """side's own profile for (dataset, device): digits -> 8x8x1, cifar10 (CPU) -> 16x16x3. lambda is
-    tuned per row in a run; any lambda > 0 costs the same, so 10 stands for it here."""
+    """side's own profile for (dataset, device): digits -> 8x8x1, cifar10 (CPU) -> 16x16x3. Any
+    lambda > 0 costs the same, so 10 stands for it here (--guidance takes text: one value or pairs)."""
     cfg = side.apply_profile(side.Config(dataset=dataset, device=device.type))
-    cfg.guidance = 10.0
+    cfg.guidance = "10"
     return cfg
+
+
+LAMBDA = 10.0  # the guidance scale every guided measurement here uses (see profile_cfg)
 
 
 def diffusers_unet(cfg: side.Config, in_ch: int):
@@ -164,11 +167,11 @@ def bench_sampling(dataset, in_ch, device, windows, count):
     targets = side.draw_targets(cfg.seed, count, cfg.clusters)
     jobs = {"unguided": lambda: side.sample(model, cfg, count, device),
             "guided": lambda: side.sample(model, cfg, count, device, classifier=clf, targets=targets,
-                                          guidance=cfg.guidance)}
+                                          guidance=LAMBDA)}
     rates = interleaved_rates(jobs, count, windows, 0, device)  # the median absorbs a slow first window
     unguided, guided = statistics.median(rates["unguided"]), statistics.median(rates["guided"])
     return dict(config=f"{cfg.image_size}x{cfg.image_size}x{in_ch}, DDIM {cfg.sample_steps} steps, batch {count}, "
-                       f"lambda {cfg.guidance}", unguided=unguided, guided=guided, cost_ratio=unguided / guided,
+                       f"lambda {LAMBDA:g}", unguided=unguided, guided=guided, cost_ratio=unguided / guided,
                 params_classifier=params(clf), windows=rates)
 
 
@@ -346,20 +349,20 @@ def classifier_train_step(net, x0, soft, gen, time_dependent: bool):
 
 def flops_per_image(cfg: side.Config) -> dict:
     """Counted on the CPU at batch 1; every count is linear in the batch."""
-    nets, diffusion, gen = gpu_networks(cfg, "cpu"), side.Diffusion(), torch.Generator().manual_seed(0)
+    nets, gen = gpu_networks(cfg, "cpu"), torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
     t, target = torch.tensor([500]), torch.tensor([0])
     soft = torch.eye(cfg.clusters)[target]
 
     def guided_step(classifier):  # UNet forward, classifier forward and its gradient in x (Eq. 1)
-        return counted_flops(lambda: side.guided_eps(nets["unet"], classifier, x, t, target, cfg.guidance, diffusion))
+        return counted_flops(lambda: side.guided_eps(nets["unet"], classifier, x, t, target, LAMBDA))
 
     def classifier_train(name, time_dependent):
         return counted_flops(lambda: classifier_train_step(nets[name], x, soft, gen, time_dependent))
     with torch.no_grad():
         forward = dict(unet_forward=counted_flops(lambda: nets["unet"](x, t)),
                        classifier_forward=counted_flops(lambda: nets["side"](x, t)))
-    return dict(forward, unet_train=counted_flops(lambda: side.ddpm_loss(nets["unet"], x, gen, 1, diffusion).backward()),
+    return dict(forward, unet_train=counted_flops(lambda: side.ddpm_loss(nets["unet"], x, gen, 1).backward()),
                 side_classifier_train=classifier_train("side", True), cond_classifier_train=classifier_train("cond", False),
                 side_guided_step=guided_step(nets["side"]), cond_guided_step=guided_step(nets["cond"]),
                 params={name: params(net) for name, net in nets.items()})
@@ -456,12 +459,11 @@ def classifier_stepper(net, cfg, device):
 
 def sampling_stepper(unet, classifier, cfg, batch: int, device):
     """One step of side.sample at t = 500: guided_eps (unguided when classifier is None), then DDIM."""
-    diffusion = side.Diffusion()
     x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
     t = torch.full((batch,), 500, device=device)
     targets = torch.randint(cfg.clusters, (batch,), device=device)
-    guidance = cfg.guidance if classifier is not None else 0.0
-    return lambda: side.reverse_step(diffusion, x, side.guided_eps(unet, classifier, x, t, targets, guidance, diffusion),
+    guidance = LAMBDA if classifier is not None else 0.0
+    return lambda: side.reverse_step(x, side.guided_eps(unet, classifier, x, t, targets, guidance),
                                      500, 480, cfg.eta, 0)
 
 

@@ -688,7 +688,7 @@ def batch_seed(seed: int, rank: int) -> int:
 
 def validate_scale(cfg: ExperimentConfig) -> None:
     """Every torchrun process must have generations to draw; checked before any process group."""
-    labelled = any(METHODS[name].classifier for name in side.method_names(cfg))
+    labelled = any(METHODS[name].classifier for name in side.method_names(cfg) if name in METHODS)
     counts = {"--n-gen": cfg.n_gen, "--n-syn": cfg.n_syn if labelled else None,
               "--tune-n-gen": cfg.tune_n_gen if methods_to_tune(cfg) else None}
     counts = {flag: count for flag, count in counts.items() if count is not None}

@@ -1527,11 +1527,11 @@ def labels_summary(cfg, labels) -> dict | None:
 
 def report_markdown(cfg, report) -> str:
     sim, labels = report["similarity"], report["labels"]
-    kept = labels["clusters_kept"] if labels else "no"
+    kept = f"{labels['clusters_kept']} surrogate labels ({labels['source']})" if labels else "no labels"
     low, mid, high = sim["bands"]
     lines = [f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
              f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, "
-             f"{guidance_text(cfg)}, {kept} surrogate labels ({labels['source'] if labels else 'none'}).", "",
+             f"{guidance_text(cfg)}, {kept}.", "",
              markdown_table(report["methods"]), "",
              f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} "
              f"with bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. "
@@ -1680,9 +1680,20 @@ def guidance_text(cfg: Config) -> str:
 def validate(cfg: Config, table: dict = METHODS) -> None:
     """Check every flag before any slow work starts (one clear line per problem). Fixed sets of
     values (--dataset, --sampler, ...) are argparse choices, checked before this."""
+    for ok, message in checks(cfg, table):
+        if not ok:
+            raise UserError(message)
+    if cfg.guidance is not None:  # experiments.py leaves it unset for the rows it tunes
+        for row in method_rows(cfg, table):
+            guidance_for(cfg, row)
+    validate_resources(cfg)
+
+
+def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
+    """(holds, what to do if it does not) for every setting with a range."""
     levels, names = len(channel_list(cfg.channels)), method_names(cfg)
     factor = 2 ** (levels - 1)
-    checks = [
+    return [
         (cfg.n > 0, f"--n must be positive (got {cfg.n})"),
         (cfg.image_size >= 4 and cfg.image_size % factor == 0,
          f"--image-size {cfg.image_size} does not fit a UNet with {levels} resolutions: it must be "
@@ -1703,13 +1714,6 @@ def validate(cfg: Config, table: dict = METHODS) -> None:
         (not cfg.bands or valid_bands(cfg.bands),
          f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], e.g. 0.5,0.65,0.75"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    if cfg.guidance is not None:  # experiments.py leaves it unset for the rows it tunes
-        for row in method_rows(cfg, table):
-            guidance_for(cfg, row)
-    validate_resources(cfg)
 
 
 def validate_resources(cfg: Config) -> None:

@@ -80,8 +80,8 @@ read -r TRAIN CLF NSYN NGEN _ <<< "$SIZES"
 echo "stage sizes: --train-steps $TRAIN --clf-steps $CLF --n-syn $NSYN --n-gen $NGEN ($SIZES)"
 # --cohesion 0: after a few minutes of training the samples form no clusters with tau = 0.5, and a
 # run whose filter keeps none stops with exit code 2 before the stages this check is for.
-# --guidance 10 and the three rows: the stage sizes above are for one pass of three rows; tuning
-# lambda per row (the default) would rerun the pipeline on the tune seed once per lambda.
+# --guidance 10 and the three rows of side.py: the stage sizes above are for one pass of three rows
+# (experiments.py, which tunes lambda per row, would rerun the pipeline once per lambda).
 SIDE_ARGS=(--dataset celeba --n 500 --data-root data --out "$WORK" --train-steps "$TRAIN" --clf-steps "$CLF"
            --n-syn "$NSYN" --n-gen "$NGEN" --cohesion 0 --guidance 10 --methods uncond,cond,side)
 if [ "$DRY" = 1 ]; then

@@ -1,7 +1,9 @@
-"""Plant one-line bugs in a copy of side.py, one at a time, and check that the test suite catches each.
+"""Plant one-line bugs in a copy of side.py or experiments.py, one at a time, and check that the test
+suite catches each.
 
-Each mutation is (name, old, new): `old` must occur exactly once in side.py and is replaced by `new`
-in a copy of the project in a temporary folder, where `python -m pytest -q -x` then runs. A bug is
+Each mutation is (name, old, new): `old` must occur exactly once in its file (MUTATIONS: side.py,
+EXPERIMENT_MUTATIONS: experiments.py) and is replaced by `new` in a copy of the project in a
+temporary folder, where `python -m pytest -q -x` then runs. A bug is
 caught when the suite fails; the first failing test is reported. Standard library only; slow (one
 suite run per bug, stopping at the first failure), so it is not part of CI.
 
@@ -10,7 +12,7 @@ suite run per bug, stopping at the first failure), so it is not part of CI.
     python tools/mutate.py --check                          # only check that every `old` is found
     OMP_NUM_THREADS=1 python tools/mutate.py --no-diffusers # as on a machine without diffusers
 
-When side.py changes, a mutation whose `old` text is gone stops the script with its name: edit
+When a file changes, a mutation whose `old` text is gone stops the script with its name: edit
 its `old` and `new` below to the new spelling of the same line.
 """
 import argparse
@@ -31,8 +33,8 @@ MUTATIONS = [
      "log_probs = F.log_softmax(classifier(x_in, t).float(), dim=1)",
      "log_probs = F.log_softmax(classifier(x_in, torch.zeros_like(t)).float(), dim=1)"),
     ("classifier trained with t = 0 for every input",
-     "x_t, t, _ = diffusion.noised(x0, gen)",
-     "x_t, t, _ = diffusion.noised(x0, gen, 0, 1)"),
+     "x_t, t, _ = DIFFUSION.noised(x0, gen)",
+     "x_t, t, _ = DIFFUSION.noised(x0, gen, 0, 1)"),
     ("classifier trained on clean x_0 only",
      "return x_t, t.to(x0.device)",
      "return x0, t.to(x0.device)"),
@@ -66,8 +68,8 @@ MUTATIONS = [
      "torch.manual_seed(cfg.seed + 1)",
      "torch.seed()"),
     ("accuracy_by_t always scores at t = 0",
-     "x_t, t, _ = diffusion.noised(x0, gen, low, high)",
-     "x_t, t, _ = diffusion.noised(x0, gen, 0, 1)"),
+     "x_t, t, _ = DIFFUSION.noised(x0, gen, low, high)",
+     "x_t, t, _ = DIFFUSION.noised(x0, gen, 0, 1)"),
     # --- networks (section 1)
     ("time embedding ignores t",
      "angles = t.float()[:, None] * freqs[None]",
@@ -86,8 +88,8 @@ MUTATIONS = [
      "t = torch.randint(low, high, (len(x0),), generator=gen)",
      "t = torch.randint(low, low + 1, (len(x0),), generator=gen)"),
     ("DDIM timesteps with trailing spacing",
-     "return list(range(0, diffusion.steps, stride))[::-1]",
-     "return list(range(stride - 1, diffusion.steps, stride))[::-1]"),
+     "return list(range(0, T_STEPS, stride))[::-1]",
+     "return list(range(stride - 1, T_STEPS, stride))[::-1]"),
     ("x_0 estimate not clamped",
      "x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)",
      "x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt())"),
@@ -109,11 +111,11 @@ MUTATIONS = [
      "e.lerp_(p, decay)"),
     # --- sampling and guidance (section 4)
     ("guidance pushes away from the target",
-     "return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad",
-     "return eps + guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad"),
+     "return eps - guidance * (1 - DIFFUSION.abar(t.cpu(), x)).sqrt() * grad",
+     "return eps + guidance * (1 - DIFFUSION.abar(t.cpu(), x)).sqrt() * grad"),
     ("guidance scaled by 1 - abar_t, not its square root",
-     "return eps - guidance * (1 - diffusion.abar(t.cpu(), x)).sqrt() * grad",
-     "return eps - guidance * (1 - diffusion.abar(t.cpu(), x)) * grad"),
+     "return eps - guidance * (1 - DIFFUSION.abar(t.cpu(), x)).sqrt() * grad",
+     "return eps - guidance * (1 - DIFFUSION.abar(t.cpu(), x)) * grad"),
     ("guidance toward class 0 whatever the target",
      "selected = log_probs[torch.arange(len(x), device=x.device), targets].sum()",
      "selected = log_probs[:, 0].sum()"),
@@ -149,28 +151,39 @@ MUTATIONS = [
     ("guided methods sample with other seeds than the baseline",
      "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets,",
      "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL + 10, classifier, targets,"),
+    # --- the controls (appendix D) and the protocol (appendix F)
+    ("the shuffled row's classifier learns the unshuffled labels",
+     "learns = row.relabel(cfg, labels, synthetic, train) if row.relabel else labels",
+     "learns = labels"),
+    ("a row's samples not keyed by its own lambda",
+     "cfg, row, model, classifier, guidance, device), guidance=guidance)",
+     "cfg, row, model, classifier, guidance, device))"),
+    # --- memorization check (section 8)
+    ("memorization scored against all but one training image",
+     'memorization_metrics(data["images"], train_images, featurize, bands, device)',
+     'memorization_metrics(data["images"], train_images[1:], featurize, bands, device)'),
+    ("d2 is the 50th nearest, not the second",
+     "d1, d2 = dist[:, 0], dist[:, min(1, dist.shape[1] - 1)]",
+     "d1, d2 = dist[:, 0], dist[:, -1]"),
+    ("Gu's threshold 1/2 instead of 1/3",
+     "GU_THRESHOLD = 1 / 3",
+     "GU_THRESHOLD = 1 / 2"),
+]
+
+# The same, planted in experiments.py: the controls, the protocol and torchrun's agreement.
+EXPERIMENT_MUTATIONS = [
     ("SeesPredictedX0 skips the 1 / sqrt(abar_t) rescale",
      "self.model(x, t).float()) / a.sqrt(), t)",
      "self.model(x, t).float()), t)"),
-    ("the cond_x0 row judges x_t, not the predicted x_0",
-     'if method.sees == "x0":',
-     'if method.sees == "x_0":'),
-    # --- the controls (appendix D) and the protocol (appendix F)
     ("the shuffled control does not permute the labels",
      'return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])',
      "return dict(labels)"),
-    ("the shuffled row's classifier learns the unshuffled labels",
-     "return shuffled_labels(labels, cfg.seed)",
-     "return labels"),
     ("oracle labels misaligned with the samples",
      "kept, labels = np.unique(index[:, 0], return_inverse=True)",
      "kept, labels = np.unique(index[::-1, 0], return_inverse=True)"),
     ("every row samples at the first guided row's lambda",
      'pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())',
      'pinned = ",".join(f"{m}={next(iter(choice[\'lambdas\'].values()))!r}" for m in choice["lambdas"])'),
-    ("a row's samples not keyed by its own lambda",
-     "cfg, row, model, classifier, guidance, device), guidance=guidance)",
-     "cfg, row, model, classifier, guidance, device))"),
     ("lambda tuned on the first reported seed",
      "tune_cfg = dataclasses.replace(cfg, seed=cfg.tune_seed,",
      "tune_cfg = dataclasses.replace(cfg, seed=reported_seeds(cfg)[0],"),
@@ -187,31 +200,53 @@ MUTATIONS = [
      "min=float(np.min(values))",
      "min=float(np.mean(values))"),
     ("ever-extracted counts subset positions, not dataset indices",
-     'copied |= set(indices[nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD]].tolist())',
-     'copied |= set(nn["nn_index"][nn["nn_ratio"] < GU_THRESHOLD].tolist())'),
-    # --- memorization check (section 8)
-    ("memorization scored against all but one training image",
-     'memorization_metrics(data["images"], train_images, featurize, bands, device)',
-     'memorization_metrics(data["images"], train_images[1:], featurize, bands, device)'),
-    ("d2 is the 50th nearest, not the second",
-     "d1, d2 = dist[:, 0], dist[:, min(1, dist.shape[1] - 1)]",
-     "d1, d2 = dist[:, 0], dist[:, -1]"),
+     'copied |= set(indices[nn["nn_index"][nn["nn_ratio"] < side.GU_THRESHOLD]].tolist())',
+     'copied |= set(nn["nn_index"][nn["nn_ratio"] < side.GU_THRESHOLD].tolist())'),
+    ("the cond_x0 row judges x_t, not the predicted x_0",
+     "judge=SeesPredictedX0),",
+     "judge=None),"),
+    ("aggregate ratios written upside down (row / side)",
+     'ratios[str(seed)] = {f"side/{m}": fraction["side"] / fraction[m] if fraction[m] else None',
+     'ratios[str(seed)] = {f"side/{m}": fraction[m] / fraction["side"] if fraction["side"] else None'),
+    ("aggregate compares side with the weaker Cond variant",
+     'best_cond = max(conds, key=lambda m: summary[m]["memorized_fraction"]["mean"], default=None)',
+     'best_cond = min(conds, key=lambda m: summary[m]["memorized_fraction"]["mean"], default=None)'),
+    ("a problem found on rank 1 alone is ignored",
+     "found = [(rank, p) for rank, p in enumerate(gather_all(problem)) if p]",
+     "found = [(rank, p) for rank, p in enumerate(gather_all(problem)) if p and rank == 0]"),
+    ("the shuffled permutation ignores the seed",
+     "np.random.default_rng([cfg.seed, STREAM_SHUFFLE])",
+     "np.random.default_rng([0, STREAM_SHUFFLE])"),
+    ("torchrun's process count not checked against --tune-n-gen",
+     '"--tune-n-gen": cfg.tune_n_gen if methods_to_tune(cfg) else None}',
+     '"--tune-n-gen": None}'),
+    ("the shuffled verdict compares the control with uncond, not with side",
+     'elif mean["shuffled"] >= mean["side"]:',
+     'elif mean["shuffled"] >= mean["uncond"]:'),
+    ("seed spread maximum is the mean",
+     "max=float(np.max(values))",
+     "max=float(np.mean(values))"),
 ]
 
 IGNORED = shutil.ignore_patterns(".git", "runs", "data", "__pycache__", ".pytest_cache", "*.pyc", ".venv*")
 
 
-def check_mutations(source: str, mutations: list) -> None:
-    """Stop with the names of every mutation whose `old` text is missing or ambiguous in side.py."""
+def planted() -> list:
+    """(file, name, old, new) for every mutation."""
+    return [("side.py", *m) for m in MUTATIONS] + [("experiments.py", *m) for m in EXPERIMENT_MUTATIONS]
+
+
+def check_mutations(sources: dict, mutations: list) -> None:
+    """Stop with the names of every mutation whose `old` text is missing or ambiguous in its file."""
     problems = []
-    for name, old, new in mutations:
-        count = source.count(old)
+    for file, name, old, new in mutations:
+        count = sources[file].count(old)
         if count != 1:
             problems.append(f"  {name!r}: {'not found' if count == 0 else f'found {count} times'}: {old!r}")
         elif old == new:
             problems.append(f"  {name!r}: new equals old")
     if problems:
-        sys.exit("side.py has changed; edit these mutations in tools/mutate.py:\n" + "\n".join(problems))
+        sys.exit("the code has changed; edit these mutations in tools/mutate.py:\n" + "\n".join(problems))
 
 
 def blocker(folder: Path) -> Path:
@@ -222,14 +257,15 @@ def blocker(folder: Path) -> Path:
     return package.parent
 
 
-def run_suite(source: str, timeout: int, no_diffusers: bool, pytest_args: list, origin: Path = ROOT) -> tuple:
-    """(exit code, first failing test, seconds) of the suite on a copy of `origin` with `source` as side.py."""
+def run_suite(file: str, source: str, timeout: int, no_diffusers: bool, pytest_args: list,
+              origin: Path = ROOT) -> tuple:
+    """(exit code, first failing test, seconds) of the suite on a copy of `origin` with `source` as `file`."""
     with tempfile.TemporaryDirectory(prefix="side-mutant-") as tmp:
         project = Path(tmp) / ROOT.name
         shutil.copytree(origin, project, ignore=IGNORED)
         if (ROOT.parent / "shared").is_dir():  # the tests look for real sample data at ../shared/data
             (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")
-        (project / "side.py").write_text(source)
+        (project / file).write_text(source)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         if no_diffusers:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocker(Path(tmp))), env.get("PYTHONPATH")]))
@@ -254,31 +290,32 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per suite run")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
-    source = (ROOT / "side.py").read_text()
-    names = [name for name, _, _ in MUTATIONS]
+    sources = {file: (ROOT / file).read_text() for file in ("side.py", "experiments.py")}
+    names = [name for _, name, _, _ in planted()]
     if len(set(names)) != len(names):
         sys.exit("two mutations share a name")
-    check_mutations(source, MUTATIONS)
-    chosen = [m for m in MUTATIONS if not args.only or any(part in m[0] for part in args.only)]
+    check_mutations(sources, planted())
+    chosen = [m for m in planted() if not args.only or any(part in m[1] for part in args.only)]
     if args.list or args.check:
-        print("\n".join(f"{name}: {old!r} -> {new!r}" for name, old, new in chosen))
-        print(f"{len(chosen)} mutations; every `old` occurs exactly once in side.py")
+        print("\n".join(f"{file}: {name}: {old!r} -> {new!r}" for file, name, old, new in chosen))
+        print(f"{len(chosen)} mutations; every `old` occurs exactly once in its file")
         return 0
     with tempfile.TemporaryDirectory(prefix="side-frozen-") as frozen:
         origin = Path(frozen) / ROOT.name  # the project as it was at the start: edits made meanwhile do not leak in
         shutil.copytree(ROOT, origin, ignore=IGNORED)
-        return run_all(chosen, source, args, origin)
+        return run_all(chosen, sources, args, origin)
 
 
-def run_all(chosen: list, source: str, args, origin: Path) -> int:
+def run_all(chosen: list, sources: dict, args, origin: Path) -> int:
     if args.clean:
-        code, first, seconds = run_suite(source, args.timeout, args.no_diffusers, args.pytest_args, origin)
-        print(f"unmodified side.py: exit {code} in {seconds:.0f} s ({first})", flush=True)
+        code, first, seconds = run_suite("side.py", sources["side.py"], args.timeout, args.no_diffusers,
+                                         args.pytest_args, origin)
+        print(f"unmodified code: exit {code} in {seconds:.0f} s ({first})", flush=True)
         if code != 0:
             return 2
     rows = []
-    for i, (name, old, new) in enumerate(chosen, 1):
-        code, first, seconds = run_suite(source.replace(old, new), args.timeout, args.no_diffusers,
+    for i, (file, name, old, new) in enumerate(chosen, 1):
+        code, first, seconds = run_suite(file, sources[file].replace(old, new), args.timeout, args.no_diffusers,
                                          args.pytest_args, origin)
         verdict = "SURVIVED" if code == 0 else "caught"
         rows.append((name, verdict, first if code != 0 else "-", seconds))

@@ -28,7 +28,7 @@ def run_one(n: int, steps: int, clusters: list[int], args) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
     for k in clusters:
-        command = [sys.executable, str(ROOT / "side.py"), "--seed", str(args.seed), "--n", str(n),
+        command = [sys.executable, str(ROOT / "experiments.py"), "--seed", str(args.seed), "--n", str(n),
                    "--train-steps", str(steps), "--clusters", str(k), "--device", args.device,
                    "--methods", args.methods, "--sweep", f"guidance={args.grid}", "--out", str(folder),
                    *args.extra]
@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="settings run in parallel")
     parser.add_argument("--summarize-only", action="store_true",
                         help="only tabulate the sweep_K*.json files already under --out")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more side.py flags, after --")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more experiments.py flags, after --")
     args = parser.parse_args()
     args.extra = [a for a in args.extra if a != "--"]
     sizes = [int(v) for v in args.sizes.split(",")]

@@ -17,7 +17,7 @@
 # runs/exercise_logs/session-<UTC time>.log.
 #
 # Skipped, not run and not written to the tsv (the summary says why):
-#   - an exercise whose run folder exists already (side.py would reuse its cached stages, so the
+#   - an exercise whose run folder exists already (side.py / experiments.py would reuse its cached stages, so the
 #     time would not be a from-scratch time; delete the folder to time it again);
 #   - an exercise that needs runs/ex0 when runs/ex0/report.json is missing (Exercise 0 failed or
 #     has not run).
@@ -27,17 +27,17 @@
 #     runs/ex0/tune-seed100).
 #   - 1-4 (the Theorem 1 toy) need nothing.
 #   - 1-4, 10, 12, 13, 6, 9, 11, 14, 7 keep the order in which theory.md says its times were
-#     measured ("in the order 0, 1-4, 10, 12, 13, 6, 9, 11, 14, 7", theory.md lines 673-674), so
+#     measured ("in the order 0, 1-4, 10, 12, 13, 6, 9, 11, 14, 7", theory.md lines 681-682), so
 #     the new times compare like with like.
 #   - 5 and 8, whose times in theory.md are estimates, not measurements, come last. Only runs/ex0
 #     must exist before them. No exercise's commands read runs/ex5. 6 and 9 list "runs/ex5 for the
-#     spread" (theory.md lines 663, 666), but only for reading the spread by eye.
+#     spread" (theory.md lines 670, 673), but only for reading the spread by eye.
 #   - Exercise 10 (c) writes runs/ex0/figures/gradient_norm.png into runs/ex0. It is the only
 #     exercise that writes into runs/ex0. The copies made after it (6, 9, 11, 13, 7, 8) carry that
 #     figure along, and no stage reads it.
 #
 # The one departure from theory.md's text: Exercises 6 and 9 say "read side's lambda, L, from
-# runs/ex0/report.md" and write L in the command (theory.md lines 866, 955). Here L is read before
+# runs/ex0/report.md" and write L in the command (theory.md lines 874, 963). Here L is read before
 # the clock starts, from runs/ex0/report.json -> guidance.side, the lambda side sampled with in
 # Exercise 0 (the value report.md shows), printed with %g. L replaces the literal L in the command.
 #
@@ -47,8 +47,8 @@
 set -u
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.." || exit 2
-if [ ! -f side.py ] || [ ! -f theory.md ]; then
-    echo "run_exercises.sh: side.py and theory.md not found in $(pwd)" >&2
+if [ ! -f side.py ] || [ ! -f experiments.py ] || [ ! -f theory.md ]; then
+    echo "run_exercises.sh: side.py, experiments.py and theory.md not found in $(pwd)" >&2
     exit 2
 fi
 
@@ -56,7 +56,7 @@ export OMP_NUM_THREADS=1
 export PYTHONUNBUFFERED=1  # stdout reaches the log line by line, in order with stderr, as on a terminal
 
 DEFAULT_ORDER=(0 1 2 3 4 10 12 13 6 9 11 14 7 5 8)
-# theory.md's times (its table, lines 655-671; "est." = its estimate, not measured)
+# theory.md's times (its table, lines 662-678; "est." = its estimate, not measured)
 declare -A DOC_TIME=([0]="987 s" [1]="3 s" [2]="4 s" [3]="9 s" [4]="7 s" [5]="est. 22-27 min"
                      [6]="22 s" [7]="520 s" [8]="est. ~12 min" [9]="58 s" [10]="9 s" [11]="77 s"
                      [12]="<1 s" [13]="31 s" [14]="421 s")
@@ -128,40 +128,40 @@ side_lambda() {
 
 # --- the exercises: each body is theory.md's command block, verbatim (except L in 6 and 9) -------
 
-# Exercise 0. The default run (theory.md line 685)
+# Exercise 0. The default run (theory.md line 693)
 ex0() {
-python side.py --out runs/ex0
+python experiments.py --out runs/ex0
 }
 
-# Exercise 1. Theorem 1 on a toy (line 710)
+# Exercise 1. Theorem 1 on a toy (line 718)
 ex1() {
-python side.py theorem1
+python experiments.py theorem1
 }
 
-# Exercise 2. The gain depends on the label's mass (lines 729-735)
+# Exercise 2. The gain depends on the label's mass (lines 737-743)
 ex2() {
 python -c "
-import numpy as np, side
+import numpy as np, experiments
 for w in (0.05, 0.2, 0.5, 0.8):
-    side.TOY_WEIGHTS = np.array([(1 - w) / 2, (1 - w) / 2, w])
-    row = side.theorem1_table(epsilons=(0.01,))[2]
+    experiments.TOY_WEIGHTS = np.array([(1 - w) / 2, (1 - w) / 2, w])
+    row = experiments.theorem1_table(epsilons=(0.01,))[2]
     print('w = %.2f   gap at eps=0.01: %+.3f   -KL: %+.3f   -log(1/w): %+.3f' % (w, row['gaps'][0.01], row['neg_kl'], np.log(w)))
 "
 }
 
-# Exercise 3. Overlap, not tightness; the equality case (three snippets, lines 751-772)
+# Exercise 3. Overlap, not tightness; the equality case (three snippets, lines 759-780)
 ex3() {
 python -c "
-import numpy as np, side
+import numpy as np, experiments
 for mean, scale in (((0, 2.5), 0.1), ((0, 2.5), 0.3), ((0, 2.5), 1.0), ((0, 2.5), 3.0), ((0, 1.0), 0.3), ((2, 0), 0.3)):
-    side.TOY_MEANS[2], side.TOY_SCALES[2] = mean, scale
-    row = side.theorem1_table(epsilons=(0.01,))[2]
+    experiments.TOY_MEANS[2], experiments.TOY_SCALES[2] = mean, scale
+    row = experiments.theorem1_table(epsilons=(0.01,))[2]
     print('label 2 (w = 0.2) at %-8s scale %.1f:  -KL %+.3f   ceiling -log(1/w) = -1.609' % (mean, scale, row['neg_kl']))
 "
 python -c "
-import numpy as np, side
-side.TOY_MEANS[:] = (0.0, 0.0); side.TOY_SCALES[:] = 1.0   # three identical components: p_i = p
-for r in side.theorem1_table():
+import numpy as np, experiments
+experiments.TOY_MEANS[:] = (0.0, 0.0); experiments.TOY_SCALES[:] = 1.0   # three identical components: p_i = p
+for r in experiments.theorem1_table():
     print(r['label'], ' '.join('%+.4f' % g for g in r['gaps'].values()), ' -KL %+.4f' % r['neg_kl'])
 "
 python -c "
@@ -175,59 +175,59 @@ for name, post in [('soft, width 1.0', 1 / (1 + np.exp(-(x - 1) / 1.0))), ('soft
 "
 }
 
-# Exercise 4. What changes sign at large eps (two snippets, lines 795-808)
+# Exercise 4. What changes sign at large eps (two snippets, lines 803-816)
 ex4() {
 python -c "
-import numpy as np, side
+import numpy as np, experiments
 rng, epsilons = np.random.default_rng(0), (0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 print('eps:      ' + ' '.join('%7g' % e for e in epsilons))
 for k in range(3):
-    print('label %d:  ' % k + ' '.join('%+7.2f' % side.memorization_gap(k, e, 20000, rng) for e in epsilons))
+    print('label %d:  ' % k + ' '.join('%+7.2f' % experiments.memorization_gap(k, e, 20000, rng) for e in epsilons))
 "
 python -c "
-import numpy as np, side
+import numpy as np, experiments
 rng = np.random.default_rng(0)
 for size in (1, 3, 10, 100, 1000):
-    gaps = np.array([side.memorization_gap(1, 0.01, size, rng) for _ in range(500)])
+    gaps = np.array([experiments.memorization_gap(1, 0.01, size, rng) for _ in range(500)])
     print('|D_1| = %4d   mean gap %+.3f   spread (sd) %.3f   positive in %5.1f %% of 500 draws' % (size, gaps.mean(), gaps.std(), 100 * (gaps > 0).mean()))
 "
 }
 
-# Exercise 5. Spread over seeds (lines 826-827)
+# Exercise 5. Spread over seeds (lines 834-835)
 ex5() {
 mkdir -p runs/ex5 && cp -r runs/ex0/tune-seed100 runs/ex5/
-python side.py --out runs/ex5 --seeds 0,1,2
+python experiments.py --out runs/ex5 --seeds 0,1,2
 }
 
-# Exercise 6. Shuffled labels, the second look at side's lambda (lines 865-866; L = side's lambda)
+# Exercise 6. Shuffled labels, the second look at side's lambda (lines 873-874; L = side's lambda)
 ex6() {
 cp -r runs/ex0 runs/ex6
-python side.py --out runs/ex6 --methods uncond,side,shuffled --method-guidance side=$L,shuffled=$L
+python experiments.py --out runs/ex6 --methods uncond,side,shuffled --guidance side=$L,shuffled=$L
 }
 
-# Exercise 7. K and tau (lines 889-894)
+# Exercise 7. K and tau (lines 897-902)
 ex7() {
 cp -r runs/ex0 runs/ex7_k8
-python side.py --out runs/ex7_k8 --methods uncond,side --clusters 8
+python experiments.py --out runs/ex7_k8 --methods uncond,side --clusters 8
 cp -r runs/ex0 runs/ex7_k32
-python side.py --out runs/ex7_k32 --methods uncond,side --clusters 32
+python experiments.py --out runs/ex7_k32 --methods uncond,side --clusters 32
 cp -r runs/ex0 runs/ex7_tau
-python side.py --out runs/ex7_tau --methods uncond,side --cohesion 0.93
+python experiments.py --out runs/ex7_tau --methods uncond,side --cohesion 0.93
 }
 
-# Exercise 8. k-means clusters vs a teacher's classes (lines 924-925)
+# Exercise 8. k-means clusters vs a teacher's classes (lines 932-933)
 ex8() {
 cp -r runs/ex0 runs/ex8
-python side.py --out runs/ex8 --labels teacher
+python experiments.py --out runs/ex8 --labels teacher
 }
 
-# Exercise 9. side vs cond, every row at side's lambda (lines 954-955; L = side's lambda)
+# Exercise 9. side vs cond, every row at side's lambda (lines 962-963; L = side's lambda)
 ex9() {
 cp -r runs/ex0 runs/ex9
-python side.py --out runs/ex9 --methods uncond,cond,cond_x0,side --guidance $L
+python experiments.py --out runs/ex9 --methods uncond,cond,cond_x0,side --guidance $L
 }
 
-# Exercise 10. The noise-aware classifier: (a) line 977, (b) lines 983-997, (c) lines 1008-1029
+# Exercise 10. The noise-aware classifier: (a) line 985, (b) lines 991-1005, (c) lines 1016-1037
 ex10() {
 python -c "import json; print(json.load(open('runs/ex0/report.json'))['classifier_accuracy_by_t'])"
 python -c "
@@ -259,8 +259,8 @@ for name, td in (('side', True), ('cond', False)):
     pushes, epss = [], []
     for t0 in ts:
         t = torch.full((len(x0),), t0); xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))
-        eps = side.guided_eps(unet, None, xt, t, None, 0, d)
-        push = eps - side.guided_eps(unet, net, xt, t, c, 1.0, d)   # the guidance term at lambda = 1
+        eps = side.guided_eps(unet, None, xt, t, None, 0)
+        push = eps - side.guided_eps(unet, net, xt, t, c, 1.0)   # the guidance term at lambda = 1
         epss.append(eps.flatten(1).norm(dim=1).mean().item()); pushes.append(push.flatten(1).norm(dim=1).mean().item())
         print('%-4s t = %3d   |eps| %.2f   |push| at lambda = 1: %.4f   at its lambda %g: %.3f' % (name, t0, epss[-1], pushes[-1], lam[name], lam[name] * pushes[-1]))
     plt.semilogy(ts, [lam[name] * p for p in pushes], 'o-', label='%s push, lambda = %g' % (name, lam[name]))
@@ -269,13 +269,13 @@ plt.savefig('runs/ex0/figures/gradient_norm.png', dpi=80)
 "
 }
 
-# Exercise 11. The guidance scale (lines 1046-1047)
+# Exercise 11. The guidance scale (lines 1054-1055)
 ex11() {
 cp -r runs/ex0 runs/ex11
-python side.py --out runs/ex11 --methods uncond,side --sweep guidance=0,1,3,10,30
+python experiments.py --out runs/ex11 --methods uncond,side --sweep guidance=0,1,3,10,30
 }
 
-# Exercise 12. Reading a match grid (lines 1067-1078; viewing matches.png is not scripted)
+# Exercise 12. Reading a match grid (lines 1075-1086; viewing matches.png is not scripted)
 ex12() {
 python -c "
 import numpy as np
@@ -291,13 +291,13 @@ for m in ['uncond', 'cond', 'cond_x0', 'side', 'shuffled']:
 "
 }
 
-# Exercise 13. UMS depends on N_G (lines 1102-1103)
+# Exercise 13. UMS depends on N_G (lines 1110-1111)
 ex13() {
 cp -r runs/ex0 runs/ex13
-python side.py --out runs/ex13 --n-gen 128
+python experiments.py --out runs/ex13 --n-gen 128
 }
 
-# Exercise 14. Memorization vs training-set size (lines 1128-1129)
+# Exercise 14. Memorization vs training-set size (lines 1136-1137)
 ex14() {
 python side.py --n 64  --methods uncond --out runs/ex14_n64
 python side.py --n 256 --methods uncond --out runs/ex14_n256
