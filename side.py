@@ -1527,7 +1527,9 @@ def labels_summary(cfg, labels) -> dict | None:
 
 def report_markdown(cfg, report) -> str:
     sim, labels = report["similarity"], report["labels"]
-    kept = f"{labels['clusters_kept']} surrogate labels ({labels['source']})" if labels else "no labels"
+    kept = "no labels"
+    if labels:
+        kept = f"{labels['clusters_kept']} surrogate labels ({labels['source']})"
     low, mid, high = sim["bands"]
     lines = [f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
              f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, "
