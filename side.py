@@ -1688,7 +1688,7 @@ def validate(cfg: Config, table: dict = METHODS) -> None:
     if cfg.guidance is not None:  # experiments.py leaves it unset for the rows it tunes
         for row in method_rows(cfg, table):
             guidance_for(cfg, row)
-    validate_resources(cfg)
+    check_resources(cfg)
 
 
 def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
@@ -1712,13 +1712,15 @@ def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
         (0 < cfg.sample_steps <= T_STEPS and T_STEPS % cfg.sample_steps == 0,
          f"--sample-steps must divide T={T_STEPS} (got {cfg.sample_steps}); try 50, 100 or 250"),
         (bool(names) and set(names) <= set(table),
-         f"--methods takes {','.join(table)} (got {cfg.methods!r})"),
+         f"--methods takes {','.join(table)} (got {cfg.methods!r})"
+         + ("; the rows cond_x0, shuffled and oracle are experiments.py's" if table is METHODS
+            else "")),
         (not cfg.bands or valid_bands(cfg.bands),
          f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], e.g. 0.5,0.65,0.75"),
     ]
 
 
-def validate_resources(cfg: Config) -> None:
+def check_resources(cfg: Config) -> None:
     """The files and the device: the embedding model is run on two images now, not after an hour
     of training; --compile must be able to compile; --out must be writable."""
     if cfg.embed:
