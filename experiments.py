@@ -1,10 +1,11 @@
-"""experiments.py: what turns one SIDE run into evidence. It imports side.py; side.py never imports it.
+"""experiments.py: what turns one SIDE run into evidence. It imports side.py, never the reverse.
 
     python experiments.py                     lambda tuned per row on seed 100 (never reported),
                                               then seed 0: uncond, cond, cond_x0, side, shuffled
     python experiments.py --seeds 0,1,2       the same on three reported seeds, one aggregate report
-    python experiments.py --sweep guidance=0,1,3,10,30     one setting swept (also clusters, cohesion)
+    python experiments.py --sweep guidance=0,1,3,10,30     one setting swept (or clusters, cohesion)
     python experiments.py theorem1            Theorem 1 checked numerically on a toy
+    python experiments.py mechanism           why guidance copies: a 1-D toy with exact densities
     torchrun --nproc_per_node G experiments.py ...          the same on G processes (DDP, sharding)
 
 Every flag of side.py works here too (`python experiments.py --help`). Sections:
@@ -15,6 +16,7 @@ Every flag of side.py works here too (`python experiments.py --help`). Sections:
     C. the protocol         lambda tuned per row on a seed never reported; seeds; the aggregate
     D. sweeps
     E. Theorem 1 on a toy
+    E2. the mechanism on a toy  guided copy rate against lambda, the label's mass, shuffled labels
     F. torchrun             DistributedDataParallel training, sharded sampling, rank 0 for the rest
     G. the command line
 """
@@ -231,7 +233,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if methods_to_tune(cfg) and cfg.tune_seed in seeds:
         raise UserError(f"--tune-seed {cfg.tune_seed} is also a reported seed; choose one outside "
                         f"them (e.g. --tune-seed {max(seeds) + 100}) or fix lambda with --guidance")
-    validate_scale(cfg)
+    check_process_count(cfg)
     side.validate(dataclasses.replace(cfg, guidance=None), METHODS)  # unset rows are tuned
 
 
@@ -443,7 +445,7 @@ def write_aggregate(cfg: ExperimentConfig, folders: dict, reports: dict, choice:
     print("\n".join(["", *agg["verdicts"], f"protocol report: {out / 'report.md'}"]))
     return report
 
-# --- D. Sweeps: one setting at several values, the run folder reused (only what depends on it reruns)
+# --- D. Sweeps: one setting at several values in one run folder (only what depends on it reruns)
 
 
 def parse_sweep(text: str):
@@ -545,6 +547,282 @@ def theorem1_markdown(rows: list) -> str:
                      f"{r['neg_kl']:+.4f} |")
     title = "M(D_i; p_i, eps) - M(D_i; p, eps) on a 2-D Gaussian mixture (Theorem 1: <= 0, -> -KL):"
     return title + "\n\n" + "\n".join(lines)
+
+
+# --- E2. Why guidance toward a cluster copies: a toy with densities one can write down ----------
+# A memorizing model in 1-D: p(x) = (1 - g)/n sum_i N(x | x_i, s^2) + g N(x | 0, b^2), a spike of
+# width s at each of n training points x_i and a broad part of weight g (novel samples). Noised
+# by the forward process each component stays Gaussian, N(sqrt(abar) mu, abar sigma^2 + 1 - abar),
+# so the perfect model's eps and the exact noisy posterior p_t(c | x_t) of a k-means cell (the
+# optimum of Eq. 2 over all classifiers) are in closed form; copy rates under p are quadratures.
+# Sampling is side.py's: DDIM, eta 0, side.reverse_step, with eps - lambda sqrt(1 - abar_t) grad
+# log p_t(c | x_t) (Eq. 1), which asks at every t for p_t(x) p_t(c | x)^lambda (the power prior).
+# `python experiments.py mechanism` prints the copy rate (a) against lambda, (b) against the
+# label's mass, (c) for shuffled labels.
+
+MECH_POINTS = np.linspace(-0.7, 0.7, 8)  # the n training points x_i, 0.2 apart
+MECH_SPIKE, MECH_NOVEL, MECH_BROAD = 0.02, 0.5, 0.35  # s, g, b
+MECH_FAR = 1e3  # the outer edges of the outermost cells (finite, so gradients stay finite)
+MECH_LAMBDAS = (0, 1, 2, 3, 5, 10)
+
+
+def mech_components():
+    """Means, widths and weights of the toy model p: n spikes (memorized), one broad (novel)."""
+    n = len(MECH_POINTS)
+    mean = np.append(MECH_POINTS, 0.0)
+    width = np.append(np.full(n, MECH_SPIKE), MECH_BROAD)
+    weight = np.append(np.full(n, (1 - MECH_NOVEL) / n), MECH_NOVEL)
+    return [torch.tensor(v, dtype=torch.float64) for v in (mean, width, weight)]
+
+
+def mech_diffused(x: torch.Tensor, abar: torch.Tensor):
+    """Each component of p_t at x_t: log(weight x density), mean sqrt(abar) mu, variance."""
+    mean, width, weight = mech_components()
+    var = abar * width ** 2 + 1 - abar
+    centre = abar.sqrt() * mean
+    log_part = weight.log() - (x[:, None] - centre) ** 2 / (2 * var) - (2 * np.pi * var).log() / 2
+    return log_part, centre, var
+
+
+def mech_eps(x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The perfect model: eps_theta(x_t, t) = -sqrt(1 - abar_t) grad log p_t(x_t), exactly."""
+    log_part, centre, var = mech_diffused(x, abar)
+    score = (torch.softmax(log_part, 1) * (centre - x[:, None]) / var).sum(1)
+    return -(1 - abar).sqrt() * score
+
+
+def log_normal_mass(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """log(Phi(hi) - Phi(lo)) for lo < hi, accurate in both tails."""
+    flip = lo > 0  # both in the right tail: use the mirror image, where Phi is not ~1
+    lo, hi = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    top, bottom = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return top + torch.log(-torch.expm1((bottom - top).clamp(max=-1e-300)))
+
+
+def cell_log_posterior(x, abar, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Exact log p_t(c | x_t) for the cell [lo, hi) of each generation's target c: the
+    responsibilities of the components at x_t times the mass that each component's posterior
+    p(x_0 | x_t), a Gaussian, puts in the cell. The idealized time-dependent classifier."""
+    mean, width, _ = mech_components()
+    log_part, centre, var = mech_diffused(x, abar)
+    post_mean = mean + abar.sqrt() * width ** 2 / var * (x[:, None] - centre)
+    post_sd = width * ((1 - abar) / var).sqrt()
+    inside = log_normal_mass((lo[:, None] - post_mean) / post_sd,
+                             (hi[:, None] - post_mean) / post_sd)
+    return torch.logsumexp(log_part + inside, 1) - torch.logsumexp(log_part, 1)
+
+
+def kernel_log_posterior_grad(x, abar, anchors: torch.Tensor, same: torch.Tensor,
+                              bandwidth: float) -> torch.Tensor:
+    """grad_x log p_t(c | x_t) of a classifier fitted to labelled samples: the optimum of Eq. 2
+    when each sample anchors[j] is blurred by `bandwidth` (the finest detail a classifier
+    resolves); same[i, j]: sample j carries generation i's target. In closed form, sqrt(abar) /
+    var times (the kernel-weighted mean of the target's samples - that of all samples)."""
+    var = abar * bandwidth ** 2 + 1 - abar
+    log_k = -(x[:, None] - abar.sqrt() * anchors) ** 2 / (2 * var)
+    mine = torch.softmax(log_k.masked_fill(~same, -torch.inf), 1) @ anchors
+    return abar.sqrt() / var * (mine - torch.softmax(log_k, 1) @ anchors)
+
+
+def autograd_of(log_posterior):
+    """The guide grad_x log p_t(c | x_t) of a log-posterior function, by autograd."""
+    def guide(x, abar):
+        x_in = x.detach().requires_grad_(True)
+        return torch.autograd.grad(log_posterior(x_in, abar).sum(), x_in)[0]
+    return guide
+
+
+def mech_sample(count: int, seed: int, guide=None, lam: float = 0.0, steps: int = 50,
+                stream: int = side.STREAM_EVAL):
+    """side.py's sampler on the toy (DDIM, eta 0), guided by eps - lambda sqrt(1 - abar_t) grad
+    log p_t(c | x_t) (Eq. 1); guide(x_t, abar_t) gives the gradient. Returns the generations and
+    the mean |guidance term| over the steps."""
+    x = torch.randn(count, generator=side.sample_rng(seed, stream, 0), dtype=torch.float64)
+    timesteps, pushes = side.sampling_timesteps("ddim", steps), []
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+        abar = side.DIFFUSION.alpha_bar[t]
+        eps = mech_eps(x, abar)
+        if guide is not None and lam:
+            push = lam * (1 - abar).sqrt() * guide(x, abar)
+            eps, pushes = eps - push, pushes + [float(push.abs().mean())]
+        x = side.reverse_step(x[:, None], eps[:, None], t, t_prev, 0.0, 0)[:, 0]
+    return x.numpy(), float(np.mean(pushes)) if pushes else 0.0
+
+
+def mech_copies(x) -> np.ndarray:
+    """Gu et al.'s test: x copies a training point when d1 / d2 < side.GU_THRESHOLD (1/3)."""
+    d = np.sort(np.abs(np.asarray(x)[:, None] - MECH_POINTS[None]), 1)
+    return d[:, 0] / np.maximum(d[:, 1], 1e-12) < side.GU_THRESHOLD
+
+
+def mech_exact(edges) -> tuple:
+    """Under p itself, per cell [edges[k], edges[k+1]): P(copy | x in cell) and P(x in cell), by
+    quadrature on a grid of step 1e-5 (s / 2000). Edges (-inf, inf): p as a whole."""
+    grid = np.linspace(-2.5, 2.5, 500001)
+    mean, width, weight = (v.numpy() for v in mech_components())
+    density = np.zeros_like(grid)
+    for m, w, a in zip(mean, width, weight):
+        density += a * np.exp(-((grid - m) / w) ** 2 / 2) / (w * np.sqrt(2 * np.pi))
+    cell, cells = np.searchsorted(edges, grid, side="right") - 1, len(edges) - 1
+    mass = np.bincount(cell, density, cells)
+    return np.bincount(cell, density * mech_copies(grid), cells) / mass, mass * 1e-5
+
+
+def mech_cells(samples: np.ndarray, clusters: int, seed: int):
+    """Algorithm 1 lines 2-5 in 1-D: k-means on the model's own samples, no cohesion filter. A
+    cluster's cell (the points nearest its centroid) is an interval. Returns the sorted edges
+    and each sample's label."""
+    from sklearn.cluster import KMeans
+    fit = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(samples[:, None])
+    centres = np.sort(fit.cluster_centers_[:, 0])
+    edges = np.concatenate([[-MECH_FAR], (centres[1:] + centres[:-1]) / 2, [MECH_FAR]])
+    return edges, np.searchsorted(edges, samples, side="right") - 1
+
+
+def mech_targets(seed: int, count: int, clusters: int) -> np.ndarray:
+    """c ~ U{1..K} per generation (Algorithm 1 line 17), from the target stream."""
+    return np.random.default_rng([seed, side.STREAM_TARGET, clusters]).integers(clusters,
+                                                                                size=count)
+
+
+def cell_guidance(synthetic: np.ndarray, clusters: int, lams, seed: int, count: int,
+                  steps: int = 50) -> dict:
+    """Generations guided toward k-means cells by the exact p_t(c | x_t), one run per lambda
+    (lambda 0: unguided); per cell its mass, its exact copy rate under p(x | c) and how many
+    training points it holds."""
+    edges, _ = mech_cells(synthetic, clusters, seed)
+    targets = mech_targets(seed, count, clusters)
+    lo, hi = torch.tensor(edges[targets]), torch.tensor(edges[targets + 1])
+    guide = autograd_of(lambda x, abar: cell_log_posterior(x, abar, lo, hi))
+    copies = {lam: mech_copies(mech_sample(count, seed, guide, lam, steps)[0]) for lam in lams}
+    exact, mass = mech_exact(edges)
+    held = np.bincount(np.searchsorted(edges, MECH_POINTS, side="right") - 1,
+                       minlength=clusters)
+    return dict(targets=targets, copies=copies, exact=exact, mass=mass, held=held)
+
+
+def shuffled_rows(synthetic: np.ndarray, clusters: int, lam: float, seed: int, count: int,
+                  bandwidth: float) -> list:
+    """Table (c): the k-means labels and the same labels permuted among the synthetic samples
+    (sizes kept, so Theorem 1's finite-sample gain log(N_syn / |D_c|) is kept too), each learned
+    by a fitted classifier; and the exact posterior of each (for shuffled labels the constant
+    w_c, whose gradient is 0)."""
+    edges, labels = mech_cells(synthetic, clusters, seed)
+    shuffled = np.random.default_rng([seed, STREAM_SHUFFLE]).permutation(labels)
+    targets, anchors = mech_targets(seed, count, clusters), torch.tensor(synthetic)
+    lo, hi = torch.tensor(edges[targets]), torch.tensor(edges[targets + 1])
+    fitted = {}
+    for name, lab in (("k-means", labels), ("shuffled", shuffled)):
+        same = torch.tensor(lab[None] == targets[:, None])
+        fitted[name] = lambda x, abar, same=same: kernel_log_posterior_grad(x, abar, anchors,
+                                                                              same, bandwidth)
+    guides = {"none (unguided)": None,
+              "k-means, exact posterior": autograd_of(
+                  lambda x, abar: cell_log_posterior(x, abar, lo, hi)),
+              f"k-means, fitted (h = {bandwidth})": fitted["k-means"],
+              f"shuffled, fitted (h = {bandwidth})": fitted["shuffled"],
+              "shuffled, exact posterior = w_c": lambda x, abar: torch.zeros_like(x)}
+    gain = float(np.mean(np.log(len(labels) / np.bincount(labels, minlength=clusters))))
+    rows = []
+    for name, guide in guides.items():
+        x, push = mech_sample(count, seed, guide, lam)
+        rows.append(dict(name=name, gain=gain if guide else None, push=push,
+                         copy=float(mech_copies(x).mean())))
+    return rows
+
+
+def mass_rows(runs: dict) -> list:
+    """Table (b): for each K, the cells grouped by how many training points they hold and by
+    whether they are the two outermost (unbounded) ones, with their masses w_c, the exact copy
+    rate of p(x | c) and the measured one per lambda."""
+    rows = []
+    for clusters, run in runs.items():
+        outer = np.isin(np.arange(clusters), [0, clusters - 1])
+        for held, out in sorted(set(zip(run["held"].tolist(), outer.tolist()))):
+            cells = np.flatnonzero((run["held"] == held) & (outer == out))
+            chosen, mass = np.isin(run["targets"], cells), run["mass"][cells]
+            rows.append(dict(clusters=clusters, held=held, outer=out, cells=len(cells),
+                             mass=(float(mass.min()), float(mass.max())),
+                             exact=float(run["exact"][cells].mean()),
+                             copies={lam: float(copied[chosen].mean())
+                                     for lam, copied in run["copies"].items()}))
+    return rows
+
+
+def mechanism_tables(seed: int = 0, count: int = 2000, fine_count: int = 1000,
+                     fine_steps: int = 1000, bandwidth: float = 0.02) -> dict:
+    """Copy rates on the toy (a) against lambda, (b) against the label's mass, (c) with shuffled
+    labels. `count` is both N_syn (the samples k-means labels) and N_G per run; the check with
+    `fine_steps` DDIM steps, and table (c), use `fine_count` generations."""
+    synthetic, _ = mech_sample(count, seed, stream=side.STREAM_SYNTHETIC)
+    runs = {clusters: cell_guidance(synthetic, clusters, lams, seed, count)
+            for clusters, lams in ((2, (1, 3)), (4, MECH_LAMBDAS), (8, MECH_LAMBDAS),
+                                   (16, (1, 3)))}
+    fine = cell_guidance(synthetic, 8, (0, 1, 3), seed, fine_count, fine_steps)
+    whole = float(mech_exact(np.array([-np.inf, np.inf]))[0][0])
+    rows = []
+    for lam in MECH_LAMBDAS:
+        rows.append({"lam": lam, "fine": fine["copies"].get(lam, np.array([np.nan])).mean(),
+                     **{f"k{k}": runs[k]["copies"][lam].mean() for k in (4, 8)},
+                     **{f"exact{k}": whole if lam == 0 else runs[k]["exact"].mean()
+                        for k in (4, 8)}})
+    return dict(lam=rows, held={k: runs[k]["held"].tolist() for k in (4, 8)}, steps=fine_steps,
+                mass=mass_rows(runs), base=float(runs[8]["copies"][0].mean()), exact=whole,
+                shuffled=shuffled_rows(synthetic, 8, 3, seed, fine_count, bandwidth))
+
+
+def mech_lambda_markdown(tables: dict) -> list:
+    """Table (a), as Markdown lines."""
+    held = tables["held"]
+    lines = [f"(a) Copy rate against lambda. Training points per cell: K = 8 {held[8]}, K = 4 "
+             f"{held[4]}; 'exact' is p(x) p(c | x)^lambda at t = 0 with c uniform.", "",
+             f"| lambda | K=8, 50 steps | K=8, {tables['steps']} steps | K=8, exact | "
+             "K=4, 50 steps | K=4, exact |", "|---|---|---|---|---|---|"]
+    for r in tables["lam"]:
+        fine = "-" if np.isnan(r["fine"]) else f"{r['fine']:.3f}"
+        lines.append(f"| {r['lam']} | {r['k8']:.3f} | {fine} | {r['exact8']:.3f} | "
+                     f"{r['k4']:.3f} | {r['exact4']:.3f} |")
+    return lines
+
+
+def mech_mass_markdown(tables: dict) -> list:
+    """Table (b), as Markdown lines."""
+    lines = ["(b) Copy rate against the label's mass w_c, cells grouped by the training points "
+             "they hold and by their place (outermost: one of the two unbounded cells).", "",
+             "| K | points in cell | place | cells | w_c | log(1/w_c) | exact p(x given c) | "
+             "lambda=1 | lambda=3 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in tables["mass"]:
+        low, high = r["mass"]
+        place = "outermost" if r["outer"] else "inner"
+        lines.append(f"| {r['clusters']} | {r['held']} | {place} | {r['cells']} | "
+                     f"{low:.3f}-{high:.3f} | {np.log(1 / high):.2f}-{np.log(1 / low):.2f} | "
+                     f"{r['exact']:.3f} | {r['copies'][1]:.3f} | {r['copies'][3]:.3f} |")
+    return lines
+
+
+def mech_shuffled_markdown(tables: dict) -> list:
+    """Table (c), as Markdown lines."""
+    lines = ["(c) K = 8, lambda = 3: k-means labels, and the same labels shuffled among the "
+             "samples.", "",
+             "| labels, classifier | Theorem 1 gain, mean log(N_syn/size) | "
+             "mean abs guidance term | copy rate |", "|---|---|---|---|"]
+    for r in tables["shuffled"]:
+        gain = "-" if r["gain"] is None else f"{r['gain']:.2f}"
+        lines.append(f"| {r['name']} | {gain} | {r['push']:.3f} | {r['copy']:.3f} |")
+    return lines
+
+
+def mechanism_markdown(tables: dict) -> str:
+    """The three tables of section E2, in Markdown."""
+    title = (f"Guidance toward k-means cells on a 1-D memorizing model: {len(MECH_POINTS)} "
+             f"training points (spikes of width {MECH_SPIKE}, weight {1 - MECH_NOVEL}) and a broad "
+             f"part (width {MECH_BROAD}, weight {MECH_NOVEL}). Copy: Gu et al. d1/d2 < 1/3. "
+             f"Exact copy rate of p: {tables['exact']:.3f}; DDIM, 50 steps, unguided: "
+             f"{tables['base']:.3f}.")
+    parts = [mech_lambda_markdown(tables), mech_mass_markdown(tables),
+             mech_shuffled_markdown(tables)]
+    return title + "\n\n" + "\n\n".join("\n".join(part) for part in parts)
+
 
 # --- F. Many GPUs: torchrun ----------------------------------------------------------------------
 # `torchrun --nproc_per_node G experiments.py ...` starts G copies of this file with RANK,
@@ -686,7 +964,7 @@ def batch_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
-def validate_scale(cfg: ExperimentConfig) -> None:
+def check_process_count(cfg: ExperimentConfig) -> None:
     """Every torchrun process must have generations to draw; checked before any process group."""
     labelled = any(METHODS[name].classifier for name in side.method_names(cfg) if name in METHODS)
     counts = {"--n-gen": cfg.n_gen, "--n-syn": cfg.n_syn if labelled else None,
@@ -709,8 +987,10 @@ def build_parser() -> side.OneLineParser:
         "is never reported, several seeds with one aggregate report, controls, sweeps, torchrun. "
         "Every flag of side.py works here too; defaults marked 'profile' depend on --dataset and "
         "the device.")
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "theorem1"],
-                        help="run: the protocol; theorem1: the numerical check of Theorem 1")
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=["run", "theorem1", "mechanism"],
+                        help="run: the protocol; theorem1: the numerical check of Theorem 1; "
+                        "mechanism: why guidance toward a cluster copies, on a 1-D toy")
     side.add_config_flags(parser, ExperimentConfig)
     return parser
 
@@ -729,6 +1009,9 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "theorem1":
             print(theorem1_markdown(theorem1_table()))
+            return 0
+        if args.command == "mechanism":
+            print(mechanism_markdown(mechanism_tables()))
             return 0
         cfg = apply_profile(side.config_from(args, ExperimentConfig))
         problem = problem_with(cfg)  # on every rank, before any process group...

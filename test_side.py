@@ -624,6 +624,52 @@ def test_theorem1_gap_is_negative_and_tends_to_minus_kl():
         assert row["gaps"][0.005] == pytest.approx(row["neg_kl"], abs=0.05)
 
 
+# ------------------------------------------------------------------------------------------------
+# Why guidance toward a cluster copies: the 1-D toy of experiments.py section E2
+# ------------------------------------------------------------------------------------------------
+
+def test_mechanism_toy_eps_posterior_and_copy_test_match_quadrature_and_gu_s_third():
+    """The toy's closed forms against brute-force quadrature over x_0: the perfect model's eps,
+    the exact noisy posterior of a cell, and Gu's d1/d2 < 1/3 (not 1/2) on hand-placed points."""
+    e = experiments
+    grid = torch.linspace(-2.5, 2.5, 100001, dtype=torch.float64)
+    mean, width, weight = e.mech_components()
+    p0 = (weight * torch.exp(-((grid[:, None] - mean) / width) ** 2 / 2) / width).sum(1)
+    x = torch.linspace(-1.1, 1.1, 9, dtype=torch.float64)
+    lo, hi = torch.full((9,), -0.2, dtype=torch.float64), torch.full((9,), 0.2, dtype=torch.float64)
+    for t in (20, 200, 600):
+        abar = side.DIFFUSION.alpha_bar[t]
+        joint = p0 * torch.exp(-(x[:, None] - abar.sqrt() * grid) ** 2 / (2 * (1 - abar)))
+        score = (joint * (abar.sqrt() * grid - x[:, None])).sum(1) / (1 - abar) / joint.sum(1)
+        assert torch.allclose(e.mech_eps(x, abar), -(1 - abar).sqrt() * score, atol=1e-6)
+        in_cell = ((grid >= -0.2) & (grid < 0.2)).double()
+        posterior = (joint * in_cell).sum(1) / joint.sum(1)
+        assert torch.allclose(e.cell_log_posterior(x, abar, lo, hi).exp(), posterior, atol=1e-4)
+    near = e.MECH_POINTS[4] + np.array([0.045, 0.06, -0.045])  # neighbours 0.2 away: ratios .29 .43
+    assert e.mech_copies(near).tolist() == [True, False, True]
+    assert e.mech_exact(np.array([-np.inf, np.inf]))[0][0] == pytest.approx(0.744, abs=0.002)
+
+
+def test_mechanism_toy_power_prior_copies_through_one_point_cells_and_shuffled_labels_do_not():
+    """lambda = 3 toward k-means cells that hold one training point each lifts the copy rate far
+    above the unguided one; toward cells holding two it lowers it (the surest place is the gap);
+    shuffled labels, learned by the same fitted classifier, barely push and copy no more."""
+    e = experiments
+    synthetic, _ = e.mech_sample(2000, 0, stream=side.STREAM_SYNTHETIC)  # N_syn, as the command
+    one = e.cell_guidance(synthetic, 8, (0, 3), 0, 600)  # K = 8: one training point per cell
+    two = e.cell_guidance(synthetic, 4, (3,), 0, 600)  # K = 4: two per cell
+    assert one["held"].tolist() == [1] * 8 and two["held"].tolist() == [2] * 4
+    base = one["copies"][0].mean()
+    assert one["copies"][3].mean() > base + 0.2 and two["copies"][3].mean() < base - 0.1
+    rows = {r["name"].split(" (")[0]: r for r in e.shuffled_rows(synthetic, 8, 3, 0, 300, 0.02)}
+    unguided = rows["none"]["copy"]
+    assert rows["k-means, fitted"]["copy"] > unguided + 0.2
+    assert abs(rows["shuffled, fitted"]["copy"] - unguided) < 0.07
+    assert rows["shuffled, fitted"]["push"] < 0.25 * rows["k-means, fitted"]["push"]
+    assert rows["shuffled, exact posterior = w_c"]["copy"] == unguided  # gradient exactly 0
+    assert rows["shuffled, fitted"]["gain"] == rows["k-means, fitted"]["gain"]  # same sizes
+
+
 def test_theory_md_pointers_name_code_that_exists():
     text = (ROOT / "theory.md").read_text()
     modules = {"side": side, "experiments": experiments}
