@@ -463,12 +463,13 @@ def run_sweep(cfg: ExperimentConfig) -> dict:
     rows = []
     for i, value in enumerate(values):
         print(f"\n=== sweep {name} = {value} ===")
-        value_of = f"{value:g}" if name == "guidance" else value  # --guidance is text: 10 or side=10
+        value_of = f"{value:g}" if name == "guidance" else value  # --guidance is text
         setting = dataclasses.replace(cfg, **{name: value_of}, sweep="", fresh=cfg.fresh and i == 0)
         validate(setting)
         report = run_protocol(setting)
         rows.append(dict(value=value, **{m: s for m, s in report["methods"].items()}))
-    side.save_text(Path(cfg.out) / "sweep.json", json.dumps(dict(setting=name, rows=rows), indent=2))
+    sweep = json.dumps(dict(setting=name, rows=rows), indent=2)
+    side.save_text(Path(cfg.out) / "sweep.json", sweep)
     if side.PROCESSES.main:
         plot_sweep(name, rows, Path(cfg.out))
     return dict(setting=name, rows=rows)
