@@ -70,8 +70,7 @@ def apply_profile(cfg: ExperimentConfig) -> ExperimentConfig:
     side.apply_profile(cfg)
     cfg.guidance = given
     if cfg.tune_n_gen is None:
-        cfg.tune_n_gen = TUNE_N_GEN["gpu" if side.resolve_device(cfg.device).type == "cuda"
-                                    else "cpu"]
+        cfg.tune_n_gen = TUNE_N_GEN[side.device_kind(cfg)]
     return cfg
 
 
@@ -156,7 +155,7 @@ class ExperimentFolder(side.RunFolder):
 
     def key(self, name: str, **values) -> str:
         if self.cfg.labels == "teacher" and "labels" in self.groups(name):
-            values = dict(values, labels="teacher")
+            values = dict(values, surrogate="teacher")  # beside the settings groups, not over one
         return super().key(name, **values)
 
 
@@ -213,12 +212,11 @@ def methods_to_tune(cfg: ExperimentConfig) -> list[str]:
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """The protocol's checks, then side.py's (the last of which creates --out), before any slow
-    work."""
-    unknown = set(side.row_lambdas(cfg)) - set(METHODS) - {"uncond"}
-    if unknown:
-        raise UserError(f"--guidance {cfg.guidance!r} names no row {sorted(unknown)[0]!r}; rows: "
-                        f"{', '.join(list(METHODS)[1:])}")
+    """side.py's checks of the values, the protocol's, then side.py's of the files (which creates
+    --out), all before any slow work."""
+    side.validate_values(cfg, METHODS, tuned=tuple(methods_to_tune(cfg)))
+    if cfg.sweep:
+        parse_sweep(cfg.sweep)
     if cfg.dataset == "digits" and cfg.labels == "teacher" and cfg.n < 10:
         raise UserError("--labels teacher needs every digit class in the training set; "
                         "use --n 10 or more")
@@ -234,7 +232,7 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"--tune-seed {cfg.tune_seed} is also a reported seed; choose one outside "
                         f"them (e.g. --tune-seed {max(seeds) + 100}) or fix lambda with --guidance")
     check_process_count(cfg)
-    side.validate(dataclasses.replace(cfg, guidance=None), METHODS)  # unset rows are tuned
+    side.check_resources(cfg)
 
 
 def tune_lambdas(cfg: ExperimentConfig, methods: list[str]) -> dict:
@@ -454,7 +452,10 @@ def parse_sweep(text: str):
     if name not in kinds or not values:
         raise UserError(f"--sweep {text!r}: use guidance=0,1,3 or clusters=8,16 or "
                         f"cohesion=0.3,0.5")
-    return name, [kinds[name](v) for v in values.split(",")]
+    try:
+        return name, [kinds[name](v) for v in values.split(",")]
+    except ValueError:
+        raise UserError(f"--sweep {text!r}: every value of {name} must be a number") from None
 
 
 def run_sweep(cfg: ExperimentConfig) -> dict:
@@ -897,6 +898,11 @@ def agreed_problem(problem: str) -> str:
     return f"{first} (on rank {rank})" if rank else first
 
 
+class SaidOnRankZero(UserError):
+    """A UserError that every rank raises because rank 0 found it (or the ranks agreed on it):
+    rank 0 alone prints it."""
+
+
 def rank0_only(work, *args, share: bool = False):
     """work(*args) on rank 0 while the others wait. A UserError on rank 0 is raised on every rank,
     so no rank is left waiting; with share=True every rank returns rank 0's (small) result."""
@@ -911,7 +917,7 @@ def rank0_only(work, *args, share: bool = False):
             box[1] = str(error)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
-        raise UserError(box[1])
+        raise SaidOnRankZero(box[1])
     return result if side.PROCESSES.main else box[0]
 
 
@@ -924,7 +930,13 @@ class DistributedFolder(ExperimentFolder):
         if name.startswith(EVERY_RANK):
             return self.load_or_compute(path, key, compute)
         result = rank0_only(self.load_or_compute, path, key, compute)  # the others wait...
-        return result if side.PROCESSES.main else self.load(path, key)  # ...then read it
+        if side.PROCESSES.main:
+            return result
+        result = self.load(path, key)  # ...then read what rank 0 saved
+        if result is None:
+            raise UserError(f"{path} was saved by rank 0 but cannot be read on rank "
+                            f"{dist.get_rank()}; give --out a folder every rank sees")
+        return result
 
     def on_main(self, work, *args):
         return rank0_only(work, *args, share=True)
@@ -1006,6 +1018,7 @@ def problem_with(cfg: ExperimentConfig) -> str:
 
 
 def main(argv=None) -> int:
+    joined = False  # past the process group's agreement, a rank may fail alone
     try:
         args = build_parser().parse_args(argv)
         if args.command == "theorem1":
@@ -1019,13 +1032,16 @@ def main(argv=None) -> int:
         with distributed(cfg):
             problem = agreed_problem(problem)  # ...then shared: no rank is left waiting
             if problem:
-                raise UserError(problem)
+                raise SaidOnRankZero(problem)
+            joined = True
             print("config: " + json.dumps(dataclasses.asdict(cfg)))
             run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
         return 0
     except UserError as error:
-        if launched_rank() == 0:  # under torchrun every rank stops with it; rank 0 says it
+        if launched_rank() == 0:  # what every rank stops with, rank 0 says
             print(f"error: {error}", file=sys.stderr)
+        elif joined and not isinstance(error, SaidOnRankZero):  # this rank's alone
+            print(f"error (rank {launched_rank()}): {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if launched_rank() == 0:

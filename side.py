@@ -397,7 +397,7 @@ def reverse_step(x, eps, t: int, t_prev: int, eta: float, noise) -> torch.Tensor
     return x_prev + sigma * noise if t_prev >= 0 else x_prev
 
 
-STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # a random stream each
+STREAM_EVAL, STREAM_SYNTHETIC, STREAM_TARGET = 0, 1, 2  # a random stream each (3: experiments.py)
 
 
 def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
@@ -689,8 +689,9 @@ def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, ba
 
 def run(cfg: Config, folder, device: torch.device, rows: list[Method] | None = None,
         surrogate: Callable = label_synthetic) -> dict:
-    """Input: the target DPM trained on D. Output: D_ext, N_G generations for every row.
-    experiments.py passes other rows (its controls) and another `surrogate` (the TDKD teacher)."""
+    """Train the target DPM on D (the model the attack starts from), then Algorithm 1. Output:
+    D_ext, N_G generations for every row. experiments.py passes other rows (its controls) and
+    another `surrogate` (the TDKD teacher)."""
     rows = rows or method_rows(cfg)
     folder.phase("data", f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
     train = folder("data", lambda: load_training_set(cfg))
@@ -734,8 +735,9 @@ def part1(cfg: Config, folder, model, train: dict, rows: list, surrogate, device
 
 
 # =================================================================================================
-# Plumbing. Nothing below is a step of SIDE: devices and networks from a Config, the datasets, the
-# run folder, the report, and the command line.
+# Plumbing. Nothing below is a step of Algorithm 1: devices and networks from a Config, the
+# datasets, the run folder, the report (section 8's numbers summed up per row, with pictures), and
+# the command line.
 # =================================================================================================
 
 # --- Profiles, devices, networks, progress bars --------------------------------------------------
@@ -750,10 +752,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_kind(cfg: Config) -> str:
+    """The profile's device: "gpu" on CUDA, else "cpu"."""
+    return "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
+
+
 def apply_profile(cfg: Config) -> Config:
     """Fill every None field from the (dataset, device) profile."""
-    kind = "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
-    for name, value in PROFILES[(cfg.dataset, kind)].items():
+    for name, value in PROFILES[(cfg.dataset, device_kind(cfg))].items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
     if not cfg.out:
@@ -1194,12 +1200,17 @@ class RunFolder:
 def resume_generator(state: dict, saved: dict, cfg: Config, path: Path) -> None:
     """The batch generator as the checkpoint left it. A checkpoint of experiments.py's torchrun
     holds every process's (this is the first's); an unfinished run resumes only with as many."""
-    count = len(saved["rngs"])
+    count = len(checkpoint_rngs(saved))
     if state["step"] < cfg.train_steps and count != PROCESSES.count:
         raise UserError(f"{path} was being trained by {count} process(es); resume it with as many "
                         f"(torchrun --nproc_per_node {count} experiments.py), or retrain with "
                         f"--fresh")
-    state["generator"].set_state(saved["rngs"][0].cpu())  # map_location may have moved it
+    state["generator"].set_state(checkpoint_rngs(saved)[0].cpu())  # map_location may move it
+
+
+def checkpoint_rngs(saved: dict) -> list:
+    """Every process's batch-generator state in a checkpoint (older files: "rank_rngs", "rng")."""
+    return saved.get("rngs") or saved.get("rank_rngs") or [saved["rng"]]
 
 
 def training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
@@ -1682,13 +1693,24 @@ def guidance_text(cfg: Config) -> str:
 def validate(cfg: Config, table: dict = METHODS) -> None:
     """Check every flag before any slow work starts (one clear line per problem). Fixed sets of
     values (--dataset, --sampler, ...) are argparse choices, checked before this."""
+    validate_values(cfg, table)
+    check_resources(cfg)
+
+
+def validate_values(cfg: Config, table: dict = METHODS, tuned: tuple = ()) -> None:
+    """The flags' values and ranges; nothing is read or written. `tuned`: guided rows that need
+    no lambda from --guidance (experiments.py chooses theirs)."""
     for ok, message in checks(cfg, table):
         if not ok:
             raise UserError(message)
-    if cfg.guidance is not None:  # experiments.py leaves it unset for the rows it tunes
-        for row in method_rows(cfg, table):
+    guided = [name for name, row in table.items() if row.classifier]
+    unknown = sorted(set(row_lambdas(cfg)) - set(guided))
+    if unknown:
+        raise UserError(f"--guidance {cfg.guidance!r} names {unknown[0]!r}, which is no guided "
+                        f"row; give lambdas for {', '.join(guided)}")
+    for row in method_rows(cfg, table):
+        if row.name not in tuned:
             guidance_for(cfg, row)
-    check_resources(cfg)
 
 
 def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:

@@ -1276,7 +1276,10 @@ def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tm
         "negative grid": (["--lambda-grid", "1,-3"], "--lambda-grid"),
         "seeds with sweep": (["--seeds", "0,1", "--sweep", "clusters=4,8"], "--sweep runs on one seed"),
         "bad row guidance": (["--guidance", "side=lots"], "--guidance"),
-        "guidance for no row": (["--guidance", "sidee=3"], "names no row 'sidee'"),
+        "guidance for no row": (["--guidance", "sidee=3"], "names 'sidee', which is no guided row"),
+        "guidance for uncond": (["--guidance", "uncond=3,side=3"], "names 'uncond', which is no guided row"),
+        "count before processes": (["--n-gen", "0"], "--n-gen must be positive"),
+        "sweep value": (["--sweep", "clusters=8,x"], "every value of clusters must be a number"),
         "unknown method": (["--methods", "uncond,magic"], "--methods takes"),
         "tune n_gen": (["--tune-n-gen", "0"], "--tune-n-gen must be positive"),
     }
@@ -1553,6 +1556,13 @@ def test_an_unfinished_checkpoint_resumes_only_with_as_many_processes(tmp_path, 
     with pytest.raises(side.UserError, match=r"trained by 2 process\(es\); resume it with as many "
                                              r"\(torchrun --nproc_per_node 2 experiments.py\)"):
         train_tiny_ddpm(tmp_path)
+
+
+def test_checkpoint_rngs_reads_this_format_and_the_older_one_and_two():
+    one, two = torch.zeros(3, dtype=torch.uint8), torch.ones(3, dtype=torch.uint8)
+    assert side.checkpoint_rngs(dict(rngs=[one, two], rng=one)) == [one, two]
+    assert side.checkpoint_rngs(dict(rank_rngs=[two, one], rng=two)) == [two, one]
+    assert side.checkpoint_rngs(dict(rng=one)) == [one]
 
 
 def torchrun_worker(out: Path) -> None:

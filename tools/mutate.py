@@ -151,7 +151,7 @@ MUTATIONS = [
     ("guided methods sample with other seeds than the baseline",
      "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets,",
      "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL + 10, classifier, targets,"),
-    # --- the controls (appendix D) and the protocol (appendix F)
+    # --- the run's rows and their lambdas (side.py, section 9)
     ("the shuffled row's classifier learns the unshuffled labels",
      "learns = row.relabel(cfg, labels, synthetic, train) if row.relabel else labels",
      "learns = labels"),
