@@ -582,7 +582,7 @@ def test_ams_and_ums_on_a_hand_made_case():
     assert summary["ams_ge_low"] == pytest.approx(100.0)
 
 
-def test_sim_model_loads_a_torchscript_embedding(tmp_path):
+def test_embed_loads_a_torchscript_embedding(tmp_path):
     class Embed(torch.nn.Module):
         def forward(self, x):
             return x.mean(dim=(2, 3))
@@ -1111,7 +1111,7 @@ def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_
     assert saved["step"] == 20 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
-def test_cond_input_x0_feeds_the_classifier_the_predicted_x0():
+def test_cond_x0_feeds_the_classifier_the_predicted_x0():
     cfg, unet, classifier = tiny_networks(time_dependent=False)
     torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
     diffusion, x, t = side.Diffusion(), torch.randn(2, 1, 8, 8), torch.tensor([700, 700])
