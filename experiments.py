@@ -214,7 +214,9 @@ def methods_to_tune(cfg: ExperimentConfig) -> list[str]:
 def validate(cfg: ExperimentConfig) -> None:
     """side.py's checks of the values, the protocol's, then side.py's of the files (which creates
     --out), all before any slow work."""
-    side.validate_values(cfg, METHODS, tuned=tuple(methods_to_tune(cfg)))
+    guided = [m for m in side.method_names(cfg) if m != "uncond"]
+    swept = cfg.sweep.startswith("guidance=")  # the sweep gives every guided row its lambda
+    side.validate_values(cfg, METHODS, unset=tuple(guided if swept else methods_to_tune(cfg)))
     if cfg.sweep:
         parse_sweep(cfg.sweep)
     if cfg.dataset == "digits" and cfg.labels == "teacher" and cfg.n < 10:

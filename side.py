@@ -1700,9 +1700,9 @@ def validate(cfg: Config, table: dict = METHODS) -> None:
     check_resources(cfg)
 
 
-def validate_values(cfg: Config, table: dict = METHODS, tuned: tuple = ()) -> None:
-    """The flags' values and ranges; nothing is read or written. `tuned`: guided rows that need
-    no lambda from --guidance (experiments.py chooses theirs)."""
+def validate_values(cfg: Config, table: dict = METHODS, unset: tuple = ()) -> None:
+    """The flags' values and ranges; nothing is read or written. `unset`: guided rows that need
+    no lambda from --guidance (experiments.py gives them one later: tuned, or swept)."""
     for ok, message in checks(cfg, table):
         if not ok:
             raise UserError(message)
@@ -1712,7 +1712,7 @@ def validate_values(cfg: Config, table: dict = METHODS, tuned: tuple = ()) -> No
         raise UserError(f"--guidance {cfg.guidance!r} names {unknown[0]!r}, which is no guided "
                         f"row; give lambdas for {', '.join(guided)}")
     for row in method_rows(cfg, table):
-        if row.name not in tuned:
+        if row.name not in unset:
             guidance_for(cfg, row)
 
 

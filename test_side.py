@@ -1291,6 +1291,8 @@ def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tm
     assert not (tmp_path / "run").exists()  # stopped before anything was written
     fixed = experiments.apply_profile(experiments.ExperimentConfig(seed=100, guidance="10", out=str(tmp_path / "f")))
     experiments.validate(fixed)  # lambda fixed: nothing is tuned, so seed 100 may be reported
+    swept = experiments.apply_profile(experiments.ExperimentConfig(sweep="guidance=0,5", out=str(tmp_path / "s")))
+    experiments.validate(swept)  # a guidance sweep gives every row its lambda: none is needed
 
 
 def test_verdicts_say_whether_side_and_the_shuffled_control_beat_the_seed_spread():
