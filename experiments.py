@@ -779,41 +779,38 @@ def mech_lambda_markdown(tables: dict) -> list:
     """Table (a), as Markdown lines."""
     held = tables["held"]
     lines = [f"(a) Copy rate against lambda. Training points per cell: K = 8 {held[8]}, K = 4 "
-             f"{held[4]}; 'exact' is p(x) p(c | x)^lambda at t = 0 with c uniform.", "",
-             f"| lambda | K=8, 50 steps | K=8, {tables['steps']} steps | K=8, exact | "
-             "K=4, 50 steps | K=4, exact |", "|---|---|---|---|---|---|"]
-    for r in tables["lam"]:
-        fine = "-" if np.isnan(r["fine"]) else f"{r['fine']:.3f}"
-        lines.append(f"| {r['lam']} | {r['k8']:.3f} | {fine} | {r['exact8']:.3f} | "
-                     f"{r['k4']:.3f} | {r['exact4']:.3f} |")
-    return lines
+             f"{held[4]}; 'exact' is p(x) p(c | x)^lambda at t = 0 with c uniform.", ""]
+    header = ["lambda", "K=8, 50 steps", f"K=8, {tables['steps']} steps", "K=8, exact",
+              "K=4, 50 steps", "K=4, exact"]
+    rows = [[r["lam"], f"{r['k8']:.3f}", "-" if np.isnan(r["fine"]) else f"{r['fine']:.3f}",
+             f"{r['exact8']:.3f}", f"{r['k4']:.3f}", f"{r['exact4']:.3f}"] for r in tables["lam"]]
+    return lines + side.table_lines(header, rows)
 
 
 def mech_mass_markdown(tables: dict) -> list:
     """Table (b), as Markdown lines."""
     lines = ["(b) Copy rate against the label's mass w_c, cells grouped by the training points "
-             "they hold and by their place (outermost: one of the two unbounded cells).", "",
-             "| K | points in cell | place | cells | w_c | log(1/w_c) | exact p(x given c) | "
-             "lambda=1 | lambda=3 |", "|---|---|---|---|---|---|---|---|---|"]
+             "they hold and by their place (outermost: one of the two unbounded cells).", ""]
+    header = ["K", "points in cell", "place", "cells", "w_c", "log(1/w_c)", "exact p(x given c)",
+              "lambda=1", "lambda=3"]
+    rows = []
     for r in tables["mass"]:
         low, high = r["mass"]
-        place = "outermost" if r["outer"] else "inner"
-        lines.append(f"| {r['clusters']} | {r['held']} | {place} | {r['cells']} | "
-                     f"{low:.3f}-{high:.3f} | {np.log(1 / high):.2f}-{np.log(1 / low):.2f} | "
-                     f"{r['exact']:.3f} | {r['copies'][1]:.3f} | {r['copies'][3]:.3f} |")
-    return lines
+        rows.append([r["clusters"], r["held"], "outermost" if r["outer"] else "inner", r["cells"],
+                     f"{low:.3f}-{high:.3f}", f"{np.log(1 / high):.2f}-{np.log(1 / low):.2f}",
+                     f"{r['exact']:.3f}", f"{r['copies'][1]:.3f}", f"{r['copies'][3]:.3f}"])
+    return lines + side.table_lines(header, rows)
 
 
 def mech_shuffled_markdown(tables: dict) -> list:
     """Table (c), as Markdown lines."""
     lines = ["(c) K = 8, lambda = 3: k-means labels, and the same labels shuffled among the "
-             "samples.", "",
-             "| labels, classifier | Theorem 1 gain, mean log(N_syn/size) | "
-             "mean abs guidance term | copy rate |", "|---|---|---|---|"]
-    for r in tables["shuffled"]:
-        gain = "-" if r["gain"] is None else f"{r['gain']:.2f}"
-        lines.append(f"| {r['name']} | {gain} | {r['push']:.3f} | {r['copy']:.3f} |")
-    return lines
+             "samples.", ""]
+    header = ["labels, classifier", "Theorem 1 gain, mean log(N_syn/size)",
+              "mean abs guidance term", "copy rate"]
+    rows = [[r["name"], "-" if r["gain"] is None else f"{r['gain']:.2f}", f"{r['push']:.3f}",
+             f"{r['copy']:.3f}"] for r in tables["shuffled"]]
+    return lines + side.table_lines(header, rows)
 
 
 def mechanism_markdown(tables: dict) -> str:
