@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -245,7 +244,7 @@ def tune_lambdas(cfg: ExperimentConfig, methods: list[str]) -> dict:
                                    out=str(Path(cfg.out) / f"tune-seed{cfg.tune_seed}"))
     settings = {k: v for k, v in dataclasses.asdict(tune_cfg).items()
                 if k not in ("out", "fresh", "guidance", "lambda_grid")}
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    key = side.settings_hash(settings)
     path, grid = Path(tune_cfg.out) / f"tuning-{key}.json", [f"{v:g}" for v in lambda_grid(cfg)]
     side.check_writable(path.parent)
     points = json.loads(path.read_text())["points"] if path.is_file() and not cfg.fresh else {}

@@ -1109,13 +1109,18 @@ def why_unreadable(error: Exception) -> str:
     return f"{error.__class__.__name__}: {detail}" if detail else error.__class__.__name__
 
 
+def settings_hash(settings: dict) -> str:
+    """A short, order-independent hash of a dict of settings: the name a cached result is kept
+    under (experiments.py's tuning file uses it too)."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 class RunFolder:
     """run()'s `folder`. folder(name, compute) returns the stage's saved result when it was made
     with the same settings, and otherwise compute()'s, saved with the hash of those settings. A
     stage file that cannot be read (a full disk, a half-copied folder, a hand edit) is recomputed,
     with one line saying so. ddpm.pt is read once, here, before anything is written.
-    experiments.py's subclasses add settings (`fields`, `groups`) and torchrun."""
-    fields = STAGE_FIELDS
+    experiments.py's subclasses extend `groups` and `key` (--labels teacher) and add torchrun."""
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.out, self.device = cfg, Path(cfg.out), device
@@ -1132,9 +1137,9 @@ class RunFolder:
     def key(self, name: str, **values) -> str:
         """A short hash of the settings the stage depends on, and of `values`: the identity of the
         stage's output."""
-        settings = {g: {f: getattr(self.cfg, f) for f in self.fields[g]} for g in self.groups(name)}
-        text = json.dumps({**settings, **values}, sort_keys=True)
-        return hashlib.sha1(text.encode()).hexdigest()[:12]
+        groups = self.groups(name)
+        settings = {g: {f: getattr(self.cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
+        return settings_hash({**settings, **values})
 
     def load_or_compute(self, path: Path, key: str, compute) -> dict:
         cached = None if self.cfg.fresh or not path.is_file() else self.load(path, key)
