@@ -707,15 +707,16 @@ def test_theory_md_quotes_are_verbatim_side_py():
 
 
 def test_run_exercises_runs_theory_md_s_commands_as_printed():
-    """tools/run_exercises.sh holds a copy of every exercise's commands: each of its lines (with
-    the script's $L written back as the L the student types) is a line of theory.md, so the two
-    cannot drift apart unnoticed."""
+    """tools/run_exercises.sh holds a copy of every exercise's commands: each of its lines is a
+    line of theory.md, and every exercise of theory.md has its function, so the two cannot drift
+    apart unnoticed."""
     script, text = (ROOT / "tools" / "run_exercises.sh").read_text(), (ROOT / "theory.md").read_text()
-    bodies = dict(re.findall(r"^ex(\d+)\(\) \{\n(.*?)^\}", script, re.S | re.M))
-    assert sorted(map(int, bodies)) == list(range(15)), "one function per exercise, 0-14"
+    bodies = dict(re.findall(r"^ex(\w+)\(\) \{\n(.*?)^\}", script, re.S | re.M))
+    exercises = set(re.findall(r"^#+ Exercise (\w+)\.", text, re.M))
+    assert set(bodies) == exercises and len(exercises) == 17, "one function per exercise: 0-14, M, D"
     doc_lines = set(text.splitlines())
     for number, body in bodies.items():
-        for line in filter(None, body.replace("$L", "L").splitlines()):
+        for line in filter(None, body.splitlines()):
             assert line in doc_lines, f"exercise {number}: {line!r} is not a line of theory.md"
 
 # ------------------------------------------------------------------------------------------------

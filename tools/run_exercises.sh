@@ -1,49 +1,32 @@
 #!/usr/bin/env bash
-# tools/run_exercises.sh: time the exercises of theory.md, section "9. Exercises", from a clean clone.
+# tools/run_exercises.sh: run and time the exercises of theory.md from a clean clone.
 #
-#   tools/run_exercises.sh                 # all fifteen, in the default order below
-#   tools/run_exercises.sh 0 1 2           # only these, in the order given
+#   tools/run_exercises.sh                 # all seventeen, in the default order below
+#   tools/run_exercises.sh 0 1 M           # only these, in the order given
 #
-# Each exercise runs the commands of its *Command(s)* block in theory.md, character for character
-# (each exercise below is a bash function whose body is that block, pasted), with
-# OMP_NUM_THREADS=1 exported (theory.md's convention for a shared machine). Per exercise:
+# Each exercise runs the commands of its *Command(s)* block in theory.md, character for character:
+# each exercise below is a bash function whose body is that block (a test checks that every line
+# of it is a line of theory.md). Threads are left at torch's default, as in a student's terminal.
+# Per exercise:
 #   - wall seconds (date +%s.%N around the whole block) and the exit code of the block, appended
 #     as "exercise N<TAB>seconds<TAB>rc" to runs/exercise_times.tsv;
-#   - its stdout and stderr, with a header (date, HEAD, nproc, uptime) and footer (uptime at the
-#     end, seconds, rc), in runs/exercise_logs/exN.log (overwritten when the exercise runs again).
+#   - its stdout and stderr, with a header (date, HEAD, nproc, uptime) and a footer (seconds, rc),
+#     in runs/exercise_logs/exN.log (overwritten when the exercise runs again).
 # The block runs under `set -e` (a failed `cp` stops the exercise, as it would stop a student) and
 # `set -x` (the log shows every command as run). A failing exercise is recorded and the script goes
-# on to the next one. This session's header and the summary table go to the terminal and to
-# runs/exercise_logs/session-<UTC time>.log.
+# on to the next one. The header and the summary table go to the terminal and to
+# runs/exercise_logs/session-<UTC time>.log. The exit status is 0 only when every exercise asked
+# for ran and exited 0.
 #
 # Skipped, not run and not written to the tsv (the summary says why):
-#   - an exercise whose run folder exists already (side.py / experiments.py would reuse its cached stages, so the
-#     time would not be a from-scratch time; delete the folder to time it again);
-#   - an exercise that needs runs/ex0 when runs/ex0/report.json is missing (Exercise 0 failed or
-#     has not run).
+#   - an exercise whose run folder exists already (side.py / experiments.py would reuse its cached
+#     stages, so the time would not be a from-scratch time; delete the folder to time it again);
+#   - an exercise that needs runs/ex0 when runs/ex0/report.json is missing.
 #
-# Default order: 0, 1, 2, 3, 4, 10, 12, 13, 6, 9, 11, 14, 7, 5, 8.
-#   - 0 first: every pipeline exercise except 14 reads or copies runs/ex0 (5 copies only
-#     runs/ex0/tune-seed100).
-#   - 1-4 (the Theorem 1 toy) need nothing.
-#   - 1-4, 10, 12, 13, 6, 9, 11, 14, 7 keep the order in which theory.md says its times were
-#     measured ("in the order 0, 1-4, 10, 12, 13, 6, 9, 11, 14, 7", theory.md lines 681-682), so
-#     the new times compare like with like.
-#   - 5 and 8, whose times in theory.md are estimates, not measurements, come last. Only runs/ex0
-#     must exist before them. No exercise's commands read runs/ex5. 6 and 9 list "runs/ex5 for the
-#     spread" (theory.md lines 670, 673), but only for reading the spread by eye.
-#   - Exercise 10 (c) writes runs/ex0/figures/gradient_norm.png into runs/ex0. It is the only
-#     exercise that writes into runs/ex0. The copies made after it (6, 9, 11, 13, 7, 8) carry that
-#     figure along, and no stage reads it.
-#
-# The one departure from theory.md's text: Exercises 6 and 9 say "read side's lambda, L, from
-# runs/ex0/report.md" and write L in the command (theory.md lines 874, 963). Here L is read before
-# the clock starts, from runs/ex0/report.json -> guidance.side, the lambda side sampled with in
-# Exercise 0 (the value report.md shows), printed with %g. L replaces the literal L in the command.
-#
-# Not scripted: what is only read or viewed (Exercise 12's "view runs/ex0/figures/matches.png", the
-# reports). Exercise 6's main question has no command (the shuffled row is in runs/ex0); its timed
-# command is the "second look" at side's lambda.
+# Default order: Exercise 0 first (6-13 and D read or copy runs/ex0), then the short exercises,
+# then the long ones (7, D, 8, 5). Exercise 10 (c) writes runs/ex0/figures/gradient_norm.png, the
+# only file an exercise adds to runs/ex0; no stage reads it. What is only read or viewed (the
+# reports, the figures) is not scripted.
 set -u
 SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.." || exit 2
@@ -52,24 +35,21 @@ if [ ! -f side.py ] || [ ! -f experiments.py ] || [ ! -f theory.md ]; then
     exit 2
 fi
 
-export OMP_NUM_THREADS=1
 export PYTHONUNBUFFERED=1  # stdout reaches the log line by line, in order with stderr, as on a terminal
 
-DEFAULT_ORDER=(0 1 2 3 4 10 12 13 6 9 11 14 7 5 8)
-# theory.md's times (its table, lines 662-678; "est." = its estimate, not measured)
-declare -A DOC_TIME=([0]="987 s" [1]="3 s" [2]="4 s" [3]="9 s" [4]="7 s" [5]="est. 22-27 min"
-                     [6]="22 s" [7]="520 s" [8]="est. ~12 min" [9]="58 s" [10]="9 s" [11]="77 s"
-                     [12]="<1 s" [13]="31 s" [14]="421 s")
+EXERCISES=(0 1 2 3 4 M 5 6 7 8 9 10 11 12 13 14 D)
+DEFAULT_ORDER=(0 1 2 3 4 M 10 12 13 6 9 11 14 7 D 8 5)
 # the run folders each exercise creates (it is skipped when one exists already)
 declare -A CREATES=([0]="runs/ex0" [5]="runs/ex5" [6]="runs/ex6"
-                    [7]="runs/ex7_k8 runs/ex7_k32 runs/ex7_tau" [8]="runs/ex8" [9]="runs/ex9"
-                    [11]="runs/ex11" [13]="runs/ex13" [14]="runs/ex14_n64 runs/ex14_n256")
+                    [7]="runs/ex7_k8 runs/ex7_k32 runs/ex7_tau" [8]="runs/ex8" [9]="runs/ex9 runs/ex9_30"
+                    [11]="runs/ex11" [13]="runs/ex13" [14]="runs/ex14_n64 runs/ex14_n256"
+                    [D]="runs/exD_steps1000 runs/exD_steps500")
 # the exercises that read or copy runs/ex0
-NEEDS_EX0=" 5 6 7 8 9 10 11 12 13 "
+NEEDS_EX0=" 6 7 8 9 10 11 12 13 D "
 
 usage() {
     sed -n '2,5p' "$SELF" | sed 's/^# \{0,1\}//'
-    echo "exercises: 0-14; default order: ${DEFAULT_ORDER[*]}"
+    echo "exercises: ${EXERCISES[*]}; default order: ${DEFAULT_ORDER[*]}"
 }
 
 ORDER=()
@@ -80,8 +60,8 @@ else
         case "$arg" in
             -h|--help) usage; exit 0 ;;
         esac
-        if ! [[ "$arg" =~ ^([0-9]|1[0-4])$ ]]; then
-            echo "run_exercises.sh: '$arg' is not an exercise number (0-14)" >&2
+        if [[ " ${EXERCISES[*]} " != *" $arg "* ]]; then
+            echo "run_exercises.sh: '$arg' is not an exercise (${EXERCISES[*]})" >&2
             usage >&2
             exit 2
         fi
@@ -118,27 +98,22 @@ machine_header() {
     git status --short 2>&1 | head -20 | sed 's/^/##   /'
     echo "## nproc: $(nproc)"
     echo "## uptime: $(uptime)"
-    echo "## OMP_NUM_THREADS=$OMP_NUM_THREADS   python: $PYTHON_NOTE $(python --version 2>&1)"
+    echo "## OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}   python: $PYTHON_NOTE $(python --version 2>&1)"
 }
 
-# side's lambda in runs/ex0, which Exercises 6 and 9 call L
-side_lambda() {
-    python -c "import json; print('%g' % json.load(open('runs/ex0/report.json'))['guidance']['side'])"
-}
+# --- the exercises: each body is theory.md's command block, verbatim --------------------------------
 
-# --- the exercises: each body is theory.md's command block, verbatim (except L in 6 and 9) -------
-
-# Exercise 0. The default run (theory.md line 693)
+# Exercise 0. The default run
 ex0() {
-python experiments.py --out runs/ex0
+python side.py --out runs/ex0
 }
 
-# Exercise 1. Theorem 1 on a toy (line 718)
+# Exercise 1. Theorem 1 on a toy where every density is known
 ex1() {
 python experiments.py theorem1
 }
 
-# Exercise 2. The gain depends on the label's mass (lines 737-743)
+# Exercise 2. The gain depends on the label's mass
 ex2() {
 python -c "
 import numpy as np, experiments
@@ -149,7 +124,7 @@ for w in (0.05, 0.2, 0.5, 0.8):
 "
 }
 
-# Exercise 3. Overlap, not tightness; the equality case (three snippets, lines 759-780)
+# Exercise 3. Overlap, not tightness; the equality case (three snippets)
 ex3() {
 python -c "
 import numpy as np, experiments
@@ -175,7 +150,7 @@ for name, post in [('soft, width 1.0', 1 / (1 + np.exp(-(x - 1) / 1.0))), ('soft
 "
 }
 
-# Exercise 4. What changes sign at large eps (two snippets, lines 803-816)
+# Exercise 4. What changes sign at large eps (two snippets)
 ex4() {
 python -c "
 import numpy as np, experiments
@@ -193,41 +168,47 @@ for size in (1, 3, 10, 100, 1000):
 "
 }
 
-# Exercise 5. Spread over seeds (lines 834-835)
+# Exercise M. Why guidance toward a surrogate cluster copies: the 1-D toy (section 4.1)
+exM() {
+python experiments.py mechanism
+}
+
+# Exercise 5. How much does one seed tell you? (long)
 ex5() {
-mkdir -p runs/ex5 && cp -r runs/ex0/tune-seed100 runs/ex5/
 python experiments.py --out runs/ex5 --seeds 0,1,2
 }
 
-# Exercise 6. Shuffled labels, the second look at side's lambda (lines 873-874; L = side's lambda)
+# Exercise 6. Shuffled labels: a control
 ex6() {
 cp -r runs/ex0 runs/ex6
-python experiments.py --out runs/ex6 --methods uncond,side,shuffled --guidance side=$L,shuffled=$L
+python experiments.py --out runs/ex6 --methods uncond,side,shuffled --guidance side=30,shuffled=30
 }
 
-# Exercise 7. K and tau (lines 897-902)
+# Exercise 7. K and tau, read by mass (long)
 ex7() {
 cp -r runs/ex0 runs/ex7_k8
-python experiments.py --out runs/ex7_k8 --methods uncond,side --clusters 8
+python side.py --out runs/ex7_k8 --methods uncond,side --clusters 8
 cp -r runs/ex0 runs/ex7_k32
-python experiments.py --out runs/ex7_k32 --methods uncond,side --clusters 32
+python side.py --out runs/ex7_k32 --methods uncond,side --clusters 32
 cp -r runs/ex0 runs/ex7_tau
-python experiments.py --out runs/ex7_tau --methods uncond,side --cohesion 0.93
+python side.py --out runs/ex7_tau --methods uncond,side --cohesion 0.93
 }
 
-# Exercise 8. k-means clusters vs a teacher's classes (lines 932-933)
+# Exercise 8. k-means clusters vs a teacher's classes (long)
 ex8() {
 cp -r runs/ex0 runs/ex8
-python experiments.py --out runs/ex8 --labels teacher
+python experiments.py --out runs/ex8 --methods uncond,side --labels teacher
 }
 
-# Exercise 9. side vs cond, every row at side's lambda (lines 962-963; L = side's lambda)
+# Exercise 9. side vs cond: does time-dependence matter?
 ex9() {
 cp -r runs/ex0 runs/ex9
-python experiments.py --out runs/ex9 --methods uncond,cond,cond_x0,side --guidance $L
+python experiments.py --out runs/ex9 --methods uncond,cond,cond_x0,side --guidance cond=0.3,cond_x0=0.3,side=30
+cp -r runs/ex0 runs/ex9_30
+python experiments.py --out runs/ex9_30 --methods uncond,cond,cond_x0,side --guidance 30
 }
 
-# Exercise 10. The noise-aware classifier: (a) line 985, (b) lines 991-1005, (c) lines 1016-1037
+# Exercise 10. The noise-aware classifier: snippets (a), (b), (c)
 ex10() {
 python -c "import json; print(json.load(open('runs/ex0/report.json'))['classifier_accuracy_by_t'])"
 python -c "
@@ -269,13 +250,13 @@ plt.savefig('runs/ex0/figures/gradient_norm.png', dpi=80)
 "
 }
 
-# Exercise 11. The guidance scale (lines 1054-1055)
+# Exercise 11. The guidance scale
 ex11() {
 cp -r runs/ex0 runs/ex11
 python experiments.py --out runs/ex11 --methods uncond,side --sweep guidance=0,1,3,10,30
 }
 
-# Exercise 12. Reading a match grid (lines 1075-1086; viewing matches.png is not scripted)
+# Exercise 12. Reading a match grid (viewing matches.png is not scripted)
 ex12() {
 python -c "
 import numpy as np
@@ -283,7 +264,7 @@ tr = np.load('runs/ex0/train_subset.npz')['images']; tr = tr.reshape(len(tr), -1
 D = np.sqrt(((tr[:, None] - tr[None]) ** 2).sum(-1)); np.fill_diagonal(D, np.inf)
 yard = D.min() / 2
 print('closest pair of distinct training digits %.3f, median NN distance %.3f, yardstick %.3f' % (D.min(), np.median(D.min(1)), yard))
-for m in ['uncond', 'cond', 'cond_x0', 'side', 'shuffled']:
+for m in ['uncond', 'cond', 'side']:
     d = np.load(f'runs/ex0/nn_{m}.npz'); r, d1 = d['nn_ratio'], d['d1']; o = np.argsort(r)[:24]
     mem, close = r < 1/3, d1 < yard
     print(m, 'grid ratio %.3f-%.3f d1 %.3f-%.3f distinct train imgs %d' % (r[o].min(), r[o].max(), d1[o].min(), d1[o].max(), len(np.unique(d['nn_index'][o]))),
@@ -291,16 +272,22 @@ for m in ['uncond', 'cond', 'cond_x0', 'side', 'shuffled']:
 "
 }
 
-# Exercise 13. UMS depends on N_G (lines 1110-1111)
+# Exercise 13. UMS depends on N_G
 ex13() {
 cp -r runs/ex0 runs/ex13
-python experiments.py --out runs/ex13 --n-gen 128
+python side.py --out runs/ex13 --n-gen 128
 }
 
-# Exercise 14. Memorization vs training-set size (lines 1136-1137)
+# Exercise 14. Memorization vs training-set size
 ex14() {
 python side.py --n 64  --methods uncond --out runs/ex14_n64
 python side.py --n 256 --methods uncond --out runs/ex14_n256
+}
+
+# Exercise D. Fewer DDPM steps as a defence (long; section 9)
+exD() {
+python side.py --train-steps 1000 --out runs/exD_steps1000
+python side.py --train-steps 500 --out runs/exD_steps500
 }
 
 # --- the runner ---------------------------------------------------------------------------------
@@ -310,7 +297,6 @@ say "## torch / numpy / scikit-learn: $(python -c 'import torch, numpy, sklearn;
 say "## times: $TSV   logs: runs/exercise_logs/exN.log   this session: $SESSION"
 
 declare -A SECS=() RC=() NOTE=()
-L=""
 for n in "${ORDER[@]}"; do
     log=runs/exercise_logs/ex$n.log
     skip=""
@@ -323,12 +309,6 @@ for n in "${ORDER[@]}"; do
     if [ -z "$skip" ] && [[ "$NEEDS_EX0" == *" $n "* ]] && [ ! -f runs/ex0/report.json ]; then
         skip="needs runs/ex0 from Exercise 0, and runs/ex0/report.json is missing"
     fi
-    if [ -z "$skip" ] && { [ "$n" = 6 ] || [ "$n" = 9 ]; }; then
-        L=$(side_lambda 2>/dev/null)
-        if ! [[ "$L" =~ ^[0-9.eE+-]+$ ]]; then
-            skip="could not read side's lambda L from runs/ex0/report.json (guidance.side)"
-        fi
-    fi
     if [ -n "$skip" ]; then
         NOTE[$n]="skipped: $skip"
         say "--- exercise $n: skipped: $skip"
@@ -337,11 +317,8 @@ for n in "${ORDER[@]}"; do
 
     say "--- exercise $n: started $(date '+%H:%M:%S'), load $(uptime | sed 's/.*load average: //')"
     {
-        echo "## exercise $n (tools/run_exercises.sh, function ex$n; theory.md section 9)"
+        echo "## exercise $n (tools/run_exercises.sh, function ex$n; theory.md)"
         machine_header
-        if [ "$n" = 6 ] || [ "$n" = 9 ]; then
-            echo "## L = side's lambda in runs/ex0/report.json (guidance.side) = $L"
-        fi
         echo "## ---- output"
     } > "$log"
     t0=$(date +%s.%N)
@@ -357,25 +334,24 @@ for n in "${ORDER[@]}"; do
     printf 'exercise %s\t%s\t%s\n' "$n" "$secs" "$rc" >> "$TSV"
     SECS[$n]=$secs
     RC[$n]=$rc
-    [ "$n" = 6 ] || [ "$n" = 9 ] && NOTE[$n]="L = $L"
-    [ "$rc" -ne 0 ] && NOTE[$n]="${NOTE[$n]:+${NOTE[$n]}; }FAILED, see $log"
-    say "--- exercise $n: $secs s, rc $rc (theory.md: ${DOC_TIME[$n]})"
+    [ "$rc" -ne 0 ] && NOTE[$n]="FAILED, see $log"
+    say "--- exercise $n: $secs s, rc $rc"
 done
 
 say ""
-say "=== summary ($(date -u '+%Y-%m-%d %H:%M:%S UTC'); HEAD $(git rev-parse --short HEAD 2>/dev/null); nproc $(nproc); OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+say "=== summary ($(date -u '+%Y-%m-%d %H:%M:%S UTC'); HEAD $(git rev-parse --short HEAD 2>/dev/null); nproc $(nproc); OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset})"
 say "## uptime: $(uptime)"
-say "$(printf '%-9s %10s %4s  %-16s %s' exercise seconds rc theory.md note)"
+say "$(printf '%-9s %10s %4s  %s' exercise seconds rc note)"
 total=0
 failed=0
 for n in "${ORDER[@]}"; do
     if [ -n "${SECS[$n]:-}" ]; then
         total=$(awk -v a="$total" -v b="${SECS[$n]}" 'BEGIN { printf "%.3f", a + b }')
         [ "${RC[$n]}" -ne 0 ] && failed=$((failed + 1))
-        say "$(printf '%-9s %10s %4s  %-16s %s' "$n" "${SECS[$n]}" "${RC[$n]}" "${DOC_TIME[$n]}" "${NOTE[$n]:-}")"
+        say "$(printf '%-9s %10s %4s  %s' "$n" "${SECS[$n]}" "${RC[$n]}" "${NOTE[$n]:-}")"
     else
         failed=$((failed + 1))
-        say "$(printf '%-9s %10s %4s  %-16s %s' "$n" - - "${DOC_TIME[$n]}" "${NOTE[$n]:-}")"
+        say "$(printf '%-9s %10s %4s  %s' "$n" - - "${NOTE[$n]:-}")"
     fi
 done
 say "total: $total s ($(awk -v t="$total" 'BEGIN { printf "%.1f", t / 60 }') min); failed or skipped: $failed"
