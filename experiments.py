@@ -707,7 +707,7 @@ def cell_guidance(synthetic: np.ndarray, clusters: int, lams, seed: int, count: 
 def shuffled_rows(synthetic: np.ndarray, clusters: int, lam: float, seed: int, count: int,
                   bandwidth: float) -> list:
     """Table (c): the k-means labels and the same labels permuted among the synthetic samples
-    (sizes kept, so Theorem 1's finite-sample gain log(N_syn / |D_c|) is kept too), each learned
+    (sizes kept, so the mass gain log(N_syn / |D_c|) of Section 3.1 is kept too), each learned
     by a fitted classifier; and the exact posterior of each (for shuffled labels the constant
     w_c, whose gradient is 0)."""
     edges, labels = mech_cells(synthetic, clusters, seed)
@@ -805,7 +805,7 @@ def mech_shuffled_markdown(tables: dict) -> list:
     """Table (c), as Markdown lines."""
     lines = ["(c) K = 8, lambda = 3: k-means labels, and the same labels shuffled among the "
              "samples.", ""]
-    header = ["labels, classifier", "Theorem 1 gain, mean log(N_syn/size)",
+    header = ["labels, classifier", "mass gain, mean log(N_syn/size)",
               "mean abs guidance term", "copy rate"]
     rows = [[r["name"], "-" if r["gain"] is None else f"{r['gain']:.2f}", f"{r['push']:.3f}",
              f"{r['copy']:.3f}"] for r in tables["shuffled"]]
