@@ -23,7 +23,7 @@
 #     stages, so the time would not be a from-scratch time; delete the folder to time it again);
 #   - an exercise that needs runs/ex0 when runs/ex0/report.json is missing.
 #
-# Default order: Exercise 0 first (6-13 and D read or copy runs/ex0), then the short exercises,
+# Default order: Exercise 0 first (6-13 read or copy runs/ex0), then the short exercises,
 # then the long ones (7, D, 8, 5). Exercise 10 (c) writes runs/ex0/figures/gradient_norm.png, the
 # only file an exercise adds to runs/ex0; no stage reads it. What is only read or viewed (the
 # reports, the figures) is not scripted.
@@ -39,13 +39,10 @@ export PYTHONUNBUFFERED=1  # stdout reaches the log line by line, in order with 
 
 EXERCISES=(0 1 2 3 4 M 5 6 7 8 9 10 11 12 13 14 D)
 DEFAULT_ORDER=(0 1 2 3 4 M 10 12 13 6 9 11 14 7 D 8 5)
-# the run folders each exercise creates (it is skipped when one exists already)
-declare -A CREATES=([0]="runs/ex0" [5]="runs/ex5" [6]="runs/ex6"
-                    [7]="runs/ex7_k8 runs/ex7_k32 runs/ex7_tau" [8]="runs/ex8" [9]="runs/ex9 runs/ex9_30"
-                    [11]="runs/ex11" [13]="runs/ex13" [14]="runs/ex14_n64 runs/ex14_n256"
-                    [D]="runs/exD_steps1000 runs/exD_steps500")
-# the exercises that read or copy runs/ex0
-NEEDS_EX0=" 6 7 8 9 10 11 12 13 D "
+# What an exercise's commands create and read, read off its function body (so the two cannot
+# drift apart): the run folders it writes (every `--out FOLDER`), and whether it reads runs/ex0.
+creates() { declare -f "ex$1" | grep -o -- '--out [^ ;]*' | cut -d' ' -f2; }
+needs_ex0() { [ "$1" != 0 ] && declare -f "ex$1" | grep -q 'runs/ex0'; }
 
 usage() {
     sed -n '2,5p' "$SELF" | sed 's/^# \{0,1\}//'
@@ -300,13 +297,13 @@ declare -A SECS=() RC=() NOTE=()
 for n in "${ORDER[@]}"; do
     log=runs/exercise_logs/ex$n.log
     skip=""
-    for folder in ${CREATES[$n]:-}; do
+    for folder in $(creates "$n"); do
         if [ -e "$folder" ]; then
             skip="$folder exists (its cached stages would be reused; delete it to time exercise $n)"
             break
         fi
     done
-    if [ -z "$skip" ] && [[ "$NEEDS_EX0" == *" $n "* ]] && [ ! -f runs/ex0/report.json ]; then
+    if [ -z "$skip" ] && needs_ex0 "$n" && [ ! -f runs/ex0/report.json ]; then
         skip="needs runs/ex0 from Exercise 0, and runs/ex0/report.json is missing"
     fi
     if [ -n "$skip" ]; then
