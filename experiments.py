@@ -658,6 +658,11 @@ def mech_copies(x) -> np.ndarray:
     return d[:, 0] / np.maximum(d[:, 1], 1e-12) < side.GU_THRESHOLD
 
 
+def cell_of(edges: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The index k of the cell [edges[k], edges[k+1]) that holds each x."""
+    return np.searchsorted(edges, x, side="right") - 1
+
+
 def mech_exact(edges) -> tuple:
     """Under p itself, per cell [edges[k], edges[k+1]): P(copy | x in cell) and P(x in cell), by
     quadrature on a grid of step 1e-5 (s / 2000). Edges (-inf, inf): p as a whole."""
@@ -666,7 +671,7 @@ def mech_exact(edges) -> tuple:
     density = np.zeros_like(grid)
     for m, w, a in zip(mean, width, weight):
         density += a * np.exp(-((grid - m) / w) ** 2 / 2) / (w * np.sqrt(2 * np.pi))
-    cell, cells = np.searchsorted(edges, grid, side="right") - 1, len(edges) - 1
+    cell, cells = cell_of(edges, grid), len(edges) - 1
     mass = np.bincount(cell, density, cells)
     return np.bincount(cell, density * mech_copies(grid), cells) / mass, mass * 1e-5
 
@@ -679,7 +684,7 @@ def mech_cells(samples: np.ndarray, clusters: int, seed: int):
     fit = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(samples[:, None])
     centres = np.sort(fit.cluster_centers_[:, 0])
     edges = np.concatenate([[-MECH_FAR], (centres[1:] + centres[:-1]) / 2, [MECH_FAR]])
-    return edges, np.searchsorted(edges, samples, side="right") - 1
+    return edges, cell_of(edges, samples)
 
 
 def mech_targets(seed: int, count: int, clusters: int) -> np.ndarray:
@@ -699,8 +704,7 @@ def cell_guidance(synthetic: np.ndarray, clusters: int, lams, seed: int, count: 
     guide = autograd_of(lambda x, abar: cell_log_posterior(x, abar, lo, hi))
     copies = {lam: mech_copies(mech_sample(count, seed, guide, lam, steps)[0]) for lam in lams}
     exact, mass = mech_exact(edges)
-    held = np.bincount(np.searchsorted(edges, MECH_POINTS, side="right") - 1,
-                       minlength=clusters)
+    held = np.bincount(cell_of(edges, MECH_POINTS), minlength=clusters)
     return dict(targets=targets, copies=copies, exact=exact, mass=mass, held=held)
 
 
