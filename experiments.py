@@ -55,6 +55,10 @@ class ExperimentConfig(side.Config):
                         "report", shown="--seed")
     tune_seed: int = option(100, "the seed lambda is tuned on, never reported")
     lambda_grid: str = option("0.3,1,3,10,30", "the lambdas tried on --tune-seed")
+    sampler_grid: str = option("", "extraction samplers tried on --tune-seed, each with every "
+                               "lambda, e.g. ddim50,ddpm250,ddpm1000 (rows not fixed by "
+                               "--extract-sampler are tuned; Part 1 keeps --sampler)",
+                               shown="not tuned: --sampler, --sample-steps")
     tune_n_gen: int = option(None, "N_G per row and lambda when tuning (profile: 256 on the CPU, "
                              "1,024 on a GPU)")
     sweep: str = option("", "e.g. guidance=0,1,3,10,30 (also clusters, cohesion)")
@@ -143,6 +147,17 @@ METHODS = {"uncond": side.METHODS["uncond"], "cond": side.METHODS["cond"],
            "oracle": Method("oracle", classifier="oracle", relabel=oracle_labels)}
 
 
+UNCOND_AT = "uncond_"  # uncond_ddpm1000: the unguided row at another sampler than uncond's own
+
+
+def method_table(cfg) -> dict:
+    """METHODS, plus an unguided row for every uncond_<sampler> in --methods: the protocol samples
+    uncond at every sampler a row uses, so each ratio can be taken at the same sampler."""
+    extra = [m for m in side.method_names(cfg)
+             if m.startswith(UNCOND_AT) and side.parse_sampler(m[len(UNCOND_AT):])]
+    return {**METHODS, **{m: Method(m, classifier=None) for m in extra}}
+
+
 class ExperimentFolder(side.RunFolder):
     """side.py's run folder. With --labels teacher every stage from the labels on depends on that
     flag too (and the labels on the classifier settings, which train the teacher); with k-means
@@ -163,14 +178,17 @@ def run_pipeline(cfg: ExperimentConfig) -> dict:
     device = side.resolve_device(cfg.device)
     folder = (DistributedFolder if dist.is_initialized() else ExperimentFolder)(cfg, device)
     surrogate = teacher_labels if cfg.labels == "teacher" else side.label_synthetic
-    return side.run_pipeline(cfg, folder, rows=side.method_rows(cfg, METHODS),
+    return side.run_pipeline(cfg, folder, rows=side.method_rows(cfg, method_table(cfg)),
                              surrogate=surrogate)
 
 
-# --- C. The protocol: lambda chosen per row on a seed never reported, then several reported seeds
-#     and one aggregate report (README, "Protocol"). Selection and report never share a seed. -----
+# --- C. The protocol: each row's lambda and extraction sampler chosen on a seed never reported,
+#     then several reported seeds and one aggregate report (README, "Protocol"). Part 1 keeps
+#     --sampler: its samples only have to be clustered, and one Part 1 for every candidate keeps
+#     the rows paired (same labels, classifiers and seeds). Selection and report never share a seed.
 
-TIE_RULE = "highest Gu memorized fraction; ties: more distinct images copied, then smaller lambda"
+TIE_RULE = ("highest Gu memorized fraction; ties: more distinct images copied, then the sampler "
+            "with fewer steps, then smaller lambda")
 
 
 def parse_seeds(text: str, flag: str) -> list[int]:
@@ -196,18 +214,46 @@ def lambda_grid(cfg: ExperimentConfig) -> list[float]:
     return [float(v) for v in values]
 
 
+def sampler_grid(cfg: ExperimentConfig) -> list[str]:
+    """--sampler-grid's names; without one, Part 1's sampler alone (the sampler is not tuned)."""
+    names = [v.strip() for v in cfg.sampler_grid.split(",") if v.strip()]
+    if not all(side.parse_sampler(n) for n in names) or len(set(names)) < len(names):
+        raise UserError(f"--sampler-grid {cfg.sampler_grid!r}: give distinct ddim<S> or ddpm<S> "
+                        f"with S dividing {side.T_STEPS}, e.g. ddim50,ddpm250,ddpm1000")
+    return names or [side.sampler_name(cfg)]
+
+
 def fixed_guidance(cfg: ExperimentConfig) -> dict:
     """{row: lambda} given on the command line (--guidance) for the guided rows of --methods."""
     guided = [m for m in side.method_names(cfg) if m != "uncond"]
     return {m: v for m, v in side.row_lambdas(cfg).items() if m in guided}
 
 
+def lambda_is_free(cfg: ExperimentConfig, row: str) -> bool:
+    """A guided row whose lambda neither --guidance nor a guidance sweep gives."""
+    guided = row in method_table(cfg) and method_table(cfg)[row].classifier is not None
+    return (guided and row not in fixed_guidance(cfg)
+            and not cfg.sweep.startswith("guidance="))
+
+
+def sampler_is_free(cfg: ExperimentConfig, row: str) -> bool:
+    """A row whose sampler is tuned: --sampler-grid given, --extract-sampler silent on it."""
+    return (bool(cfg.sampler_grid.strip()) and row not in side.row_samplers(cfg)
+            and not cfg.sweep.startswith("extract_sampler=") and not row.startswith(UNCOND_AT))
+
+
 def methods_to_tune(cfg: ExperimentConfig) -> list[str]:
-    """Guided rows with no lambda from the command line (a guidance sweep gives every row one)."""
-    if cfg.sweep.startswith("guidance="):
-        return []
-    fixed = fixed_guidance(cfg)
-    return [m for m in side.method_names(cfg) if m != "uncond" and m not in fixed]
+    """Rows with a setting left to the tune seed: a lambda, a sampler, or both."""
+    return [m for m in side.method_names(cfg) if lambda_is_free(cfg, m) or sampler_is_free(cfg, m)]
+
+
+def candidates(cfg: ExperimentConfig, row: str) -> list[tuple[str, float]]:
+    """The (sampler, lambda) pairs a row is chosen from: what the command line fixes, else the
+    grids. uncond has lambda 0."""
+    samplers = sampler_grid(cfg) if sampler_is_free(cfg, row) else [side.sampler_for(cfg, row)]
+    lambdas = ([0.0] if method_table(cfg)[row].classifier is None else lambda_grid(cfg)
+               if lambda_is_free(cfg, row) else [fixed_guidance(cfg)[row]])
+    return [(sampler, value) for sampler in samplers for value in lambdas]
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -215,7 +261,8 @@ def validate(cfg: ExperimentConfig) -> None:
     --out), all before any slow work."""
     guided = [m for m in side.method_names(cfg) if m != "uncond"]
     swept = cfg.sweep.startswith("guidance=")  # the sweep gives every guided row its lambda
-    side.validate_values(cfg, METHODS, unset=tuple(guided if swept else methods_to_tune(cfg)))
+    table = method_table(cfg)
+    side.validate_values(cfg, table, unset=tuple(guided if swept else methods_to_tune(cfg)))
     if cfg.sweep:
         parse_sweep(cfg.sweep)
     if cfg.dataset == "digits" and cfg.labels == "teacher" and cfg.n < 10:
@@ -223,6 +270,7 @@ def validate(cfg: ExperimentConfig) -> None:
                         "use --n 10 or more")
     seeds = reported_seeds(cfg)
     lambda_grid(cfg)
+    sampler_grid(cfg)
     parse_seeds(str(cfg.tune_seed), "--tune-seed")
     if cfg.tune_n_gen <= 0:
         raise UserError(f"--tune-n-gen must be positive (got {cfg.tune_n_gen})")
@@ -236,69 +284,122 @@ def validate(cfg: ExperimentConfig) -> None:
     side.check_resources(cfg)
 
 
-def tune_lambdas(cfg: ExperimentConfig, methods: list[str]) -> dict:
-    """Each method's lambda from --lambda-grid by its own Gu memorized fraction on --tune-seed
-    (TIE_RULE), with N_G = --tune-n-gen. Each lambda's result is cached, keyed by the settings."""
+def tuning_runs(cfg: ExperimentConfig, rows: list[str]) -> list[tuple[str, str]]:
+    """(--guidance, --extract-sampler) of every tuning run: each sampler of the grid with each
+    lambda, for the rows that leave them free; what the command line fixes stays fixed."""
+    samplers = sampler_grid(cfg) if any(sampler_is_free(cfg, m) for m in rows) else [""]
+    values = lambda_grid(cfg) if any(lambda_is_free(cfg, m) for m in rows) else [0.0]
+    runs = []
+    for sampler in samplers:
+        for value in values:
+            lambdas = {m: value if lambda_is_free(cfg, m) else candidates(cfg, m)[0][1]
+                       for m in rows if m != "uncond"}
+            chosen = {m: sampler if sampler_is_free(cfg, m) else side.sampler_for(cfg, m)
+                      for m in rows}
+            runs.append((",".join(f"{m}={v!r}" for m, v in lambdas.items()),
+                         ",".join(f"{m}={s}" for m, s in chosen.items())))
+    return runs
+
+
+def tune_settings(cfg: ExperimentConfig, methods: list[str]) -> dict:
+    """Each method's (sampler, lambda) from its candidates() by its own Gu memorized fraction on
+    --tune-seed (TIE_RULE), with N_G = --tune-n-gen. Every tuning run is cached, keyed by the
+    settings. Also returns the cost of each sampler per row."""
+    rows = list(dict.fromkeys(["uncond", *methods]))
     tune_cfg = dataclasses.replace(cfg, seed=cfg.tune_seed, seeds="", sweep="", guidance=None,
-                                   n_gen=cfg.tune_n_gen, methods=",".join(["uncond", *methods]),
+                                   extract_sampler="", n_gen=cfg.tune_n_gen,
+                                   methods=",".join(rows),
                                    out=str(Path(cfg.out) / f"tune-seed{cfg.tune_seed}"))
-    settings = {k: v for k, v in dataclasses.asdict(tune_cfg).items()
-                if k not in ("out", "fresh", "guidance", "lambda_grid")}
-    key = side.settings_hash(settings)
-    path, grid = Path(tune_cfg.out) / f"tuning-{key}.json", [f"{v:g}" for v in lambda_grid(cfg)]
+    settings = {k: v for k, v in dataclasses.asdict(tune_cfg).items() if k not in (
+        "out", "fresh", "guidance", "lambda_grid", "extract_sampler", "sampler_grid")}
+    path = Path(tune_cfg.out) / f"tuning-{side.settings_hash(settings)}.json"
     side.check_writable(path.parent)
     points = json.loads(path.read_text())["points"] if path.is_file() and not cfg.fresh else {}
-    for value in grid:
-        if value in points:
-            print(f"  lambda = {value} on seed {cfg.tune_seed}: in {path.name}, skipping")
+    grid = tuning_runs(cfg, rows)
+    for guidance, samplers in grid:
+        name = f"{samplers} {guidance}"
+        if name in points:
+            print(f"  {name} on seed {cfg.tune_seed}: in {path.name}, skipping")
             continue
-        print(f"\n=== tuning on seed {cfg.tune_seed}: lambda = {value} ({', '.join(methods)}) ===")
+        print(f"\n=== tuning on seed {cfg.tune_seed}: {name} ===")
         first = cfg.fresh and not points  # --fresh retrains the tune seed's stages once
-        report = run_pipeline(dataclasses.replace(tune_cfg, guidance=value, fresh=first))
-        points[value] = dict(methods=report["methods"], timings_s=report["timings_s"])
+        report = run_pipeline(dataclasses.replace(tune_cfg, guidance=guidance or None,
+                                                  extract_sampler=samplers, fresh=first))
+        points[name] = dict(methods=report["methods"], timings_s=report["timings_s"],
+                            sampling_s=report["sampling_s"], samplers=report["samplers"],
+                            guidance=report["guidance"])
         side.save_text(path, json.dumps(dict(settings=settings, points=points), indent=2))
-    curve = {m: {v: points[v]["methods"][m] for v in grid} for m in ["uncond", *methods]}
-    return dict(seed=cfg.tune_seed, n_gen=cfg.tune_n_gen, grid=grid, rule=TIE_RULE,
-                folder=tune_cfg.out, curve=curve, best={m: best_lambda(curve[m]) for m in methods},
-                seconds=round(sum(points[v]["timings_s"]["total"] for v in grid), 1))
+    curve = {m: {} for m in rows}
+    for point in points.values():
+        for m in rows:
+            key = f"{point['samplers'][m]} {point['guidance'].get(m, 0.0):g}"
+            curve[m][key] = dict(point["methods"][m], seconds=point["sampling_s"][m])
+    for m in rows:  # only this run's candidates (the file may hold others, from other grids)
+        curve[m] = {f"{s} {v:g}": curve[m][f"{s} {v:g}"] for s, v in candidates(cfg, m)}
+    return dict(seed=cfg.tune_seed, n_gen=cfg.tune_n_gen, samplers=sampler_grid(cfg),
+                lambdas=lambda_grid(cfg), rule=TIE_RULE, folder=tune_cfg.out, curve=curve,
+                best={m: best_setting(curve[m]) for m in methods},
+                seconds=round(sum(points[f"{s} {g}"]["timings_s"]["total"]
+                                  for g, s in grid), 1))
 
 
-def best_lambda(curve: dict) -> float:
-    """TIE_RULE over {lambda: summary}: most Gu copies, then most distinct images, then smaller."""
-    def score(value):
-        row = curve[value]
-        return row["memorized_fraction"], row["unique_memorized"], -float(value)
-    return float(max(curve, key=score))
+def best_setting(curve: dict) -> dict:
+    """TIE_RULE over {"sampler lambda": summary}: most Gu copies, then most distinct images, then
+    the sampler with fewer steps, then the smaller lambda."""
+    def score(key):
+        sampler, value = key.split()
+        row = curve[key]
+        return (row["memorized_fraction"], row["unique_memorized"],
+                -side.parse_sampler(sampler)[1], -float(value))
+    sampler, value = max(curve, key=score).split()
+    return dict(sampler=sampler, guidance=float(value))
 
 
-def choose_lambdas(cfg: ExperimentConfig) -> dict:
-    """Every guided row's lambda, and how it was chosen (fixed on the command line, or tuned)."""
+def choose_settings(cfg: ExperimentConfig) -> dict:
+    """Every row's lambda (guided rows) and sampler, and how each was chosen."""
     to_tune = methods_to_tune(cfg)
-    tuning = tune_lambdas(cfg, to_tune) if to_tune else None
-    lambdas = {**fixed_guidance(cfg), **(tuning["best"] if tuning else {})}
-    lambdas = {m: lambdas[m] for m in side.method_names(cfg) if m != "uncond"}
+    tuning = tune_settings(cfg, to_tune) if to_tune else None
+    best = tuning["best"] if tuning else {}
+    names = side.method_names(cfg)
+    lambdas = {m: best[m]["guidance"] if m in best else candidates(cfg, m)[0][1]
+               for m in names if m != "uncond"}
+    samplers = {m: best[m]["sampler"] if m in best else candidates(cfg, m)[0][0] for m in names}
     how = {m: f"tuned on seed {cfg.tune_seed}" if m in to_tune else "fixed, not tuned"
-           for m in lambdas}
-    return dict(lambdas=lambdas, how=how, tuning=tuning)
+           for m in names}
+    return dict(lambdas=lambdas, samplers=samplers, how=how, tuning=tuning)
+
+
+def reported_rows(cfg: ExperimentConfig, choice: dict) -> list[str]:
+    """--methods, plus uncond at every other sampler of the grid and of the rows, so that every
+    seed has uncond at side's sampler and at its own strongest."""
+    names = side.method_names(cfg)
+    if "uncond" not in names:
+        return names
+    grid = sampler_grid(cfg) if cfg.sampler_grid.strip() else []
+    others = dict.fromkeys([*grid, *choice["samplers"].values()])
+    return names + [UNCOND_AT + s for s in others if s != choice["samplers"]["uncond"]]
 
 
 def run_protocol(cfg: ExperimentConfig) -> dict:
-    """Choose every row's lambda, run the whole pipeline (a fresh DDPM) per reported seed, then
-    write the aggregate. One seed runs in --out itself, several in --out/seed<S>."""
+    """Choose every row's lambda and sampler, run the whole pipeline (a fresh DDPM) per reported
+    seed, then write the aggregate. One seed runs in --out itself, several in --out/seed<S>."""
     seeds, out = reported_seeds(cfg), Path(cfg.out)
     folders = {s: out if len(seeds) == 1 else out / f"seed{s}" for s in seeds}
     for seed, folder in folders.items():  # a folder of another run stops us before any slow work
         side.check_writable(folder)
         side.read_checkpoint(folder / "ddpm.pt", dataclasses.replace(cfg, seed=seed),
                              side.resolve_device(cfg.device))
-    choice = choose_lambdas(cfg)
+    choice = choose_settings(cfg)
+    rows = reported_rows(cfg, choice)
     pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())
+    samplers = ",".join(f"{m}={choice['samplers'].get(m, m[len(UNCOND_AT):])}" for m in rows)
     reports = {}
     for seed, folder in folders.items():
         if len(seeds) > 1:
             print(f"\n=== seed {seed} ({len(reports) + 1} of {len(seeds)}) ===")
         reports[seed] = run_pipeline(dataclasses.replace(
-            cfg, seed=seed, seeds="", out=str(folder), guidance=pinned))
+            cfg, seed=seed, seeds="", out=str(folder), guidance=pinned or None,
+            methods=",".join(rows), extract_sampler=samplers))
     return write_aggregate(cfg, folders, reports, choice)
 
 
@@ -318,30 +419,101 @@ def ever_extracted(folders: dict, method: str) -> dict:
     return dict(count=len(copied), of=len(pool), fraction=len(copied) / len(pool))
 
 
-def side_ratios(reports: dict, best_cond) -> dict:
-    """Per seed: side's Gu memorized fraction over uncond's and the best cond's (None: 0 copies)."""
+BOOTSTRAP_DRAWS = 2000
+
+
+def memorized_flags(folder, row: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per generation of `row` in a run folder: Gu-memorized or not, and its (seed, stream, i)."""
+    flags = np.load(Path(folder) / f"nn_{row}.npz")["nn_ratio"] < side.GU_THRESHOLD
+    return flags, np.load(Path(folder) / f"samples_{row}.npz")["seeds"]
+
+
+def paired_ratio(flags: np.ndarray, seeds: np.ndarray, base_flags: np.ndarray,
+                 base_seeds: np.ndarray, draws: int = BOOTSTRAP_DRAWS) -> dict:
+    """Memorized generations of one row over another's, with a 95 % bootstrap interval. Rows are
+    paired: generation i of every row starts from the same noise (seed, stream, i), so the
+    bootstrap resamples generations with the same indices for both rows. None: 0 in the divisor."""
+    if not np.array_equal(seeds, base_seeds):
+        raise ValueError("a paired ratio needs two rows drawn from the same (seed, stream, i)")
+    pick = np.random.default_rng(0).integers(len(flags), size=(draws, len(flags)))
+    top, bottom = flags[pick].sum(1), base_flags[pick].sum(1)
+    ratios = np.sort(np.where(bottom > 0, top / np.maximum(bottom, 1), np.inf))
+    low, high = ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+    finite = [None if not np.isfinite(v) else float(v) for v in (low, high)]
+    ratio = float(flags.sum() / base_flags.sum()) if base_flags.sum() else None
+    return dict(ratio=ratio, low=finite[0], high=finite[1], copies=[int(flags.sum()),
+                                                                    int(base_flags.sum())])
+
+
+def uncond_rows(report: dict) -> list[str]:
+    return [m for m in report["methods"] if m == "uncond" or m.startswith(UNCOND_AT)]
+
+
+def comparisons(report: dict, best_cond) -> dict:
+    """{what side is compared with: that row} on one seed: uncond at side's own sampler, the
+    uncond row (any sampler) that copied most on this seed, and the better cond."""
+    samplers, memorized = report["samplers"], report["methods"]
+    unconds = uncond_rows(report)
+    same = [m for m in unconds if samplers[m] == samplers["side"]]
+    strongest = max(unconds, key=lambda m: memorized[m]["memorized_fraction"], default=None)
+    pairs = {"uncond, same sampler": same[0] if same else None, "strongest uncond": strongest,
+             "best cond": best_cond if best_cond in memorized else None}
+    return {what: row for what, row in pairs.items() if row}
+
+
+def side_ratios(folders: dict, reports: dict, best_cond) -> dict:
+    """Per seed and comparison: side's memorized generations over the other row's, paired."""
     ratios = {}
     for seed, report in reports.items():
-        fraction = {m: row["memorized_fraction"] for m, row in report["methods"].items()}
-        others = [m for m in ("uncond", best_cond) if m in fraction] if "side" in fraction else []
-        ratios[str(seed)] = {f"side/{m}": fraction["side"] / fraction[m] if fraction[m] else None
-                             for m in others}
+        if "side" not in report["methods"]:
+            continue
+        side_flags = memorized_flags(folders[seed], "side")
+        ratios[str(seed)] = {
+            f"side / {what}": dict(paired_ratio(*side_flags, *memorized_flags(folders[seed], row)),
+                                   row=row)
+            for what, row in comparisons(report, best_cond).items()}
     return ratios
+
+
+def ratio_summary(ratios: dict) -> dict:
+    """Over seeds, per comparison: mean [min, max] of the ratios, the seeds on which side copied
+    more (the sign holds), and those whose paired interval lies above 1."""
+    names = dict.fromkeys(name for per_seed in ratios.values() for name in per_seed)
+    summary = {}
+    for name in names:
+        cells = [per_seed[name] for per_seed in ratios.values() if name in per_seed]
+        finite = [c["ratio"] for c in cells if c["ratio"] is not None]
+        summary[name] = dict(spread(finite) if finite else {}, seeds=len(cells),
+                             sign_holds=sum(c["copies"][0] > c["copies"][1] for c in cells),
+                             above_one=sum((c["low"] or 0) > 1 or c["low"] is None and
+                                           c["copies"][0] > 0 for c in cells))
+    return summary
 
 
 def aggregate(folders: dict, reports: dict) -> dict:
     """Per method: mean, min and max over seeds of every summary number, and the training images
-    ever extracted; per seed: side / uncond and side / best cond (the better cond by mean)."""
+    ever extracted; per seed: side over uncond (at side's sampler, and the strongest) and over the
+    better cond (by mean), each paired, with its interval."""
     first = next(iter(reports.values()))["methods"]
     summary = {m: {k: spread([r["methods"][m][k] for r in reports.values()]) for k in first[m]}
                for m in first}
     conds = [m for m in ("cond", "cond_x0") if m in summary]
     best_cond = max(conds, key=lambda m: summary[m]["memorized_fraction"]["mean"], default=None)
-    return dict(seeds=list(reports), methods=summary, best_cond=best_cond,
-                ratios=side_ratios(reports, best_cond),
+    ratios = side_ratios(folders, reports, best_cond)
+    return dict(seeds=list(reports), methods=summary, best_cond=best_cond, ratios=ratios,
+                ratio_summary=ratio_summary(ratios),
                 ever_extracted={m: ever_extracted(folders, m) for m in summary},
                 verdicts=verdicts({m: s["memorized_fraction"] for m, s in summary.items()},
-                                  len(reports)))
+                                  len(reports)) + paired_verdicts(ratio_summary(ratios)))
+
+
+def paired_verdicts(summary: dict) -> list[str]:
+    """The paired view in words: per comparison, the ratio's spread and on how many seeds the
+    sign holds (side copied more) and the paired interval lies above 1."""
+    return [f"{name}: {spread_cell(s) + 'x' if 'mean' in s else 'n/a'} over seeds (mean [min, "
+            f"max]); side copied more on {s['sign_holds']} of {s['seeds']} seeds, and the paired "
+            f"95 % interval lies above 1 on {s['above_one']} of {s['seeds']}."
+            for name, s in summary.items()]
 
 
 def verdicts(fraction: dict, seeds: int) -> list[str]:
@@ -382,43 +554,60 @@ def spread_cell(stats: dict, scale: float = 1) -> str:
     return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
 
 
-def lambda_markdown(choice: dict) -> list[str]:
-    """Which lambda each row used and how it was chosen; the tune seed's curve behind the choice."""
-    if not choice["lambdas"]:
-        return ["No guided rows, so no lambda."]
-    lines = side.table_lines(["method", "lambda", "chosen"],
-                        [[m, f"{v:g}", choice["how"][m]] for m, v in choice["lambdas"].items()])
+def settings_markdown(choice: dict) -> list[str]:
+    """Which sampler and lambda each row used and how they were chosen; the tune seed's results
+    behind the choice, with what each sampler cost."""
+    rows = [[m, choice["samplers"][m], f"{choice['lambdas'].get(m, 0):g}", choice["how"][m]]
+            for m in choice["samplers"]]
+    lines = side.table_lines(["method", "sampler", "lambda", "chosen"], rows)
     tuning = choice["tuning"]
-    if tuning:
-        curve = [[m, *(f"{100 * row['memorized_fraction']:.2f}" for row in by_lambda.values())]
-                 for m, by_lambda in tuning["curve"].items()]
-        lines += ["", f"Tuned on seed {tuning['seed']}, which is never reported, with N_G = "
-                  f"{tuning['n_gen']} per method and lambda (--tune-n-gen; reported seeds use "
-                  f"--n-gen). Rule: {tuning['rule']}. Gu memorized % on the tune seed "
-                  f"({tuning['seconds']:.0f} s of pipeline runs, {tuning['folder']}):", "",
-                  *side.table_lines(["method", *(f"lambda {v}" for v in tuning["grid"])], curve)]
-    return lines
+    if not tuning:
+        return lines
+    values = tuning["lambdas"]
+    table = []
+    for m, by_setting in tuning["curve"].items():
+        for sampler in dict.fromkeys(key.split()[0] for key in by_setting):
+            cells = {key.split()[1]: row for key, row in by_setting.items()
+                     if key.split()[0] == sampler}
+            cost = np.median([row["seconds"] for row in cells.values()]) * 512 / tuning["n_gen"]
+            table.append([m, sampler, f"{cost:.0f}", *(
+                f"{100 * cells[f'{v:g}']['memorized_fraction']:.2f}" if f"{v:g}" in cells else ""
+                for v in [0.0, *values])])
+    return lines + [
+        "", f"Chosen on seed {tuning['seed']}, which is never reported, with N_G = "
+        f"{tuning['n_gen']} per row and setting (--tune-n-gen; reported seeds use --n-gen). "
+        f"Rule: {tuning['rule']}. Gu memorized % on the tune seed by sampler and lambda, and "
+        f"the sampler's cost in seconds per 512 generations ({tuning['seconds']:.0f} s of "
+        f"pipeline runs, {tuning['folder']}):", "",
+        *side.table_lines(["method", "sampler", "s / 512", *(f"lambda {v:g}" for v in
+                                                              [0.0, *values])], table)]
 
 
-def ratio_cell(value) -> str:
-    return "n/a (divisor has 0 copies)" if value is None else f"{value:.2f}x"
+def ratio_cell(cell: dict) -> str:
+    if cell["ratio"] is None:
+        return "n/a (divisor has 0 copies)"
+    high = "inf" if cell["high"] is None else f"{cell['high']:.2f}"
+    return f"{cell['ratio']:.2f}x [{cell['low']:.2f}, {high}] ({cell['row']})"
 
 
 def protocol_markdown(agg: dict, choice: dict) -> str:
     distinct = [[m, spread_cell(agg["methods"][m]["unique_memorized"]),
                  f"{ever['count']} of {ever['of']}", f"{100 * ever['fraction']:.2f} %"]
                 for m, ever in agg["ever_extracted"].items()]
-    lines = ["## Protocol", "", *lambda_markdown(choice), "",
+    lines = ["## Protocol", "", *settings_markdown(choice), "",
              f"Distinct training images copied (Gu), per seed and ever over seeds {agg['seeds']}:",
              "", *side.table_lines(["method", "Gu unique, mean [min, max]", "ever extracted",
-                               "of the training set"], distinct)]
-    ratio_names = list(next(iter(agg["ratios"].values())))
-    if ratio_names:
-        ratios = [[seed, *(ratio_cell(r[name]) for name in ratio_names)]
+                                    "of the training set"], distinct)]
+    names = list(agg["ratio_summary"])
+    if names:
+        ratios = [[seed, *(ratio_cell(r[name]) if name in r else "" for name in names)]
                   for seed, r in agg["ratios"].items()]
-        lines += ["", f"Gu memorized fraction ratios per seed (best cond = {agg['best_cond']}, the "
-                  "higher mean Gu memorized fraction of cond and cond_x0):", "",
-                  *side.table_lines(["seed", *ratio_names], ratios)]
+        lines += ["", "Paired ratios of Gu-memorized generations per seed, with a 95 % bootstrap "
+                  "interval over generations (the same resampled indices for both rows, which "
+                  "start from the same noise). The compared row is in brackets; strongest "
+                  "uncond: the uncond row, at any sampler, with the most copies on that seed; "
+                  f"best cond: {agg['best_cond']}, the higher mean of cond and cond_x0.", "",
+                  *side.table_lines(["seed", *names], ratios)]
     return "\n".join(lines + ["", *[f"- {v}" for v in agg["verdicts"]]]) + "\n"
 
 
@@ -427,10 +616,10 @@ def write_aggregate(cfg: ExperimentConfig, folders: dict, reports: dict, choice:
     top of --out hold mean [min, max] over seeds, the ratios and the verdicts."""
     agg, out = aggregate(folders, reports), Path(cfg.out)
     if len(reports) == 1:
-        report = dict(next(iter(reports.values())), protocol=dict(agg, lambdas=choice))
+        report = dict(next(iter(reports.values())), protocol=dict(agg, settings=choice))
         text = (out / "report.md").read_text() + "\n" + protocol_markdown(agg, choice)
     else:
-        report = dict(config=dataclasses.asdict(cfg), **agg, lambdas=choice)
+        report = dict(config=dataclasses.asdict(cfg), **agg, settings=choice)
         links = ", ".join(f"[seed {s}]({Path(f).name}/report.md)" for s, f in folders.items())
         text = "\n".join([
             f"# SIDE over seeds {', '.join(map(str, reports))}: {cfg.dataset}, n = {cfg.n}, "
@@ -449,10 +638,13 @@ def write_aggregate(cfg: ExperimentConfig, folders: dict, reports: dict, choice:
 
 def parse_sweep(text: str):
     name, _, values = text.partition("=")
-    kinds = {"guidance": float, "clusters": int, "cohesion": float}
+    kinds = {"guidance": float, "clusters": int, "cohesion": float, "extract_sampler": str}
     if name not in kinds or not values:
         raise UserError(f"--sweep {text!r}: use guidance=0,1,3 or clusters=8,16 or "
-                        f"cohesion=0.3,0.5")
+                        f"cohesion=0.3,0.5 or extract_sampler=ddim50,ddpm250,ddpm1000")
+    if name == "extract_sampler" and not all(side.parse_sampler(v) for v in values.split(",")):
+        raise UserError(f"--sweep {text!r}: every sampler must be ddim<S> or ddpm<S> with S "
+                        f"dividing {side.T_STEPS}")
     try:
         return name, [kinds[name](v) for v in values.split(",")]
     except ValueError:
@@ -469,11 +661,13 @@ def run_sweep(cfg: ExperimentConfig) -> dict:
         setting = dataclasses.replace(cfg, **{name: value_of}, sweep="", fresh=cfg.fresh and i == 0)
         validate(setting)
         report = run_protocol(setting)
-        rows.append(dict(value=value, **{m: s for m, s in report["methods"].items()}))
+        rows.append(dict(value=value, sampling_s=report["sampling_s"],
+                         **{m: s for m, s in report["methods"].items()}))
     sweep = json.dumps(dict(setting=name, rows=rows), indent=2)
     side.save_text(Path(cfg.out) / "sweep.json", sweep)
     if side.PROCESSES.main:
-        plot_sweep(name, rows, Path(cfg.out))
+        (plot_sampler_curve if name == "extract_sampler" else plot_sweep)(name, rows,
+                                                                          Path(cfg.out))
     return dict(setting=name, rows=rows)
 
 
@@ -490,6 +684,34 @@ def plot_sweep(name: str, rows: list, out: Path) -> None:
     ax1.set(xlabel=name, ylabel="%")
     ax1.legend(fontsize=8)
     side.save_figure(fig, out / "figures" / f"sweep_{name}.png", dpi=120)
+
+
+def plot_sampler_curve(name: str, rows: list, out: Path) -> None:
+    """Gu memorized % of every row against the sampler's number of steps (one line per sampler
+    kind and row), and each sampler's cost per 512 generations; also as sampler_curve.md."""
+    fig, (ax1, ax2) = side.pyplot().subplots(1, 2, figsize=(9, 3.5))
+    methods = [m for m in rows[0] if m not in ("value", "sampling_s")]
+    table = []
+    for kind, style in (("ddim", "o--"), ("ddpm", "s-")):
+        chosen = [r for r in rows if r["value"].startswith(kind)]
+        steps = [side.parse_sampler(r["value"])[1] for r in chosen]
+        for m in methods if chosen else []:
+            n_gen = chosen[0][m]["n_generated"]
+            ax1.plot(steps, [100 * r[m]["memorized_fraction"] for r in chosen], style,
+                     label=f"{m}, {kind}")
+            ax2.plot(steps, [r["sampling_s"][m] * 512 / n_gen for r in chosen], style,
+                     label=f"{m}, {kind}")
+    for r in rows:
+        table.append([r["value"], *(f"{100 * r[m]['memorized_fraction']:.2f} ({r[m]['memorized']})"
+                                    for m in methods),
+                      *(f"{r['sampling_s'][m] * 512 / r[m]['n_generated']:.0f}" for m in methods)])
+    ax1.set(xscale="log", xlabel="sampling steps", ylabel="Gu memorized %")
+    ax2.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="s per 512 generations")
+    ax1.legend(fontsize=7), ax2.legend(fontsize=7)
+    side.save_figure(fig, out / "figures" / "sampler_curve.png", dpi=120)
+    header = ["sampler", *(f"{m}: Gu % (copies)" for m in methods),
+              *(f"{m}: s / 512" for m in methods)]
+    side.save_text(out / "sampler_curve.md", "\n".join(side.table_lines(header, table)) + "\n")
 
 
 # --- E. Theorem 1, checked numerically on a toy where every density is known (theory.md) ----------

@@ -87,6 +87,10 @@ class Config:
     sampler: str = option("ddim", "ddpm = ancestral, all T steps", ("ddim", "ddpm"))
     sample_steps: int = option(50, "DDIM steps")
     eta: float = option(0.0, "DDIM eta (0 = deterministic)")
+    extract_sampler: str = option("", "Part 2's sampler if not --sampler's: ddim<S> (S DDIM steps) "
+                                      "or ddpm<S> (S ancestral steps; ddpm1000 = DDPM's full "
+                                      "chain), one for every row or row=sampler pairs such as "
+                                      "side=ddpm1000", shown="--sampler, --sample-steps")
     # --- surrogate labels (Algorithm 1, Part 1) ---
     n_syn: int = option(None, "N_syn: generated images to cluster")
     clusters: int = option(None, "K: k-means clusters")
@@ -378,11 +382,25 @@ def guided_eps(model, classifier, x, t, targets, guidance: float):
     return eps - guidance * (1 - DIFFUSION.abar(t.cpu(), x)).sqrt() * grad
 
 
-def sampling_timesteps(sampler: str, sample_steps: int) -> list[int]:
-    """Original timestep indices visited, descending to 0: all for DDPM; for DDIM every
-    (T / steps)-th, T - T/steps ... 0 (diffusers' "leading" spacing: 980, ..., 0 for 50)."""
-    stride = 1 if sampler == "ddpm" else T_STEPS // sample_steps
-    return list(range(0, T_STEPS, stride))[::-1]
+def sampling_timesteps(sample_steps: int) -> list[int]:
+    """Original timestep indices visited, descending to 0: every (T / steps)-th, T - T/steps ... 0
+    (diffusers' "leading" spacing: 980, ..., 0 for 50; 999, ..., 0 for all T = 1000)."""
+    return list(range(0, T_STEPS, T_STEPS // sample_steps))[::-1]
+
+
+def parse_sampler(name: str) -> tuple[str, int] | None:
+    """'ddim50' -> ('ddim', 50): 50 DDIM steps. 'ddpm1000' -> ('ddpm', 1000): DDPM's own ancestral
+    chain; 'ddpm250' is the same ancestral step (eta = 1) on every 4th timestep. None: no sampler.
+    The sampler changes how much a memorizing model gives back (README, "The sampler")."""
+    kind, steps = name[:4], name[4:]
+    if kind not in ("ddim", "ddpm") or not steps.isdigit() or int(steps) not in range(1, T_STEPS + 1):
+        return None
+    return (kind, int(steps)) if T_STEPS % int(steps) == 0 else None
+
+
+def sampler_name(cfg: Config) -> str:
+    """--sampler and --sample-steps as one name: ddim50, or ddpm1000 (--sampler ddpm: all T)."""
+    return f"ddpm{T_STEPS}" if cfg.sampler == "ddpm" else f"ddim{cfg.sample_steps}"
 
 
 def reverse_step(x, eps, t: int, t_prev: int, eta: float, noise) -> torch.Tensor:
@@ -412,13 +430,15 @@ def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
 
 def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
            classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample",
-           batch: int = 0, start: int = 0) -> np.ndarray:
+           batch: int = 0, start: int = 0, sampler: str = "") -> np.ndarray:
     """Generations start .. start+count-1 (uint8), batch by batch, guided toward `targets` (one per
-    generation) when guidance > 0. PROCESSES (plumbing) says which of them this process draws:
-    all of them, except under experiments.py's torchrun, which shares them among the processes."""
+    generation) when guidance > 0, with `sampler` (a parse_sampler name; default: --sampler's).
+    PROCESSES (plumbing) says which of them this process draws: all of them, except under
+    experiments.py's torchrun, which shares them among the processes."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
-    steps = sampling_timesteps(cfg.sampler, cfg.sample_steps)
-    eta = 1.0 if cfg.sampler == "ddpm" else cfg.eta
+    kind, sample_steps = parse_sampler(sampler or sampler_name(cfg))
+    steps = sampling_timesteps(sample_steps)
+    eta = 1.0 if kind == "ddpm" else cfg.eta
     guided = classifier is not None and guidance > 0
     batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
     images, mine = [], PROCESSES.share(count)  # all of 0..count-1 in a single process
@@ -600,20 +620,24 @@ def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
     return np.array([int(torch.randint(num_classes, (1,), generator=g)) for g in rngs])
 
 
-def extract(cfg: Config, method: Method, model, classifier, guidance: float, device) -> dict:
-    """Algorithm 1 lines 16-26: N_G generations of one method. Every method uses the same seeds,
-    and every guided one the same targets c (line 17), so the rows differ only in their guidance."""
+def extract(cfg: Config, method: Method, model, classifier, guidance: float, device,
+            sampler: str = "") -> dict:
+    """Algorithm 1 lines 16-26: N_G generations of one method with `sampler` (default: Part 1's).
+    Every method uses the same seeds, and every guided one the same targets c (line 17), so rows
+    at the same sampler differ only in their guidance."""
     targets, desc = np.full(cfg.n_gen, -1), f"generate {method.name}"
+    sampler, started = sampler or sampler_name(cfg), time.perf_counter()
     if method.classifier is None:  # Carlini UnCond: the unguided model, lambda = 0
-        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, desc=desc)
+        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, desc=desc, sampler=sampler)
     else:
         targets = draw_targets(cfg.seed, cfg.n_gen, classifier.head[-1].out_features)
         if method.judge is not None:
             classifier = method.judge(classifier, model)
         images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets,
-                        guidance, desc=desc)
+                        guidance, desc=desc, sampler=sampler)
     seeds = np.array([[cfg.seed, STREAM_EVAL, i] for i in range(cfg.n_gen)])
-    return dict(images=images, seeds=seeds, targets=targets)
+    return dict(images=images, seeds=seeds, targets=targets, sampler=np.array(sampler),
+                seconds=np.array(time.perf_counter() - started))  # the sampler's cost
 
 
 # =================================================================================================
@@ -705,12 +729,15 @@ def run(cfg: Config, folder, device: torch.device, rows: list[Method] | None = N
     labels, classifiers, accuracies = None, {}, {}
     if any(row.classifier for row in rows):  # the baseline alone needs no labels or classifier
         labels, classifiers, accuracies = part1(cfg, folder, model, train, rows, surrogate, device)
-    folder.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per row, {guidance_text(cfg)}")
+    folder.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per row, {guidance_text(cfg)}, "
+                           f"{sampler_text(cfg)}")
     generations = {}
-    for row in rows:  # Part 2, lines 16-26, once for every row, at the row's own lambda
+    for row in rows:  # Part 2, lines 16-26, once for every row, at the row's own lambda and sampler
         classifier, guidance = classifiers.get(row.classifier), guidance_for(cfg, row)
+        sampler = sampler_for(cfg, row.name)
         generations[row.name] = folder(f"samples_{row.name}", lambda: extract(
-            cfg, row, model, classifier, guidance, device), guidance=guidance)
+            cfg, row, model, classifier, guidance, device, sampler), guidance=guidance,
+            sampler=sampler)
     return dict(train=train, labels=labels, accuracies=accuracies, generations=generations)
 
 
@@ -1515,12 +1542,16 @@ def table_lines(header: list, rows: list) -> list[str]:
             *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
 
 
-def write_report(cfg, evaluation, labels, accuracies, timings, out) -> dict:
+def write_report(cfg, evaluation, labels, accuracies, timings, out, sampling=None) -> dict:
+    """report.json and report.md. `sampling`: seconds each row's generations took (when made)."""
     methods = {m: r["summary"] for m, r in evaluation["results"].items()}
     report = dict(config=dataclasses.asdict(cfg), timings_s=timings, methods=methods,
+                  sampling_s=sampling or {},
                   similarity=dict(space=evaluation["space"], bands=list(evaluation["bands"])),
                   labels=labels_summary(cfg, labels), classifier_accuracy_by_t=accuracies,
-                  guidance={m: v for m, v in row_lambdas(cfg).items() if m in methods})
+                  guidance={m: v for m, v in row_lambdas(cfg).items() if m in methods},
+                  part1_sampler=sampler_name(cfg),
+                  samplers={m: sampler_for(cfg, m) for m in methods})
     if "uncond" in methods and methods["uncond"]["memorized_fraction"] > 0:
         baseline = methods["uncond"]["memorized_fraction"]
         report["gain_over_uncond"] = {m: s["memorized_fraction"] / baseline
@@ -1551,8 +1582,8 @@ def report_markdown(cfg, report) -> str:
         kept = f"{labels['clusters_kept']} surrogate labels ({labels['source']})"
     low, mid, high = sim["bands"]
     lines = [f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
-             f"N_G = {cfg.n_gen} per method, {cfg.sampler} {cfg.sample_steps} steps, "
-             f"{guidance_text(cfg)}, {kept}.", "",
+             f"N_G = {cfg.n_gen} per method, {guidance_text(cfg)}, {kept}; {sampler_text(cfg)}.",
+             "",
              markdown_table(report["methods"]), "",
              f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} "
              f"with bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. "
@@ -1629,7 +1660,9 @@ def score_and_report(cfg: Config, folder: RunFolder, result: dict, device) -> di
     evaluation = evaluate(cfg, generations, train_images, out, device)
     save_figures(evaluation, generations, train_images, out)
     timings = folder.finish()
-    report = write_report(cfg, evaluation, result["labels"], result["accuracies"], timings, out)
+    sampling = {m: round(float(g["seconds"]), 2) for m, g in generations.items()}
+    report = write_report(cfg, evaluation, result["labels"], result["accuracies"], timings, out,
+                          sampling)
     print_summary(report, out)
     return report
 
@@ -1666,19 +1699,45 @@ def is_lambda(text: str) -> bool:
         return False
 
 
-def row_lambdas(cfg: Config) -> dict:
-    """{row: lambda} from --guidance: one value for every guided row, or row=value pairs."""
-    text = (cfg.guidance or "").strip()
-    if is_lambda(text):
-        return {name: float(text) for name in method_names(cfg) if name != "uncond"}
-    lambdas = {}
+def row_values(text: str, rows: list[str], valid, problem: str) -> dict:
+    """{row: value} from a flag that takes one value for every row in `rows`, or row=value pairs.
+    `valid(value)` says whether a value is one; `problem` is the line raised when it is not."""
+    text = (text or "").strip()
+    if valid(text):
+        return {name: text for name in rows}
+    values = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = (part.strip() for part in item.partition("="))
-        if not name or not is_lambda(value):
-            raise UserError(f"--guidance {cfg.guidance!r}: give one lambda >= 0, or row=lambda "
-                            f"pairs such as side=30,cond=0.3")
-        lambdas[name] = float(value)
-    return lambdas
+        if not name or not valid(value):
+            raise UserError(problem)
+        values[name] = value
+    return values
+
+
+def row_lambdas(cfg: Config) -> dict:
+    """{row: lambda} from --guidance: one value for every guided row, or row=value pairs."""
+    guided = [name for name in method_names(cfg) if name != "uncond"]
+    problem = (f"--guidance {cfg.guidance!r}: give one lambda >= 0, or row=lambda pairs such as "
+               f"side=30,cond=0.3")
+    return {m: float(v) for m, v in row_values(cfg.guidance, guided, is_lambda, problem).items()}
+
+
+def row_samplers(cfg: Config) -> dict:
+    """{row: sampler name} from --extract-sampler: one for every row, or row=sampler pairs."""
+    problem = (f"--extract-sampler {cfg.extract_sampler!r}: give ddim<S> or ddpm<S> with S "
+               f"dividing {T_STEPS} (ddim50, ddim250, ddpm1000), or row=sampler pairs such as "
+               f"side=ddpm1000,uncond=ddpm1000")
+    return row_values(cfg.extract_sampler, method_names(cfg), parse_sampler, problem)
+
+
+def sampler_for(cfg: Config, row: str) -> str:
+    """The sampler this row's generations use: --extract-sampler's, else Part 1's."""
+    return row_samplers(cfg).get(row, sampler_name(cfg))
+
+
+def sampler_text(cfg: Config) -> str:
+    rows = ", ".join(f"{m} {sampler_for(cfg, m)}" for m in method_names(cfg))
+    return f"samplers: Part 1 {sampler_name(cfg)}; {rows}"
 
 
 def guidance_for(cfg: Config, row: Method) -> float:
@@ -1719,6 +1778,10 @@ def validate_values(cfg: Config, table: dict = METHODS, unset: tuple = ()) -> No
     for row in method_rows(cfg, table):
         if row.name not in unset:
             guidance_for(cfg, row)
+    unknown = sorted(set(row_samplers(cfg)) - set(table))
+    if unknown:
+        raise UserError(f"--extract-sampler {cfg.extract_sampler!r} names {unknown[0]!r}, which is "
+                        f"no row; give samplers for {', '.join(table)}")
 
 
 def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:

@@ -133,9 +133,10 @@ def test_ddpm_step_is_the_posterior_q_of_x_prev_given_x_t_and_x0():
     a_480 = diffusion.alpha_bar[480]
     eps_clamped = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
     assert ddim.item() == pytest.approx((a_480.sqrt() * x0 + (1 - a_480).sqrt() * eps_clamped).item(), rel=1e-4)
-    assert side.sampling_timesteps("ddpm", 50) == list(range(999, -1, -1))
-    ddim_steps = side.sampling_timesteps("ddim", 50)
+    assert side.sampling_timesteps(1000) == list(range(999, -1, -1))
+    ddim_steps = side.sampling_timesteps(50)
     assert ddim_steps[:2] == [980, 960] and ddim_steps[-1] == 0
+    assert side.sampling_timesteps(250)[:2] == [996, 992]  # ddpm250: the ancestral step, stride 4
 
 
 def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
@@ -150,7 +151,7 @@ def test_reverse_step_agrees_with_diffusers_ddim_and_ddpm_schedulers():
     ddim = diffusers.DDIMScheduler(**schedule, set_alpha_to_one=True, timestep_spacing="leading", steps_offset=0)
     ddim.set_timesteps(50)
     diffusion = side.Diffusion()
-    steps = side.sampling_timesteps("ddim", 50)
+    steps = side.sampling_timesteps(50)
     assert [int(t) for t in ddim.timesteps] == steps
     np.testing.assert_allclose(diffusion.alpha_bar.numpy(), ddim.alphas_cumprod.numpy(), rtol=1e-5)
 
@@ -313,7 +314,7 @@ def test_guidance_asks_the_classifier_about_the_current_x_t_at_the_current_t():
         return torch.stack([score, -score], 1)
     classifier, targets = Recorder(respond=bright_while_t_is_large), np.zeros(3, dtype=int)
     guided = side.sample(model, cfg, 3, torch.device("cpu"), classifier=classifier, targets=targets, guidance=5.0)
-    steps = side.sampling_timesteps(cfg.sampler, cfg.sample_steps)
+    steps = side.sampling_timesteps(cfg.sample_steps)
     assert [int(t[0]) for _, t in classifier.calls] == steps and all((t == t[0]).all() for _, t in classifier.calls)
     assert len(model.calls) == len(classifier.calls)
     for (x_model, t_model), (x_clf, t_clf) in zip(model.calls, classifier.calls):
@@ -780,6 +781,9 @@ def bad_input_cases(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     return {
+        "extract sampler": (["--extract-sampler", "side=fast"], "--extract-sampler 'side=fast': give ddim<S>"),
+        "extract sampler steps": (["--extract-sampler", "ddim3"], "with S dividing 1000"),
+        "extract sampler row": (["--extract-sampler", "sidee=ddim50"], "names 'sidee', which is no row"),
         "unknown dataset": (["--dataset", "mnist"], "--dataset: invalid choice"),
         "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
         "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
@@ -1189,8 +1193,9 @@ def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, mo
     assert calls[-1] == (0, "lambda cond 30, side 30")  # the reported seed ran once, at the tuned lambdas
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["guidance"] == {"cond": 30.0, "side": 30.0}
-    assert report["protocol"]["lambdas"]["how"] == {"cond": "tuned on seed 7", "side": "tuned on seed 7"}
-    assert "| side | 30 | tuned on seed 7 |" in (tmp_path / "report.md").read_text()
+    assert report["protocol"]["settings"]["how"] == {"uncond": "fixed, not tuned", "cond": "tuned on seed 7",
+                                                     "side": "tuned on seed 7"}
+    assert "| side | ddim10 | 30 | tuned on seed 7 |" in (tmp_path / "report.md").read_text()
     calls.clear()
     assert experiments.main(args) == 0  # the tuning is cached in the run folder: only the reported seed reruns
     assert [seed for seed, _ in calls] == [0]
@@ -1218,22 +1223,103 @@ def test_ever_extracted_is_the_union_over_seeds_in_dataset_index_space(tmp_path)
     assert ever == dict(count=3, of=6, fraction=0.5)  # dataset images 10, 12 and 20 of 10-12, 20-22
 
 
-def test_aggregate_ratios_are_side_over_each_row_against_the_stronger_cond(tmp_path):
-    """Per seed: side's Gu fraction divided by uncond's and by the better Cond variant's (by mean)."""
-    fractions = {0: dict(uncond=.10, cond=.05, cond_x0=.20, side=.40),
-                 1: dict(uncond=.20, cond=.10, cond_x0=.25, side=.50)}
-    folders, reports = {}, {}
-    for seed, by_row in fractions.items():
-        folders[seed] = tmp_path / f"seed{seed}"
-        folders[seed].mkdir()
-        np.savez(folders[seed] / "train_subset.npz", indices=np.arange(4))
-        for row in by_row:
-            np.savez(folders[seed] / f"nn_{row}.npz", nn_index=np.zeros(2, int), nn_ratio=np.ones(2))
-        reports[seed] = dict(methods={row: dict(memorized_fraction=f, unique_memorized=1) for row, f in by_row.items()})
+def write_rows(folder, flags: dict, samplers: dict, seeds=None) -> dict:
+    """A seed's run folder holding only what the aggregate reads: per row, which generations are
+    Gu-memorized (nn_ratio < 1/3) and their (seed, stream, i); returns the seed's report."""
+    folder.mkdir()
+    np.savez(folder / "train_subset.npz", indices=np.arange(4))
+    methods = {}
+    for row, memorized in flags.items():
+        memorized = np.asarray(memorized, bool)
+        row_seeds = seeds[row] if seeds and row in seeds else np.arange(len(memorized))
+        np.savez(folder / f"nn_{row}.npz", nn_index=np.zeros(len(memorized), int),
+                 nn_ratio=np.where(memorized, 0.1, 0.9))
+        np.savez(folder / f"samples_{row}.npz", seeds=np.asarray(row_seeds))
+        methods[row] = dict(memorized_fraction=memorized.mean(), unique_memorized=1)
+    return dict(methods=methods, samplers=samplers)
+
+
+def test_aggregate_ratios_are_side_over_uncond_at_its_sampler_the_strongest_uncond_and_the_stronger_cond(tmp_path):
+    """Per seed: side's Gu-memorized generations over uncond's at side's sampler, over the uncond row (any
+    sampler) that copied most on that seed, and over the better Cond variant (by mean)."""
+    ten = lambda k: [1] * k + [0] * (10 - k)  # k of 10 generations memorized
+    flags = {0: dict(uncond=ten(1), uncond_ddpm1000=ten(2), cond=ten(1), cond_x0=ten(2), side=ten(8)),
+             1: dict(uncond=ten(4), uncond_ddpm1000=ten(2), cond=ten(1), cond_x0=ten(3), side=ten(6))}
+    samplers = dict(uncond="ddim50", uncond_ddpm1000="ddpm1000", cond="ddim50", cond_x0="ddim50", side="ddpm1000")
+    folders = {seed: tmp_path / f"seed{seed}" for seed in flags}
+    reports = {seed: write_rows(folders[seed], rows, samplers) for seed, rows in flags.items()}
     agg = experiments.aggregate(folders, reports)
-    assert agg["best_cond"] == "cond_x0"  # mean 0.225 against cond's 0.075
-    assert agg["ratios"]["0"] == {"side/uncond": pytest.approx(4.0), "side/cond_x0": pytest.approx(2.0)}
-    assert agg["ratios"]["1"] == {"side/uncond": pytest.approx(2.5), "side/cond_x0": pytest.approx(2.0)}
+    assert agg["best_cond"] == "cond_x0"  # mean 0.25 against cond's 0.1
+    ratio = {seed: {name: (cell["ratio"], cell["row"]) for name, cell in by_name.items()}
+             for seed, by_name in agg["ratios"].items()}
+    assert ratio["0"] == {"side / uncond, same sampler": (4.0, "uncond_ddpm1000"),
+                          "side / strongest uncond": (4.0, "uncond_ddpm1000"), "side / best cond": (4.0, "cond_x0")}
+    assert ratio["1"] == {"side / uncond, same sampler": (3.0, "uncond_ddpm1000"),  # the weaker uncond here
+                          "side / strongest uncond": (1.5, "uncond"), "side / best cond": (2.0, "cond_x0")}
+    summary = agg["ratio_summary"]["side / strongest uncond"]
+    assert (summary["mean"], summary["min"], summary["max"]) == (2.75, 1.5, 4.0)
+    assert (summary["seeds"], summary["sign_holds"]) == (2, 2)
+
+
+def test_paired_interval_resamples_the_same_generations_of_both_rows():
+    """Rows that share their seeds are compared generation by generation: a row against itself has the
+    ratio 1 in every bootstrap draw, and one that copies exactly where the other does and on 10 more of
+    200 has a narrow interval. Rows drawn from other seeds are not paired: refused."""
+    rng = np.random.default_rng(5)
+    base = rng.random(200) < 0.2
+    seeds = np.stack([np.zeros(200, int), np.zeros(200, int), np.arange(200)], 1)
+    same = experiments.paired_ratio(base, seeds, base, seeds)
+    assert same["ratio"] == same["low"] == same["high"] == 1.0
+    more = base.copy()
+    more[np.flatnonzero(~base)[:10]] = True
+    cell = experiments.paired_ratio(more, seeds, base, seeds)
+    assert cell["low"] >= 1.0 and cell["ratio"] == pytest.approx(more.sum() / base.sum())
+    assert cell["high"] - cell["low"] < 0.6  # 0.40 paired; resampling each row on its own gives 1.08
+    with pytest.raises(ValueError, match="same"):
+        experiments.paired_ratio(base, seeds, base, seeds[::-1])
+
+
+def test_the_sampler_is_tuned_like_lambda_on_the_tune_seed(tmp_path, monkeypatch):
+    """With --sampler-grid, every row (uncond too) is chosen over (sampler, lambda) on the tune seed by one
+    rule, the reported seed runs each row at its choice, and uncond also runs at side's sampler."""
+    real, calls = experiments.run_pipeline, []
+
+    def rigged(cfg):  # the tune seed: the finer sampler copies more, for every row; lambda 3 is best
+        report = real(cfg)
+        calls.append((cfg.seed, side.row_samplers(cfg)))
+        for method, row in report["methods"].items():
+            steps = side.parse_sampler(side.sampler_for(cfg, method))[1]
+            value = side.row_lambdas(cfg).get(method, 0.0)
+            row["memorized_fraction"] = steps / 100 - abs(value - 3) / 1000 if cfg.seed == 7 else 0.5
+        return report
+    monkeypatch.setattr(experiments, "run_pipeline", rigged)
+    args = [*TINY_TUNED, "--methods", "uncond,side", "--lambda-grid", "1,3", "--sampler-grid", "ddim5,ddpm10",
+            "--tune-seed", "7", "--tune-n-gen", "4", "--out", str(tmp_path)]
+    assert experiments.main(args) == 0
+    tuned = [samplers for seed, samplers in calls if seed == 7]
+    assert {(s["uncond"], s["side"]) for s in tuned} == {("ddim5", "ddim5"), ("ddpm10", "ddpm10")}
+    assert len(tuned) == 4  # two samplers times two lambdas
+    assert calls[-1] == (0, {"uncond": "ddpm10", "side": "ddpm10", "uncond_ddim5": "ddim5"})
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["samplers"] == {"uncond": "ddpm10", "side": "ddpm10", "uncond_ddim5": "ddim5"}
+    assert report["guidance"] == {"side": 3.0} and report["part1_sampler"] == "ddim10"
+    assert "| side | ddpm10 | 3 | tuned on seed 7 |" in (tmp_path / "report.md").read_text()
+
+
+def test_sampler_names_choose_the_steps_and_the_ancestral_noise():
+    """ddim<S> and ddpm<S> visit the same S timesteps; only ddpm adds fresh noise at each step (eta = 1),
+    and --sampler ddpm is all T steps whatever --sample-steps says."""
+    cfg, unet, _ = tiny_networks()
+    torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
+    model = Recorder(unet)
+    model.head = unet.head
+    ddim, ddpm = (side.sample(model, cfg, 2, torch.device("cpu"), sampler=name) for name in ("ddim20", "ddpm20"))
+    visited = [int(t[0]) for _, t in model.calls]
+    assert visited == side.sampling_timesteps(20) * 2 and not np.array_equal(ddim, ddpm)
+    assert side.parse_sampler("ddpm1000") == ("ddpm", 1000) and side.parse_sampler("ddim3") is None
+    assert side.sampler_name(tiny_config(sampler="ddpm", sample_steps=10)) == "ddpm1000"
+    np.testing.assert_array_equal(side.sample(unet, cfg, 2, torch.device("cpu")),
+                                  side.sample(unet, cfg, 2, torch.device("cpu"), sampler=side.sampler_name(cfg)))
 
 
 def test_seeds_aggregate_equals_the_per_seed_reports_and_a_stopped_run_keeps_finished_seeds(
@@ -1285,6 +1371,9 @@ def test_protocol_bad_input_gets_one_line_naming_the_fix_before_any_slow_work(tm
         "sweep value": (["--sweep", "clusters=8,x"], "every value of clusters must be a number"),
         "unknown method": (["--methods", "uncond,magic"], "--methods takes"),
         "tune n_gen": (["--tune-n-gen", "0"], "--tune-n-gen must be positive"),
+        "sampler grid": (["--sampler-grid", "ddim50,ddim3"], "--sampler-grid 'ddim50,ddim3': give distinct"),
+        "sampler grid repeated": (["--sampler-grid", "ddim50,ddim50"], "give distinct"),
+        "sampler sweep": (["--sweep", "extract_sampler=ddim50,fast"], "every sampler must be"),
     }
     for name, (args, message) in cases.items():
         code = experiments.main(["--out", str(tmp_path / "run"), *args])
@@ -1527,7 +1616,7 @@ def test_torchrun_tuning_lambda_into_a_fresh_folder_writes_one_report(tmp_path):
                                 "--tune-n-gen", "6", "--out", str(out))
     assert code == 0, output
     report = json.loads((out / "report.json").read_text())
-    assert report["protocol"]["lambdas"]["how"] == {"side": "tuned on seed 100"}
+    assert report["protocol"]["settings"]["how"] == {"uncond": "fixed, not tuned", "side": "tuned on seed 100"}
     assert sum(line.startswith("report: ") for line in output.splitlines()) == 3, output  # 2 lambdas, seed 0
 
 
