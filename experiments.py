@@ -857,20 +857,23 @@ def autograd_of(log_posterior):
     return guide
 
 
-def mech_sample(count: int, seed: int, guide=None, lam: float = 0.0, steps: int = 50,
+def mech_sample(count: int, seed: int, guide=None, lam: float = 0.0, sampler: str = "ddim50",
                 stream: int = side.STREAM_EVAL):
-    """side.py's sampler on the toy (DDIM, eta 0), guided by eps - lambda sqrt(1 - abar_t) grad
-    log p_t(c | x_t) (Eq. 1); guide(x_t, abar_t) gives the gradient. Returns the generations and
-    the mean |guidance term| over the steps."""
+    """side.py's samplers on the toy (ddim<S>: eta 0; ddpm<S>: ancestral, eta 1), guided by
+    eps - lambda sqrt(1 - abar_t) grad log p_t(c | x_t) (Eq. 1); guide(x_t, abar_t) gives the
+    gradient. Returns the generations and the mean |guidance term| over the steps."""
     x = torch.randn(count, generator=side.sample_rng(seed, stream, 0), dtype=torch.float64)
-    timesteps, pushes = side.sampling_timesteps("ddim", steps), []
+    noise = side.sample_rng(seed, stream, 1)  # the ancestral steps' fresh noise
+    kind, steps = side.parse_sampler(sampler)
+    timesteps, pushes, eta = side.sampling_timesteps(steps), [], float(kind == "ddpm")
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
         abar = side.DIFFUSION.alpha_bar[t]
         eps = mech_eps(x, abar)
         if guide is not None and lam:
             push = lam * (1 - abar).sqrt() * guide(x, abar)
             eps, pushes = eps - push, pushes + [float(push.abs().mean())]
-        x = side.reverse_step(x[:, None], eps[:, None], t, t_prev, 0.0, 0)[:, 0]
+        z = torch.randn(count, generator=noise, dtype=torch.float64) if eta else torch.zeros(1)
+        x = side.reverse_step(x[:, None], eps[:, None], t, t_prev, eta, z[:, None])[:, 0]
     return x.numpy(), float(np.mean(pushes)) if pushes else 0.0
 
 
@@ -924,7 +927,8 @@ def cell_guidance(synthetic: np.ndarray, clusters: int, lams, seed: int, count: 
     targets = mech_targets(seed, count, clusters)
     lo, hi = torch.tensor(edges[targets]), torch.tensor(edges[targets + 1])
     guide = autograd_of(lambda x, abar: cell_log_posterior(x, abar, lo, hi))
-    copies = {lam: mech_copies(mech_sample(count, seed, guide, lam, steps)[0]) for lam in lams}
+    copies = {lam: mech_copies(mech_sample(count, seed, guide, lam, f"ddim{steps}")[0])
+              for lam in lams}
     exact, mass = mech_exact(edges)
     held = np.bincount(cell_of(edges, MECH_POINTS), minlength=clusters)
     return dict(targets=targets, copies=copies, exact=exact, mass=mass, held=held)
@@ -954,7 +958,7 @@ def shuffled_rows(synthetic: np.ndarray, clusters: int, lam: float, seed: int, c
     gain = float(np.mean(np.log(len(labels) / np.bincount(labels, minlength=clusters))))
     rows = []
     for name, guide in guides.items():
-        x, push = mech_sample(count, seed, guide, lam)
+        x, push = mech_sample(count, seed, guide, lam)  # DDIM, 50 steps
         rows.append(dict(name=name, gain=gain if guide else None, push=push,
                          copy=float(mech_copies(x).mean())))
     return rows
@@ -997,7 +1001,25 @@ def mechanism_tables(seed: int = 0, count: int = 2000, fine_count: int = 1000,
                         for k in (4, 8)}})
     return dict(lam=rows, held={k: runs[k]["held"].tolist() for k in (4, 8)}, steps=fine_steps,
                 mass=mass_rows(runs), base=float(runs[8]["copies"][0].mean()), exact=whole,
-                shuffled=shuffled_rows(synthetic, 8, 3, seed, fine_count, bandwidth))
+                shuffled=shuffled_rows(synthetic, 8, 3, seed, fine_count, bandwidth),
+                samplers=sampler_rows(synthetic, 8, seed, fine_count))
+
+
+MECH_SAMPLERS = ("ddim50", "ddim250", "ddim1000", "ddpm50", "ddpm250", "ddpm1000")
+
+
+def sampler_rows(synthetic: np.ndarray, clusters: int, seed: int, count: int) -> list:
+    """Table (d): the copy rate of each sampler, unguided and guided toward the k-means cells by
+    the exact posterior at lambda 1 (which asks for p(x | c) itself), beside the exact rates."""
+    edges, _ = mech_cells(synthetic, clusters, seed)
+    targets = mech_targets(seed, count, clusters)
+    lo, hi = torch.tensor(edges[targets]), torch.tensor(edges[targets + 1])
+    guide = autograd_of(lambda x, abar: cell_log_posterior(x, abar, lo, hi))
+    exact = float(mech_exact(edges)[0][targets].mean())
+    return [dict(sampler=name, exact=exact, **{
+        label: float(mech_copies(mech_sample(count, seed, g, lam, name)[0]).mean())
+        for label, g, lam in (("unguided", None, 0.0), ("guided", guide, 1.0))})
+        for name in MECH_SAMPLERS]
 
 
 def mech_lambda_markdown(tables: dict) -> list:
@@ -1038,6 +1060,16 @@ def mech_shuffled_markdown(tables: dict) -> list:
     return lines + side.table_lines(header, rows)
 
 
+def mech_sampler_markdown(tables: dict) -> list:
+    """Table (d), as Markdown lines."""
+    lines = [f"(d) The sampler, with the exact eps: copy rate unguided (p itself: "
+             f"{tables['exact']:.3f}) and guided toward K = 8 cells by the exact posterior at "
+             f"lambda 1 (p(x given c) itself: {tables['samplers'][0]['exact']:.3f}).", ""]
+    rows = [[r["sampler"], f"{r['unguided']:.3f}", f"{r['guided']:.3f}"]
+            for r in tables["samplers"]]
+    return lines + side.table_lines(["sampler", "unguided", "guided, lambda 1"], rows)
+
+
 def mechanism_markdown(tables: dict) -> str:
     """The three tables of section E2, in Markdown."""
     title = (f"Guidance toward k-means cells on a 1-D memorizing model: {len(MECH_POINTS)} "
@@ -1046,7 +1078,7 @@ def mechanism_markdown(tables: dict) -> str:
              f"Exact copy rate of p: {tables['exact']:.3f}; DDIM, 50 steps, unguided: "
              f"{tables['base']:.3f}.")
     parts = [mech_lambda_markdown(tables), mech_mass_markdown(tables),
-             mech_shuffled_markdown(tables)]
+             mech_shuffled_markdown(tables), mech_sampler_markdown(tables)]
     return title + "\n\n" + "\n\n".join("\n".join(part) for part in parts)
 
 

@@ -856,6 +856,8 @@ def test_cli_errors_have_no_traceback_and_download_offline_names_the_fix(tmp_pat
 def snapshot(out: Path) -> dict:
     """Every saved array, the report, and the weights of every saved network in a run folder."""
     saved = {path.name: dict(np.load(path)) for path in out.glob("*.npz")}
+    for arrays in saved.values():
+        arrays.pop("seconds", None)  # the wall time a row's sampling took: a measurement, not a result
     saved["report.json"] = json.loads((out / "report.json").read_text())
     for path in [out / "ddpm.pt", *sorted(out.glob("classifier_*.pt"))]:
         checkpoint = torch.load(path, weights_only=False)
@@ -1026,6 +1028,25 @@ def test_sweep_reuses_the_trained_ddpm(tiny_run, capsys):
         assert sweep["rows"][0][method] == sweep["rows"][0]["uncond"], method
     assert sweep["rows"][1]["side"] != sweep["rows"][1]["uncond"]
     assert (tiny_run / "figures" / "sweep_guidance.png").is_file()
+
+
+def test_sampler_sweep_resamples_only_the_extraction_and_draws_the_curve(tiny_run, capsys):
+    """A sweep of the extraction sampler keeps Part 1 (the labels and classifiers were sampled with
+    --sampler) and reruns only the rows' generations; the report names both samplers, and the curve
+    gives each row's Gu % and cost per sampler."""
+    stamps = {name: (tiny_run / name).stat().st_mtime_ns for name in ("ddpm.pt", "synthetic.npz", "labels.npz")}
+    args = [*TINY, "--methods", "uncond,side", "--out", str(tiny_run), "--sweep", "extract_sampler=ddim5,ddpm10"]
+    assert experiments.main(args) == 0
+    assert {name: (tiny_run / name).stat().st_mtime_ns for name in stamps} == stamps
+    samples = np.load(tiny_run / "samples_side.npz")
+    assert str(samples["sampler"]) == "ddpm10" and float(samples["seconds"]) > 0
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert report["part1_sampler"] == "ddim10" and report["samplers"] == {"uncond": "ddpm10", "side": "ddpm10"}
+    assert "samplers: Part 1 ddim10; uncond ddpm10, side ddpm10" in (tiny_run / "report.md").read_text()
+    curve = (tiny_run / "sampler_curve.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in curve[2:]] == ["| ddim5", "| ddpm10"]
+    assert (tiny_run / "figures" / "sampler_curve.png").is_file()
+    capsys.readouterr()
 
 
 def test_checkpoint_of_another_run_is_not_loaded_silently(tiny_run, capsys):
