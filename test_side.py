@@ -671,6 +671,17 @@ def test_mechanism_toy_power_prior_copies_through_one_point_cells_and_shuffled_l
     assert rows["shuffled, fitted"]["gain"] == rows["k-means, fitted"]["gain"]  # same sizes
 
 
+def test_mechanism_toy_coarse_sampler_copies_less_than_the_model_and_the_full_chain_as_much():
+    """With the exact eps, the full ancestral chain samples p itself (its copy rate is p's, 0.744 by
+    quadrature), while 50 DDIM steps are too coarse for spikes of width 0.02 and copy less: the
+    baseline's shortfall at 50 steps is the sampler's, not the model's."""
+    e = experiments
+    coarse = e.mech_copies(e.mech_sample(600, 0, sampler="ddim50")[0]).mean()
+    full = e.mech_copies(e.mech_sample(600, 0, sampler="ddpm1000")[0]).mean()
+    exact = e.mech_exact(np.array([-np.inf, np.inf]))[0][0]
+    assert coarse < exact - 0.1 and abs(full - exact) < 0.05
+
+
 def test_theory_md_pointers_name_code_that_exists():
     text = (ROOT / "theory.md").read_text()
     modules = {"side": side, "experiments": experiments}
