@@ -780,10 +780,11 @@ def theorem1_markdown(rows: list) -> str:
 # by the forward process each component stays Gaussian, N(sqrt(abar) mu, abar sigma^2 + 1 - abar),
 # so the perfect model's eps and the exact noisy posterior p_t(c | x_t) of a k-means cell (the
 # optimum of Eq. 2 over all classifiers) are in closed form; copy rates under p are quadratures.
-# Sampling is side.py's: DDIM, eta 0, side.reverse_step, with eps - lambda sqrt(1 - abar_t) grad
-# log p_t(c | x_t) (Eq. 1), which asks at every t for p_t(x) p_t(c | x)^lambda (the power prior).
+# Sampling is side.py's: DDIM (eta 0) or ancestral steps, side.reverse_step, with
+# eps - lambda sqrt(1 - abar_t) grad log p_t(c | x_t) (Eq. 1), which asks at every t for
+# p_t(x) p_t(c | x)^lambda (the power prior).
 # `python experiments.py mechanism` prints the copy rate (a) against lambda, (b) against the
-# label's mass, (c) for shuffled labels.
+# label's mass, (c) for shuffled labels, (d) for six samplers (the sampler's own effect).
 
 MECH_POINTS = np.linspace(-0.7, 0.7, 8)  # the n training points x_i, 0.2 apart
 MECH_SPIKE, MECH_NOVEL, MECH_BROAD = 0.02, 0.5, 0.35  # s, g, b
@@ -985,8 +986,8 @@ def mass_rows(runs: dict) -> list:
 def mechanism_tables(seed: int = 0, count: int = 2000, fine_count: int = 1000,
                      fine_steps: int = 1000, bandwidth: float = 0.02) -> dict:
     """Copy rates on the toy (a) against lambda, (b) against the label's mass, (c) with shuffled
-    labels. `count` is both N_syn (the samples k-means labels) and N_G per run; the check with
-    `fine_steps` DDIM steps, and table (c), use `fine_count` generations."""
+    labels, (d) per sampler. `count` is both N_syn (the samples k-means labels) and N_G per run;
+    the check with `fine_steps` DDIM steps, and tables (c) and (d), use `fine_count`."""
     synthetic, _ = mech_sample(count, seed, stream=side.STREAM_SYNTHETIC)
     runs = {clusters: cell_guidance(synthetic, clusters, lams, seed, count)
             for clusters, lams in ((2, (1, 3)), (4, MECH_LAMBDAS), (8, MECH_LAMBDAS),

@@ -393,7 +393,7 @@ def parse_sampler(name: str) -> tuple[str, int] | None:
     chain; 'ddpm250' is the same ancestral step (eta = 1) on every 4th timestep. None: no sampler.
     The sampler changes how much a memorizing model gives back (README, "The sampler")."""
     kind, steps = name[:4], name[4:]
-    if kind not in ("ddim", "ddpm") or not steps.isdigit() or int(steps) not in range(1, T_STEPS + 1):
+    if kind not in ("ddim", "ddpm") or not steps.isdigit() or not 0 < int(steps) <= T_STEPS:
         return None
     return (kind, int(steps)) if T_STEPS % int(steps) == 0 else None
 
