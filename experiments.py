@@ -68,10 +68,13 @@ TUNE_N_GEN = {"cpu": 256, "gpu": 1024}
 
 
 def apply_profile(cfg: ExperimentConfig) -> ExperimentConfig:
-    """side.py's profile, except lambda: rows the user gives no lambda are tuned, not profiled."""
-    given = cfg.guidance
+    """side.py's profile, except what is tuned: rows the user gives no lambda are tuned, not
+    profiled, and so is their sampler when --sampler-grid is given."""
+    given, sampler = cfg.guidance, cfg.extract_sampler
     side.apply_profile(cfg)
     cfg.guidance = given
+    if sampler is None and cfg.sampler_grid.strip():
+        cfg.extract_sampler = ""
     if cfg.tune_n_gen is None:
         cfg.tune_n_gen = TUNE_N_GEN[side.device_kind(cfg)]
     return cfg

@@ -87,10 +87,10 @@ class Config:
     sampler: str = option("ddim", "ddpm = ancestral, all T steps", ("ddim", "ddpm"))
     sample_steps: int = option(50, "DDIM steps")
     eta: float = option(0.0, "DDIM eta (0 = deterministic)")
-    extract_sampler: str = option("", "Part 2's sampler if not --sampler's: ddim<S> (S DDIM steps) "
-                                      "or ddpm<S> (S ancestral steps; ddpm1000 = DDPM's full "
-                                      "chain), one for every row or row=sampler pairs such as "
-                                      "side=ddpm1000", shown="--sampler, --sample-steps")
+    extract_sampler: str = option(None, "Part 2's sampler: ddim<S> (S DDIM steps) or ddpm<S> (S "
+                                        "ancestral steps; ddpm1000 = DDPM's full chain), one for "
+                                        "every row or row=sampler pairs such as side=ddpm1000; "
+                                        "'' = --sampler's (the CPU profiles)")
     # --- surrogate labels (Algorithm 1, Part 1) ---
     n_syn: int = option(None, "N_syn: generated images to cluster")
     clusters: int = option(None, "K: k-means clusters")
@@ -123,7 +123,8 @@ class Config:
 # experiments.py on that seed (README, "Faces"). No other profile's lambda is tuned: side=10,
 # cond=1 are mid-grid starting points there; tune them with experiments.py.
 _SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
-              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance="cond=1,side=10")
+              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance="cond=1,side=10",
+              extract_sampler="")
 # gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128
 _GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
             n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
