@@ -698,12 +698,10 @@ def plot_sampler_curve(name: str, rows: list, out: Path) -> None:
     for kind, style in (("ddim", "o--"), ("ddpm", "s-")):
         chosen = [r for r in rows if r["value"].startswith(kind)]
         steps = [side.parse_sampler(r["value"])[1] for r in chosen]
-        for m in methods if chosen else []:
-            n_gen = chosen[0][m]["n_generated"]
-            ax1.plot(steps, [100 * r[m]["memorized_fraction"] for r in chosen], style,
-                     label=f"{m}, {kind}")
-            ax2.plot(steps, [r["sampling_s"][m] * 512 / n_gen for r in chosen], style,
-                     label=f"{m}, {kind}")
+        for color, m in enumerate(methods if chosen else []):  # a colour per row, a line per kind
+            n_gen, look = chosen[0][m]["n_generated"], dict(color=f"C{color}", label=f"{m}, {kind}")
+            ax1.plot(steps, [100 * r[m]["memorized_fraction"] for r in chosen], style, **look)
+            ax2.plot(steps, [r["sampling_s"][m] * 512 / n_gen for r in chosen], style, **look)
     for r in rows:
         table.append([r["value"], *(f"{100 * r[m]['memorized_fraction']:.2f} ({r[m]['memorized']})"
                                     for m in methods),

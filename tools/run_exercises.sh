@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tools/run_exercises.sh: run and time the exercises of theory.md from a clean clone.
 #
-#   tools/run_exercises.sh                 # all seventeen, in the default order below
+#   tools/run_exercises.sh                 # all eighteen, in the default order below
 #   tools/run_exercises.sh 0 1 M           # only these, in the order given
 #
 # Each exercise runs the commands of its *Command(s)* block in theory.md, character for character:
@@ -24,7 +24,7 @@
 #   - an exercise that needs runs/ex0 when runs/ex0/report.json is missing.
 #
 # Default order: Exercise 0 first (6-13 read or copy runs/ex0), then the short exercises,
-# then the long ones (7, D, 8, 5). Exercise 10 (c) writes runs/ex0/figures/gradient_norm.png, the
+# then the long ones (7, D, 8, S, 5). Exercise 10 (c) writes runs/ex0/figures/gradient_norm.png, the
 # only file an exercise adds to runs/ex0; no stage reads it. What is only read or viewed (the
 # reports, the figures) is not scripted.
 set -u
@@ -37,8 +37,8 @@ fi
 
 export PYTHONUNBUFFERED=1  # stdout reaches the log line by line, in order with stderr, as on a terminal
 
-EXERCISES=(0 1 2 3 4 M 5 6 7 8 9 10 11 12 13 14 D)
-DEFAULT_ORDER=(0 1 2 3 4 M 10 12 13 6 9 11 14 7 D 8 5)
+EXERCISES=(0 1 2 3 4 M 5 6 7 8 9 10 11 12 13 14 D S)
+DEFAULT_ORDER=(0 1 2 3 4 M 10 12 13 6 9 11 14 7 D 8 S 5)
 # What an exercise's commands create and read, read off its function body (so the two cannot
 # drift apart): the run folders it writes (every `--out FOLDER`), and whether it reads runs/ex0.
 creates() { declare -f "ex$1" | grep -o -- '--out [^ ;]*' | cut -d' ' -f2; }
@@ -279,6 +279,11 @@ python side.py --out runs/ex13 --n-gen 128
 ex14() {
 python side.py --n 64  --methods uncond --out runs/ex14_n64
 python side.py --n 256 --methods uncond --out runs/ex14_n256
+}
+
+# Exercise S. The sampler: does the full chain copy more or less? (long)
+exS() {
+OMP_NUM_THREADS=1 python experiments.py --seed 100 --methods uncond,side --guidance side=30 --n-gen 256 --sweep extract_sampler=ddim50,ddim250,ddpm50,ddpm250,ddpm1000 --out runs/exS
 }
 
 # Exercise D. Fewer DDPM steps as a defence (long; section 9)
