@@ -150,7 +150,7 @@ METHODS = {"uncond": side.METHODS["uncond"], "cond": side.METHODS["cond"],
            "oracle": Method("oracle", classifier="oracle", relabel=oracle_labels)}
 
 
-UNCOND_AT = "uncond_"  # uncond_ddpm1000: the unguided row at another sampler than uncond's own
+UNCOND_AT = "uncond_"  # uncond_ddpm1000: the unguided row at that sampler (--methods may name it)
 
 
 def method_table(cfg) -> dict:
@@ -253,7 +253,9 @@ def methods_to_tune(cfg: ExperimentConfig) -> list[str]:
 def candidates(cfg: ExperimentConfig, row: str) -> list[tuple[str, float]]:
     """The (sampler, lambda) pairs a row is chosen from: what the command line fixes, else the
     grids. uncond has lambda 0."""
-    samplers = sampler_grid(cfg) if sampler_is_free(cfg, row) else [side.sampler_for(cfg, row)]
+    fixed = side.row_samplers(cfg).get(row) or (row[len(UNCOND_AT):] if row.startswith(UNCOND_AT)
+                                                else side.sampler_name(cfg))
+    samplers = sampler_grid(cfg) if sampler_is_free(cfg, row) else [fixed]
     lambdas = ([0.0] if method_table(cfg)[row].classifier is None else lambda_grid(cfg)
                if lambda_is_free(cfg, row) else [fixed_guidance(cfg)[row]])
     return [(sampler, value) for sampler in samplers for value in lambdas]
@@ -380,7 +382,8 @@ def reported_rows(cfg: ExperimentConfig, choice: dict) -> list[str]:
         return names
     grid = sampler_grid(cfg) if cfg.sampler_grid.strip() else []
     others = dict.fromkeys([*grid, *choice["samplers"].values()])
-    return names + [UNCOND_AT + s for s in others if s != choice["samplers"]["uncond"]]
+    extra = [UNCOND_AT + s for s in others if s != choice["samplers"]["uncond"]]
+    return names + [m for m in extra if m not in names]
 
 
 def run_protocol(cfg: ExperimentConfig) -> dict:

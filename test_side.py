@@ -1338,6 +1338,16 @@ def test_the_sampler_is_tuned_like_lambda_on_the_tune_seed(tmp_path, monkeypatch
     assert "| side | ddpm10 | 3 | tuned on seed 7 |" in (tmp_path / "report.md").read_text()
 
 
+def test_an_uncond_row_named_for_a_sampler_samples_with_it(tmp_path):
+    """--methods uncond_ddpm1000 adds the unguided row at the full chain, whatever the grid or Part 1
+    use: a stronger baseline for the "strongest uncond" comparison."""
+    cfg = experiments.apply_profile(experiments.ExperimentConfig(
+        methods="uncond,side,uncond_ddpm1000", sampler_grid="ddim50,ddpm250", out=str(tmp_path)))
+    assert experiments.candidates(cfg, "uncond_ddpm1000") == [("ddpm1000", 0.0)]
+    assert experiments.candidates(cfg, "uncond") == [("ddim50", 0.0), ("ddpm250", 0.0)]
+    assert "uncond_ddpm1000" not in experiments.methods_to_tune(cfg)
+
+
 def test_sampler_names_choose_the_steps_and_the_ancestral_noise():
     """ddim<S> and ddpm<S> visit the same S timesteps; only ddpm adds fresh noise at each step (eta = 1),
     and --sampler ddpm is all T steps whatever --sample-steps says."""
