@@ -298,7 +298,7 @@ def tuning_runs(cfg: ExperimentConfig, rows: list[str]) -> list[tuple[str, str]]
     for sampler in samplers:
         for value in values:
             lambdas = {m: value if lambda_is_free(cfg, m) else candidates(cfg, m)[0][1]
-                       for m in rows if m != "uncond"}
+                       for m in rows if method_table(cfg)[m].classifier is not None}
             chosen = {m: sampler if sampler_is_free(cfg, m) else side.sampler_for(cfg, m)
                       for m in rows}
             runs.append((",".join(f"{m}={v!r}" for m, v in lambdas.items()),
@@ -366,8 +366,8 @@ def choose_settings(cfg: ExperimentConfig) -> dict:
     tuning = tune_settings(cfg, to_tune) if to_tune else None
     best = tuning["best"] if tuning else {}
     names = side.method_names(cfg)
-    lambdas = {m: best[m]["guidance"] if m in best else candidates(cfg, m)[0][1]
-               for m in names if m != "uncond"}
+    guided = [m for m in names if method_table(cfg)[m].classifier is not None]
+    lambdas = {m: best[m]["guidance"] if m in best else candidates(cfg, m)[0][1] for m in guided}
     samplers = {m: best[m]["sampler"] if m in best else candidates(cfg, m)[0][0] for m in names}
     how = {m: f"tuned on seed {cfg.tune_seed}" if m in to_tune else "fixed, not tuned"
            for m in names}
