@@ -69,12 +69,11 @@ TUNE_N_GEN = {"cpu": 256, "gpu": 1024}
 
 def apply_profile(cfg: ExperimentConfig) -> ExperimentConfig:
     """side.py's profile, except what is tuned: rows the user gives no lambda are tuned, not
-    profiled, and so is their sampler when --sampler-grid is given."""
+    profiled. The extraction sampler is the user's, else tuned (--sampler-grid), else Part 1's
+    for every row: the GPU profile's per-row samplers name side.py's rows, not the controls."""
     given, sampler = cfg.guidance, cfg.extract_sampler
     side.apply_profile(cfg)
-    cfg.guidance = given
-    if sampler is None and cfg.sampler_grid.strip():
-        cfg.extract_sampler = ""
+    cfg.guidance, cfg.extract_sampler = given, "" if sampler is None else sampler
     if cfg.tune_n_gen is None:
         cfg.tune_n_gen = TUNE_N_GEN[side.device_kind(cfg)]
     return cfg

@@ -125,10 +125,12 @@ class Config:
 _SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
               clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance="cond=1,side=10",
               extract_sampler="")
-# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128
+# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128. Extraction: each
+# row at its best sampler on the CPU profiles' tune-seed curves (README, "The sampler"): uncond
+# at the full chain, where the unguided model copies most, the guided rows at 250 ancestral steps.
 _GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
             n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
-            guidance="cond=1,side=10")
+            guidance="cond=1,side=10", extract_sampler="uncond=ddpm1000,cond=ddpm250,side=ddpm250")
 _DIGITS = dict(_SMALL, n=128, image_size=8, train_steps=2000, clusters=64,
                guidance="cond=0.3,side=30")
 PROFILES = {
