@@ -1473,6 +1473,15 @@ def record_attention_calls(monkeypatch) -> list:
     return calls
 
 
+def test_gpu_profile_extracts_each_row_at_its_sampler_and_part1_with_ddim50(tmp_path):
+    """README, "The sampler": on a GPU uncond samples the full chain and the guided rows 250 ancestral
+    steps; Part 1 keeps 50 DDIM steps. validate() (inside gpu_profile_config) accepts the row names."""
+    for dataset in ("celeba", "cifar10", "folder"):
+        cfg = gpu_profile_config(dataset, tmp_path)
+        assert {m: side.sampler_for(cfg, m) for m in ("uncond", "cond", "side")} == dict(
+            uncond="ddpm1000", cond="ddpm250", side="ddpm250") and side.sampler_name(cfg) == "ddim50"
+
+
 @pytest.mark.parametrize("dataset, size, widths", GPU_PROFILE_NETWORKS)
 def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(dataset, size, widths, tmp_path,
                                                                               monkeypatch):
