@@ -244,6 +244,13 @@ def sampler_is_free(cfg: ExperimentConfig, row: str) -> bool:
             and not cfg.sweep.startswith("extract_sampler=") and not row.startswith(UNCOND_AT))
 
 
+def fixed_sampler(cfg: ExperimentConfig, row: str) -> str:
+    """A row's sampler when it is not tuned: --extract-sampler's, the one an uncond_<sampler>
+    row names, else Part 1's."""
+    named = row[len(UNCOND_AT):] if row.startswith(UNCOND_AT) else side.sampler_name(cfg)
+    return side.row_samplers(cfg).get(row, named)
+
+
 def methods_to_tune(cfg: ExperimentConfig) -> list[str]:
     """Rows with a setting left to the tune seed: a lambda, a sampler, or both."""
     return [m for m in side.method_names(cfg) if lambda_is_free(cfg, m) or sampler_is_free(cfg, m)]
@@ -252,9 +259,7 @@ def methods_to_tune(cfg: ExperimentConfig) -> list[str]:
 def candidates(cfg: ExperimentConfig, row: str) -> list[tuple[str, float]]:
     """The (sampler, lambda) pairs a row is chosen from: what the command line fixes, else the
     grids. uncond has lambda 0."""
-    fixed = side.row_samplers(cfg).get(row) or (row[len(UNCOND_AT):] if row.startswith(UNCOND_AT)
-                                                else side.sampler_name(cfg))
-    samplers = sampler_grid(cfg) if sampler_is_free(cfg, row) else [fixed]
+    samplers = sampler_grid(cfg) if sampler_is_free(cfg, row) else [fixed_sampler(cfg, row)]
     lambdas = ([0.0] if method_table(cfg)[row].classifier is None else lambda_grid(cfg)
                if lambda_is_free(cfg, row) else [fixed_guidance(cfg)[row]])
     return [(sampler, value) for sampler in samplers for value in lambdas]
@@ -298,7 +303,7 @@ def tuning_runs(cfg: ExperimentConfig, rows: list[str]) -> list[tuple[str, str]]
         for value in values:
             lambdas = {m: value if lambda_is_free(cfg, m) else candidates(cfg, m)[0][1]
                        for m in rows if method_table(cfg)[m].classifier is not None}
-            chosen = {m: sampler if sampler_is_free(cfg, m) else side.sampler_for(cfg, m)
+            chosen = {m: sampler if sampler_is_free(cfg, m) else fixed_sampler(cfg, m)
                       for m in rows}
             runs.append((",".join(f"{m}={v!r}" for m, v in lambdas.items()),
                          ",".join(f"{m}={s}" for m, s in chosen.items())))
@@ -397,7 +402,7 @@ def run_protocol(cfg: ExperimentConfig) -> dict:
     choice = choose_settings(cfg)
     rows = reported_rows(cfg, choice)
     pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())
-    samplers = ",".join(f"{m}={choice['samplers'].get(m, m[len(UNCOND_AT):])}" for m in rows)
+    samplers = ",".join(f"{m}={choice['samplers'].get(m) or fixed_sampler(cfg, m)}" for m in rows)
     reports = {}
     for seed, folder in folders.items():
         if len(seeds) > 1:
