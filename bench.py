@@ -2,7 +2,7 @@
 
     python bench.py                      # about 7 minutes on one thread of a 2-core CPU
     python bench.py --quick              # about 2 minutes: fewer windows, smaller search sizes
-    python bench.py --nn-scale 0.25,0.5,1 --report runs/digits-n64-8px/report.json
+    python bench.py --nn-scale 0.25,0.5,1 --report runs/digits-n128-8px/report.json
 
 1. DDPM training throughput of side.UNet vs diffusers' UNet2DModel of a similar parameter count,
    same batch, resolution, dtype, device and process; timed windows interleaved, medians reported.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -54,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer timed windows and smaller search sizes (~2 min)")
     p.add_argument("--nn-scale", default=None, help="fractions of N_G and of n for the search, e.g. 0.25,0.5,1 "
                    "(work grows as the square) [0.125,0.25,0.5; quick: 0.0625,0.125]")
-    p.add_argument("--report", default="runs/digits-n64-8px/report.json", help="report.json of a default run [%(default)s]")
+    p.add_argument("--report", default="runs/digits-n128-8px/report.json", help="report.json of a default run [%(default)s]")
     p.add_argument("--device", default="cpu", help="cpu | cuda [%(default)s]")
     p.add_argument("--windows", type=int, default=None, help="timed windows per measurement [5; quick: 3]")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core) [0]")
@@ -108,19 +107,14 @@ def diffusers_unet(cfg: side.Config, in_ch: int):
 
 
 def training_stepper(model, forward, cfg, in_ch, device):
-    """One DDPM step (q_sample, MSE on eps, Adam) as side trains; EMA and checkpoints left out."""
+    """One DDPM step as side trains it (side.ddpm_loss, Adam); EMA and checkpoints left out."""
     model.to(device).train()
-    opt, diffusion = torch.optim.Adam(model.parameters(), lr=cfg.lr), side.Diffusion()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
     x0_all = torch.rand(cfg.n, in_ch, cfg.image_size, cfg.image_size, generator=gen).to(device) * 2 - 1
 
-    def step():  # the same calls, in the same order, as side.train_ddpm
-        batch = torch.randint(len(x0_all), (cfg.batch_size,), generator=gen)
-        t = torch.randint(side.T_STEPS, (cfg.batch_size,), generator=gen)
-        noise = torch.randn((cfg.batch_size, *x0_all.shape[1:]), generator=gen).to(device)
-        x0 = x0_all[batch.to(device)]
-        with side.autocast(device):
-            loss = F.mse_loss(forward(model, diffusion.q_sample(x0, t, noise), t.to(device)).float(), noise)
+    def step():  # side.ddpm_loss on either UNet, through its own forward()
+        loss = side.ddpm_loss(lambda x, t: forward(model, x, t), x0_all, gen, cfg.batch_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -578,7 +572,7 @@ def gpu_main(args):
     """--profile gpu: count, predict, and with --measure time the real-size networks on CUDA."""
     if args.measure and not (torch.cuda.is_available() or args.dry_run):
         raise SystemExit("bench.py --measure needs a CUDA device; --profile gpu without --measure predicts only")
-    side.progress = functools.partial(side.tqdm, disable=True)
+    os.environ["TQDM_DISABLE"] = "1"
     device = side.resolve_device("auto") if args.measure else None
     args.host_ns_per_pair = host_merge_ns_per_pair()
     assumptions = dict(tflops=args.tflops, fp32_tflops=args.fp32_tflops, cpu_gflops=args.cpu_gflops, gpus=args.gpus,
@@ -618,7 +612,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     windows = args.windows or (3 if args.quick else 5)
     fractions = [float(f) for f in (args.nn_scale or ("0.0625,0.125" if args.quick else "0.125,0.25,0.5")).split(",")]
-    side.progress = functools.partial(side.tqdm, disable=True)  # no progress bars inside timed calls
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bars inside timed calls (tqdm reads it)
     import diffusers
     load = lambda: " ".join(f"{x:.1f}" for x in os.getloadavg())
     machine = dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device),

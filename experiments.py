@@ -23,9 +23,11 @@ Every flag of side.py works here too (`python experiments.py --help`). Sections:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import sys
 import warnings
@@ -62,6 +64,11 @@ class ExperimentConfig(side.Config):
     tune_n_gen: int = option(None, "N_G per row and lambda when tuning (profile: 256 on the CPU, "
                              "1,024 on a GPU)")
     sweep: str = option("", "e.g. guidance=0,1,3,10,30 (also clusters, cohesion)")
+    embed: str = option("", "feature model F for k-means and AMS/UMS (e.g. SSCD): TorchScript "
+                            "or a torch.export .pt2 (default: pixels)")
+    split: str = option("train", "cifar10: data_batch_* or test_batch", ("train", "test"))
+    classes: str = option("", "cifar10: keep only these class ids, e.g. 3,5")
+    balanced: bool = option(False, "cifar10: take n/classes images per class")
 
 
 TUNE_N_GEN = {"cpu": 256, "gpu": 1024}
@@ -77,6 +84,172 @@ def apply_profile(cfg: ExperimentConfig) -> ExperimentConfig:
     if cfg.tune_n_gen is None:
         cfg.tune_n_gen = TUNE_N_GEN[side.device_kind(cfg)]
     return cfg
+
+
+# --- A2. Dataset options beyond side.py's readers: CIFAR-10's test batch and class subsets, and
+#     CelebA's identities (the TDKD teacher's labels) ----------------------------------------------
+
+DATA_FIELDS = ["split", "classes", "balanced"]  # beside side.STAGE_FIELDS["data"]
+
+
+def load_training_set(cfg: ExperimentConfig) -> dict:
+    """side.load_training_set, with --split/--classes/--balanced for cifar10 and the identities
+    (identity_CelebA.txt, when present) as CelebA's labels."""
+    if cfg.dataset != "cifar10":
+        train = side.load_training_set(cfg)
+        if cfg.dataset == "celeba":
+            train["labels"] = celeba_identities(cfg, train["indices"])
+        return train
+    if cfg.download:
+        side.download(cfg)
+    images, indices, labels = load_cifar10(cfg)
+    return dict(images=images, indices=indices, labels=labels)
+
+
+def load_cifar10(cfg: ExperimentConfig):
+    """The official pickles with --split, then --classes and --balanced, then side's --n/--subset."""
+    folder = side.cifar_folder(Path(cfg.data_root))
+    names = ["test_batch"] if cfg.split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    images, labels = side.read_cifar10(folder, names)
+    pool = np.arange(len(images))
+    if cfg.classes:
+        pool = pool[np.isin(labels, [int(c) for c in cfg.classes.split(",")])]
+    if cfg.balanced:
+        pool = balanced_pool(pool, labels, cfg.n)
+    chosen = pool[side.pick_indices(len(pool), cfg, f"{folder} (after --classes/--balanced)")]
+    return side.resize_all(images[chosen], cfg.image_size), chosen, labels[chosen]
+
+
+def balanced_pool(pool: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """The first ceil(n / classes) images of every class, interleaved class by class."""
+    classes = np.unique(labels[pool])
+    per_class = -(-n // len(classes))
+    columns = [pool[labels[pool] == c][:per_class] for c in classes]
+    depth = min(len(c) for c in columns)
+    return np.stack([c[:depth] for c in columns], axis=1).reshape(-1)
+
+
+def celeba_identities(cfg: ExperimentConfig, indices: np.ndarray) -> np.ndarray:
+    """Identity labels from identity_CelebA.txt when present (only the TDKD teacher needs them);
+    -1 for every image otherwise."""
+    folder = side.celeba_folder(Path(cfg.data_root))
+    names = [p.name for p in sorted(folder.glob("*.jpg"))]
+    names = [names[i] for i in indices]
+    for candidate in (folder.parent / "identity_CelebA.txt", folder / "identity_CelebA.txt"):
+        if candidate.is_file():
+            lines = candidate.read_text().splitlines()
+            table = dict(line.split() for line in lines if line.strip())
+            if all(name in table for name in names):
+                _, dense = np.unique([int(table[name]) for name in names], return_inverse=True)
+                return dense
+    return np.full(len(indices), -1)
+
+
+# --- A3. --embed: the paper's SSCD feature space, for the clusters (Algorithm 1 line 2) and for
+#     AMS/UMS (Eq. 6-9). A local TorchScript or torch.export file: nothing is downloaded ---------
+
+EMBEDDING_BANDS = (0.40, 0.50, 0.60)  # README, "Metrics"
+
+
+def load_embedding(path: str, device, flag: str = "--embed"):
+    """--embed: an image-embedding model (e.g. SSCD) taking N x 3 x H x W in [0, 1] and returning
+    one vector per image. Returns embed(images_u8) -> L2-normalized N x D features."""
+    model = read_embedding_model(path, device, flag)
+
+    @torch.no_grad()
+    def embed(images_u8):
+        x = torch.as_tensor(images_u8, device=device).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        try:
+            out = model(x)
+        except Exception as error:
+            raise UserError(f"{flag} {path} fails on a batch of {tuple(x.shape)} images in [0, 1] "
+                            f"({side.why_unreadable(error)}); it must take N x 3 x H x W")
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(x):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UserError(f"{flag} {path} returns {shape} for {len(x)} images; it must return "
+                            f"one embedding vector per image (N x D), as SSCD's descriptors")
+        return F.normalize(out.float(), dim=1)
+    return embed
+
+
+def read_embedding_model(path: str, device, flag: str):
+    """A .pt2 file is a torch.export program; anything else is read as TorchScript (torch.jit is
+    deprecated in recent PyTorch but still loads; SSCD is published as .torchscript.pt files)."""
+    if not Path(path).is_file():
+        raise UserError(f"{flag} {path} is not a file; give a TorchScript model (.pt, e.g. SSCD's "
+                        f".torchscript.pt) or a torch.export program (.pt2)")
+    exported = Path(path).suffix == ".pt2"
+    try:
+        with warnings.catch_warnings(), quiet_logging():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            if exported:
+                return torch.export.load(path).module().to(device)
+            return torch.jit.load(path, map_location=device).eval()
+    except Exception as error:
+        how = "torch.export.save" if exported else "torch.jit.save (or .pt2: torch.export.save)"
+        kind = "torch.export program" if exported else "TorchScript model"
+        raise UserError(f"{flag} {path} is not a loadable {kind} ({type(error).__name__}); "
+                        f"save it with {how}")
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """torch.export logs a whole traceback as a warning when a file is not its format; the
+    UserError raised afterwards says it in one line."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def probe_images(size: int) -> np.ndarray:
+    """Two images to try an embedding model on before any slow work."""
+    return np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+
+
+def embed_all(embed, images_u8: np.ndarray) -> torch.Tensor:
+    """Embed every image once, in blocks; the result on the CPU."""
+    return torch.cat([embed(images_u8[s]).cpu() for s in side.block_slices(len(images_u8), 256)])
+
+
+def embedded_labels(cfg: ExperimentConfig, synthetic: np.ndarray, train: dict, device) -> dict:
+    """side.label_synthetic on the --embed model's L2-normalized features instead of the pixels."""
+    features = embed_all(load_embedding(cfg.embed, device), synthetic).numpy()
+    labels = side.label_synthetic(cfg, synthetic, train, device, features)
+    return dict(labels, features=np.array(f"embedding of {Path(cfg.embed).name}"))
+
+
+def embedding_space(cfg: ExperimentConfig, device) -> tuple:
+    """(similarity, bands, name) of AMS/UMS for side.evaluate: the --embed model's cosine."""
+    embed = load_embedding(cfg.embed, device)
+
+    def similarity(generated, train, bands):  # embed every image once, compare block by block
+        embedded = [embed_all(embed, images) for images in (generated, train)]
+        return similarity_scan(*embedded, torch.as_tensor, bands)
+    bands = tuple(float(b) for b in cfg.bands.split(",")) if cfg.bands else EMBEDDING_BANDS
+    return similarity, bands, f"cosine of {Path(cfg.embed).name}"
+
+
+def similarity_scan(generated, train, featurize, bands, block: int = 1024):
+    """Per generation the best similarity and its index; per band the training images hit (Eq. 9).
+
+    Bands are disjoint: low [b0, b1), mid [b1, b2], high (b2, 1]. phi (Eq. 9) collects every
+    training image whose similarity to a generation falls in the band, not only the nearest."""
+    best = torch.full((len(generated),), -float("inf"))
+    best_index = torch.zeros(len(generated), dtype=torch.long)
+    hit = {name: torch.zeros(len(train), dtype=torch.bool) for name in ("low", "mid", "high")}
+    for qs, ks, q, x in side.pairwise_blocks(generated, train, featurize, block):
+        sim = (q @ x.T).cpu()
+        value, arg = sim.max(1)
+        better = value > best[qs]
+        best[qs] = torch.where(better, value, best[qs])
+        best_index[qs] = torch.where(better, arg + ks.start, best_index[qs])
+        for name, in_band in side.band_masks(sim, bands).items():
+            hit[name][ks] |= in_band.any(0)
+    return best.numpy(), best_index.numpy(), {k: v.numpy() for k, v in hit.items()}
 
 
 # --- B. Variants and controls. Each replaces one step of side.run(): through a row's `relabel`
@@ -136,8 +309,8 @@ class SeesPredictedX0(nn.Module):
         self.classifier, self.model = classifier, model
 
     def forward(self, x, t):
-        a = side.DIFFUSION.abar(t.cpu(), x)
-        return self.classifier((x - (1 - a).sqrt() * self.model(x, t).float()) / a.sqrt(), t)
+        x0_hat = side.DIFFUSION.predicted_x0(x, self.model(x, t).float(), t.cpu())
+        return self.classifier(x0_hat, t)
 
 
 Method = side.Method
@@ -165,6 +338,15 @@ class ExperimentFolder(side.RunFolder):
     flag too (and the labels on the classifier settings, which train the teacher); with k-means
     labels the stages are side.py's own, so both entry points share one run folder."""
 
+    def __init__(self, cfg: ExperimentConfig, device: torch.device):
+        super().__init__(cfg, device)
+        trained_with = (self.checkpoint or {}).get("config", {})
+        diffs = [f"--{f} {trained_with.get(f)!r} (checkpoint) vs {getattr(cfg, f)!r} (now)"
+                 for f in DATA_FIELDS if self.checkpoint and trained_with.get(f) != getattr(cfg, f)]
+        if diffs:  # the data options side.py's own check does not know
+            raise UserError(f"{self.out / 'ddpm.pt'} was trained with other settings: "
+                            f"{'; '.join(diffs)}. Use the old settings, another --out, or --fresh")
+
     def groups(self, name: str) -> list[str]:
         teacher = name == "labels" and self.cfg.labels == "teacher"
         return super().groups(name) + (["classifier"] if teacher else [])
@@ -172,16 +354,47 @@ class ExperimentFolder(side.RunFolder):
     def key(self, name: str, **values) -> str:
         if self.cfg.labels == "teacher" and "labels" in self.groups(name):
             values = dict(values, surrogate="teacher")  # beside the settings groups, not over one
+        if self.cfg.embed and "labels" in self.groups(name):
+            values = dict(values, embed=self.cfg.embed)
+        options = {f: getattr(self.cfg, f) for f in DATA_FIELDS}
+        if options != {f: ExperimentConfig.__dataclass_fields__[f].default for f in DATA_FIELDS}:
+            values = dict(values, data_options=options)  # side.py's defaults: side.py's keys
         return super().key(name, **values)
 
 
 def run_pipeline(cfg: ExperimentConfig) -> dict:
-    """side.run_pipeline with this module's rows, labels and (under torchrun) run folder."""
+    """side.run_pipeline with this module's rows, labels, dataset options, --embed and (under
+    torchrun) run folder; then the histograms of d1/d2 and of the similarity."""
     device = side.resolve_device(cfg.device)
     folder = (DistributedFolder if dist.is_initialized() else ExperimentFolder)(cfg, device)
-    surrogate = teacher_labels if cfg.labels == "teacher" else side.label_synthetic
-    return side.run_pipeline(cfg, folder, rows=side.method_rows(cfg, method_table(cfg)),
-                             surrogate=surrogate)
+    surrogate = side.label_synthetic
+    if cfg.labels == "teacher" or cfg.embed:
+        surrogate = teacher_labels if cfg.labels == "teacher" else embedded_labels
+    space = embedding_space(cfg, device) if cfg.embed else None
+    if dist.is_initialized():  # DDP training first: side.run() then finds ddpm.pt trained
+        train = folder("data", lambda: load_training_set(cfg))
+        train_ddpm_distributed(cfg, side.to_unit_range(train["images"]).to(device),
+                               folder.out / "ddpm.pt")
+    report = side.run_pipeline(cfg, folder, space, rows=side.method_rows(cfg, method_table(cfg)),
+                               surrogate=surrogate, load=load_training_set)
+    if is_main():
+        save_histograms(Path(cfg.out), report)
+    return report
+
+
+def save_histograms(out: Path, report: dict) -> None:
+    """figures/histograms.png: per row the d1/d2 (Gu's 1/3 marked) and the similarity gamma of every
+    generation, from its nn_<row>.npz."""
+    fig, (ax1, ax2) = side.pyplot().subplots(1, 2, figsize=(10, 3.5))
+    for method in report["methods"]:
+        per = np.load(out / f"nn_{method}.npz")
+        ax1.hist(per["nn_ratio"], bins=40, range=(0, 1), alpha=0.5, label=method)
+        ax2.hist(per["best_sim"], bins=40, alpha=0.5, label=method)
+    ax1.axvline(side.GU_THRESHOLD, color="k", ls="--", label="1/3")
+    ax1.set(xlabel="d1 / d2 (nearest / second nearest)", ylabel="generations")
+    ax2.set(xlabel=f"best similarity ({report['similarity']['space']})")
+    ax1.legend(), ax2.legend()
+    side.save_figure(fig, out / "figures" / "histograms.png", dpi=120)
 
 
 # --- C. The protocol: each row's lambda and extraction sampler chosen on a seed never reported,
@@ -274,6 +487,8 @@ def validate(cfg: ExperimentConfig) -> None:
     side.validate_values(cfg, table, unset=tuple(guided if swept else methods_to_tune(cfg)))
     if cfg.sweep:
         parse_sweep(cfg.sweep)
+    if cfg.classes and not all(c.strip().isdigit() for c in cfg.classes.split(",")):
+        raise UserError(f"--classes takes class ids such as 3,5 (got {cfg.classes!r})")
     if cfg.dataset == "digits" and cfg.labels == "teacher" and cfg.n < 10:
         raise UserError("--labels teacher needs every digit class in the training set; "
                         "use --n 10 or more")
@@ -290,6 +505,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"--tune-seed {cfg.tune_seed} is also a reported seed; choose one outside "
                         f"them (e.g. --tune-seed {max(seeds) + 100}) or fix lambda with --guidance")
     check_process_count(cfg)
+    if cfg.embed:  # the embedding model runs on two images now, not after an hour of training
+        load_embedding(cfg.embed, "cpu")(probe_images(cfg.image_size))
     side.check_resources(cfg)
 
 
@@ -675,7 +892,7 @@ def run_sweep(cfg: ExperimentConfig) -> dict:
                          **{m: s for m, s in report["methods"].items()}))
     sweep = json.dumps(dict(setting=name, rows=rows), indent=2)
     side.save_text(Path(cfg.out) / "sweep.json", sweep)
-    if side.PROCESSES.main:
+    if is_main():
         (plot_sampler_curve if name == "extract_sampler" else plot_sweep)(name, rows,
                                                                           Path(cfg.out))
     return dict(setting=name, rows=rows)
@@ -1095,8 +1312,10 @@ def mechanism_markdown(tables: dict) -> str:
 # `torchrun --nproc_per_node G experiments.py ...` starts G copies of this file with RANK,
 # LOCAL_RANK and WORLD_SIZE set. DDPM training runs as DistributedDataParallel (each rank draws its
 # own batches, so the effective batch is G x --batch-size); sampling is sharded by generation index
-# (Torchrun.share); every other stage (data, k-means, classifiers, the report) runs on rank 0
-# while the others wait, then read what rank 0 wrote. Only rank 0 writes files or prints.
+# (sharded_sample, in place of side.sample for the run); the other stages (data, k-means,
+# classifiers) run on rank 0 while the others wait, then read what rank 0 wrote; every rank scores
+# the (identical) generations, side.py's atomic writes keep their identical files whole. Only rank
+# 0 prints.
 
 EVERY_RANK = ("synthetic", "samples_")  # run-folder stages that every rank computes (sampling)
 
@@ -1107,25 +1326,32 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-class Torchrun(side.OneProcess):
-    """side.PROCESSES under torchrun. Generation i depends only on (seed, stream, i), so the ranks'
-    contiguous blocks, joined in order, are exactly the images one process draws."""
+def is_main() -> bool:
+    """Rank 0 under torchrun; True in a plain process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
-    def __init__(self):
-        self.rank, self.count = dist.get_rank(), dist.get_world_size()
-        self.main = self.rank == 0
 
-    def share(self, count: int) -> range:
-        return range(self.rank * count // self.count, (self.rank + 1) * count // self.count)
+def sharded_sample(model, cfg, count: int, device, stream: int = side.STREAM_EVAL, classifier=None,
+                   targets=None, guidance: float = 0.0, start: int = 0, **options) -> np.ndarray:
+    """side.sample's generations start .. start+count-1, each rank drawing one contiguous block
+    of them and every rank returning all of them in order. Generation i depends only on (seed,
+    stream, i), so the result is bit for bit what one process draws."""
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    mine = range(rank * count // ranks, (rank + 1) * count // ranks)
+    part = ONE_PROCESS_SAMPLE(model, cfg, len(mine), device, stream, classifier,
+                              None if targets is None else targets[mine.start:mine.stop], guidance,
+                              start=start + mine.start, **options)
+    return np.concatenate(gather_all(part))
 
-    def join(self, images: np.ndarray) -> np.ndarray:
-        return np.concatenate(gather_all(images))
+
+ONE_PROCESS_SAMPLE = side.sample
 
 
 @contextlib.contextmanager
 def distributed(cfg: ExperimentConfig):
-    """Join torchrun's process group (nccl on CUDA, gloo on the CPU) for the length of a run and
-    install Torchrun as side.PROCESSES. Without torchrun this does nothing."""
+    """Join torchrun's process group (nccl on CUDA, gloo on the CPU) for the length of a run, with
+    side.sample sharded among the ranks and the other ranks' output silenced. Without torchrun this
+    does nothing."""
     if "RANK" not in os.environ:
         yield
         return
@@ -1134,13 +1360,13 @@ def distributed(cfg: ExperimentConfig):
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
     # rank 0 alone trains the classifiers and scores; the others wait, for hours at paper scale
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
-    side.PROCESSES, stdout = Torchrun(), sys.stdout
-    if not side.PROCESSES.main:
-        sys.stdout = open(os.devnull, "w")
+    side.sample, streams = sharded_sample, (sys.stdout, sys.stderr)
+    if not is_main():  # progress bars, warnings and prints: rank 0's only (errors: agreed_problem)
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
         yield
     finally:
-        side.PROCESSES, sys.stdout = side.OneProcess(), stdout
+        side.sample, (sys.stdout, sys.stderr) = ONE_PROCESS_SAMPLE, streams
         dist.destroy_process_group()
 
 
@@ -1174,7 +1400,7 @@ def rank0_only(work, *args, share: bool = False):
     if not dist.is_initialized():
         return work(*args)
     result, box = None, [None, None]
-    if side.PROCESSES.main:
+    if is_main():
         try:
             result = work(*args)
             box[0] = result if share else None
@@ -1183,7 +1409,7 @@ def rank0_only(work, *args, share: bool = False):
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise SaidOnRankZero(box[1])
-    return result if side.PROCESSES.main else box[0]
+    return result if is_main() else box[0]
 
 
 class DistributedFolder(ExperimentFolder):
@@ -1195,7 +1421,7 @@ class DistributedFolder(ExperimentFolder):
         if name.startswith(EVERY_RANK):
             return self.load_or_compute(path, key, compute)
         result = rank0_only(self.load_or_compute, path, key, compute)  # the others wait...
-        if side.PROCESSES.main:
+        if is_main():
             return result
         result = self.load(path, key)  # ...then read what rank 0 saved
         if result is None:
@@ -1203,38 +1429,47 @@ class DistributedFolder(ExperimentFolder):
                             f"{dist.get_rank()}; give --out a folder every rank sees")
         return result
 
-    def on_main(self, work, *args):
-        return rank0_only(work, *args, share=True)
 
-    def ddpm_training(self, x0_all: torch.Tensor) -> side.DDPMTraining:
-        """side.py's training state with this rank's batch generator and the DDP-wrapped network."""
-        training, rank = super().ddpm_training(x0_all), dist.get_rank()
-        state = training.state
-        if self.checkpoint is None:
-            state["generator"].manual_seed(batch_seed(self.cfg.seed, rank))
-        elif rank < len(self.checkpoint["rngs"]):
-            state["generator"].set_state(self.checkpoint["rngs"][rank].cpu())
-        if state["step"] < self.cfg.train_steps:
-            # 1x1 convolutions get gradients whose strides differ only on size-1 dims: harmless
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-            ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
-            state["net"] = nn.parallel.DistributedDataParallel(state["net"], device_ids=ids)
-        return DistributedTraining(self.cfg, training.path, state, training.n_images)
+def train_ddpm_distributed(cfg: ExperimentConfig, x0_all: torch.Tensor, path: Path) -> nn.Module:
+    """side.train_ddpm as DistributedDataParallel over side.ddpm_loss and side.ema_update: every
+    rank draws its own batches (the effective batch is G x --batch-size), the ranks agree on the
+    loss and on stopping, and rank 0 saves the checkpoint with every rank's batch generator."""
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = side.build_unet(cfg, x0_all.shape[1]).to(x0_all.device)
+    ema, opt = copy.deepcopy(model), torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(batch_seed(cfg.seed, rank))
+    first = side.resume_ddpm(path, cfg, model, ema, opt, gen, rank, ranks)
+    # 1x1 convolutions get gradients whose strides differ only on size-1 dims: harmless
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+    ids = [torch.cuda.current_device()] if x0_all.device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-
-class DistributedTraining(side.DDPMTraining):
-    """side.py's training loop plumbing, with every rank agreeing to stop and every rank's batch
-    generator in the checkpoint."""
-
-    def agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
-        """The loss averaged over the ranks, and whether any rank must stop: all decide alike."""
-        both = torch.tensor([loss.item(), float(stop)], device=loss.device)
-        dist.all_reduce(both)
-        return both[0].item() / dist.get_world_size(), both[1].item() > 0
-
-    def save(self) -> None:
-        side.save_checkpoint(self.path, self.state, self.cfg, gather_all(self.state["rng"]))
+    def save(step: int, rng: torch.Tensor) -> None:
+        side.save_torch(path, dict(model=model.state_dict(), ema=ema.state_dict(), step=step,
+                                   opt=opt.state_dict(), rngs=gather_all(rng),
+                                   config=dataclasses.asdict(cfg)))  # rank 0 writes
         dist.barrier()  # no rank reads ddpm.pt again before rank 0 has written it
+    bar = side.progress(range(first, cfg.train_steps), desc=f"train DDPM ({ranks} processes)",
+                        initial=first, total=cfg.train_steps, disable=first == cfg.train_steps)
+    with side.StopAtStepBoundary() as stop:
+        for step in bar:
+            rng = gen.get_state()
+            loss = side.ddpm_loss(net, x0_all, gen, cfg.batch_size)
+            agreed = torch.tensor([loss.item(), float(stop.pressed or step == stop.stop_at)])
+            dist.all_reduce(agreed)  # every rank decides alike
+            stop.pressed = agreed[1].item() > 0
+            stop.check(step, agreed[0].item() / ranks, path, lambda: save(step, rng))
+            if step > first and step % cfg.ckpt_every == 0:
+                save(step, rng)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            side.ema_update(ema, model, cfg.ema, step)
+            bar.set_postfix(loss=f"{agreed[0].item() / ranks:.4f}", refresh=False)
+    if first < cfg.train_steps:
+        save(cfg.train_steps, gen.get_state())
+    return ema.eval()
 
 
 def batch_seed(seed: int, rank: int) -> int:

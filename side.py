@@ -17,18 +17,29 @@ The lesson comes first: what Algorithm 1 needs (1-4), then Algorithm 1 in its ow
     Plumbing                datasets, the run folder, the report, the command line
 
 One run is one seed with the rows uncond, cond and side. What turns runs into evidence (lambda
-tuned on a seed that is never reported, several seeds, controls, sweeps, torchrun) is
-experiments.py, which imports this file; this file never imports it.
+tuned on a seed that is never reported, several seeds, controls, sweeps, torchrun, the paper's
+SSCD features) is experiments.py, which imports this file; this file never imports it.
+
+Every lesson function runs from a Python shell, without a run folder (the digits profile):
+
+    import side, torch
+    cfg, cpu = side.apply_profile(side.Config(device="cpu")), torch.device("cpu")
+    train = side.load_training_set(cfg)                                   # D
+    model = side.train_ddpm(cfg, side.to_unit_range(train["images"]))    # the target DPM
+    synthetic = side.sample(model, cfg, cfg.n_syn, cpu, side.STREAM_SYNTHETIC)   # line 1
+    labels = side.label_synthetic(cfg, synthetic, train, cpu)            # lines 2-5
+    classifier = side.train_classifier(cfg, synthetic, labels["soft"], True, cpu, "p(y|x_t,t)")
+    found = side.extract(cfg, side.METHODS["side"], model, classifier, 30.0, cpu)  # lines 16-26
+    side.memorization_metrics(found["images"], train["images"], side.PIXEL_BANDS, cpu)["summary"]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import math
 import os
 import pickle
@@ -37,7 +48,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -69,9 +79,6 @@ class Config:
                           "under torchrun, whose own parser takes --n", aliases=("--n-train",))
     image_size: int = option(None, "side length in pixels")
     subset: str = option("first", "which n images to take", ("first", "random"))
-    split: str = option("train", "cifar10: data_batch_* or test_batch", ("train", "test"))
-    classes: str = option("", "cifar10: keep only these class ids, e.g. 3,5")
-    balanced: bool = option(False, "cifar10: take n/classes images per class")
     download: bool = option(False, "fetch cifar10/celeba via torchvision")
     # --- the denoiser eps_theta (a small DDPM UNet) ---
     channels: str = option(None, "UNet width per resolution, e.g. 32,64")
@@ -95,8 +102,6 @@ class Config:
     n_syn: int = option(None, "N_syn: generated images to cluster")
     clusters: int = option(None, "K: k-means clusters")
     cohesion: float = option(None, "tau: keep clusters with cohesion >= tau")
-    embed: str = option("", "feature model F for k-means and AMS/UMS (e.g. SSCD): TorchScript "
-                            "or a torch.export .pt2 (default: pixels)")
     # --- the classifiers p_phi(y | x_t, t) (SIDE) and p(y | x) (Carlini Cond) ---
     clf_steps: int = option(None, "classifier optimizer steps")
     clf_lr: float = option(1e-3, "AdamW learning rate (paper: 1e-4, ResNet34)")
@@ -289,10 +294,20 @@ class UNet(nn.Module):
         return self.head(h)
 
 
+def channel_list(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+def build_unet(cfg: Config, in_ch: int) -> UNet:
+    return UNet(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
+                cfg.image_size)
+
+
 # =================================================================================================
 # 2. Diffusion maths. Linear betas 1e-4..0.02 over T = 1000 (Ho et al. 2020). Forward process
 #    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I); this same process noises the classifier's
-#    training inputs (Eq. 2), so the classifier sees exactly the x_t the sampler produces.
+#    training inputs (Eq. 2), so the classifier sees exactly the x_t the sampler produces. Images
+#    are uint8 as stored, and [-1, 1] floats (paper, Setup) wherever the diffusion maths sees them.
 # =================================================================================================
 
 T_STEPS = 1000  # T: diffusion steps of the target model (paper leaves it open; DDPM's choice)
@@ -314,12 +329,35 @@ class Diffusion:
         a = self.abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def noised(self, x0: torch.Tensor, gen: torch.Generator, low: int = 0, high: int = T_STEPS):
-        """(x_t, t, eps), t ~ U{low..high-1}, eps ~ N(0, I) from `gen`: the one place that noises
-        training images, for the DPM (L_simple) and for the classifiers (Eq. 2)."""
-        t = torch.randint(low, high, (len(x0),), generator=gen)
+    def noised(self, x0: torch.Tensor, gen: torch.Generator, low: int = 0, high: int | None = None):
+        """(x_t, t, eps), t ~ U{low..high-1} (default: all T), eps ~ N(0, I) from `gen`: the one
+        place that noises training images, for the DPM (L_simple) and the classifiers (Eq. 2)."""
+        t = torch.randint(low, high or self.steps, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         return self.q_sample(x0, t, noise), t, noise
+
+    def predicted_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): q_sample solved for x_0."""
+        a = self.abar(t, x_t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def to_unit_range(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float N x C x H x W in [-1, 1] -> uint8 N x H x W x C."""
+    scaled = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return scaled.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA only; on the CPU full precision is both faster and exact."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 DIFFUSION = Diffusion()  # the target model's schedule, built once; every function below uses it
@@ -347,19 +385,35 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
             e.lerp_(p, 1 - decay)
 
 
-def train_ddpm(cfg: Config, x0_all: torch.Tensor, training):
-    """The target DPM; returns its EMA network. `training` (the run folder's DDPMTraining) yields
-    the steps to do and holds the rest: resume, checkpoints, Ctrl-C, and `net`, the network the
-    loss runs through (the model itself, or experiments.py's DistributedDataParallel wrapper)."""
-    model, ema, opt, gen, net = (training.state[k] for k in ("model", "ema", "opt", "generator",
-                                                              "net"))
-    for step in training.steps():
-        loss = ddpm_loss(net, x0_all, gen, cfg.batch_size)
-        training.check(loss, step)  # stops (non-finite loss, Ctrl-C) before the weights change
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema_update(ema, model, cfg.ema, step)
+def train_ddpm(cfg: Config, x0_all: torch.Tensor, checkpoint: Path | None = None) -> nn.Module:
+    """The target DPM: a UNet, its EMA copy and Adam on L_simple; returns the EMA network. With
+    `checkpoint`, it resumes a matching one and saves a plain dict every --ckpt-every steps."""
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model = build_unet(cfg, x0_all.shape[1]).to(x0_all.device)
+    ema = copy.deepcopy(model)  # the weights we sample with: an average over the last ~1/(1-decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)  # every batch, t and noise of training
+    first = resume_ddpm(checkpoint, cfg, model, ema, opt, gen) if checkpoint else 0
+    net = maybe_compile(model, cfg, x0_all.device)  # --compile; otherwise the model itself
+    def save(step: int, rng: torch.Tensor) -> None:  # the checkpoint: a plain dict
+        save_torch(checkpoint, dict(model=model.state_dict(), ema=ema.state_dict(), step=step,
+                                    opt=opt.state_dict(), rngs=[rng], config=vars(cfg).copy()))
+    bar = progress(range(first, cfg.train_steps), desc="train DDPM", initial=first,
+                   total=cfg.train_steps, disable=first == cfg.train_steps)  # no bar: trained
+    with StopAtStepBoundary() as stop:  # Ctrl-C stops here, between two steps
+        for step in bar:
+            rng = gen.get_state()  # a run stopped during this step resumes from here
+            loss = ddpm_loss(net, x0_all, gen, cfg.batch_size)
+            stop.check(step, loss.item(), checkpoint, lambda: save(step, rng))
+            if checkpoint and step > first and step % cfg.ckpt_every == 0:
+                save(step, rng)  # weights that have just given a finite loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema_update(ema, model, cfg.ema, step)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    if checkpoint and first < cfg.train_steps:
+        save(cfg.train_steps, gen.get_state())
     return ema.eval()
 
 
@@ -414,7 +468,9 @@ def reverse_step(x, eps, t: int, t_prev: int, eta: float, noise) -> torch.Tensor
     index = torch.full((x.shape[0],), t, dtype=torch.long)
     a_t = DIFFUSION.abar(index, x)
     a_prev = DIFFUSION.abar(index - (t - t_prev), x)
-    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    # eps arrives already guided, so x_0 is clamped after guidance (diffusers' DDIM step does the
+    # same; guided-diffusion clamps first): the clamp bounds what guidance can push x_0 to
+    x0 = DIFFUSION.predicted_x0(x, eps, index).clamp(-1, 1)
     eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # the noise consistent with the clamped x_0
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -431,22 +487,31 @@ def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
 
 
+def sampling_batch(device: torch.device, image_size: int, guided: bool) -> int:
+    """256 on the CPU; 1,024 on CUDA. A guided step keeps the classifier's activations in fp32 for
+    its gradient: about 50 MB an image at 64 px and 200 MB at 128 px, so the guided batch shrinks
+    with the image area instead: 1,024 at 32 px, 256 at 64 px, 64 at 128 px (13-15 GB each)."""
+    if device.type == "cpu":
+        return 256
+    return max(1, 1024 * 32 ** 2 // image_size ** 2) if guided else 1024
+
+
 def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
            classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample",
            batch: int = 0, start: int = 0, sampler: str = "") -> np.ndarray:
     """Generations start .. start+count-1 (uint8), batch by batch, guided toward `targets` (one per
     generation) when guidance > 0, with `sampler` (a parse_sampler name; default: --sampler's).
-    PROCESSES (plumbing) says which of them this process draws: all of them, except under
-    experiments.py's torchrun, which shares them among the processes."""
+    Generation i draws its noise from (seed, stream, i) alone, so any range of them can be drawn
+    on its own (experiments.py's torchrun shares them among processes this way)."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
     kind, sample_steps = parse_sampler(sampler or sampler_name(cfg))
     steps = sampling_timesteps(sample_steps)
     eta = 1.0 if kind == "ddpm" else cfg.eta
     guided = classifier is not None and guidance > 0
     batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
-    images, mine = [], PROCESSES.share(count)  # all of 0..count-1 in a single process
-    for first in progress(range(mine.start, mine.stop, batch), desc=desc, unit="batch"):
-        indices = range(start + first, start + min(mine.stop, first + batch))
+    images = []
+    for first in progress(range(0, count, batch), desc=desc, unit="batch"):
+        indices = range(start + first, start + min(count, first + batch))
         rngs = [sample_rng(cfg.seed, stream, i) for i in indices]
         x = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
         target = None if targets is None else torch.as_tensor(
@@ -459,13 +524,13 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
                 noise = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
             x = reverse_step(x, eps, t, t_prev, eta, noise)
         images.append(to_uint8(x))
-    return PROCESSES.join(np.concatenate(images))  # every process's share, in order
+    return np.concatenate(images)
 
 # =================================================================================================
 # 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in part1()).
-#    Features F(x): the paper uses SSCD, a download; by default we use the pixels, centred on the
-#    synthetic-set mean and L2-normalized: at 8-32 px they are meaningful, and they are the space
-#    the memorization check measures in. --embed PATH uses a local model (e.g. SSCD) instead.
+#    Features F(x): the paper uses SSCD, a download; we use the pixels, centred on the synthetic-set
+#    mean and L2-normalized: at 8-32 px they are meaningful, and they are the space the
+#    memorization check measures in (experiments.py --embed uses a local SSCD model instead).
 # =================================================================================================
 
 
@@ -474,22 +539,18 @@ def flat_pixels(images_u8: np.ndarray) -> np.ndarray:
     return images_u8.reshape(len(images_u8), -1).astype(np.float32)
 
 
-def pixel_features(images_u8: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    flat = flat_pixels(images_u8) / 255.0 - mean
+def pixel_features(images_u8: np.ndarray) -> np.ndarray:
+    """F(x) of Algorithm 1 line 2: the pixels in [0, 1], centred on the set's mean, unit length."""
+    pixels = flat_pixels(images_u8)
+    flat = pixels / 255.0 - pixels.mean(0) / 255.0
     return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-8)
 
 
-def clustering_features(cfg: Config, images_u8: np.ndarray, device) -> np.ndarray:
-    """F(x) of Algorithm 1 line 2: the --embed model's L2-normalized embedding, else the pixels
-    centred on the synthetic-set mean."""
-    if cfg.embed:
-        return embed_all(load_embedding(cfg.embed, device), images_u8).numpy()
-    return pixel_features(images_u8, flat_pixels(images_u8).mean(0) / 255.0)
-
-
 def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed: int) -> dict:
-    """k-means (line 3), then cohesion of cluster k = mean cosine(z, mu_k) over its members; keep
-    those >= tau (line 4); samples of dropped clusters go to the nearest kept centroid (line 5)."""
+    """k-means (line 3), then cohesion of cluster k = mean cosine(z, mu_k) over its k-means members;
+    keep those >= tau (line 4); then every sample, not only those of dropped clusters, takes the
+    label of its nearest kept centroid (line 5). The cohesion returned is that of the k-means
+    membership, before this relabelling."""
     from sklearn.cluster import KMeans
     kmeans = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(features)
     centers = kmeans.cluster_centers_
@@ -508,11 +569,12 @@ def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed:
                 sizes=np.bincount(labels, minlength=len(kept)), centroids=centroids[kept])
 
 
-def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device) -> dict:
-    """Algorithm 1 lines 2-5. "soft" holds the classifiers' targets, one-hot here (experiments.py's
-    TDKD teacher, the paper's v1-v6 labels, gives soft ones). `train` is not used: the attacker
-    labels the model's samples without the training set."""
-    features = clustering_features(cfg, synthetic, device)
+def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device,
+                    features: np.ndarray | None = None) -> dict:
+    """Algorithm 1 lines 2-5 on `features` (default: the pixels). "soft" holds the classifiers'
+    targets, one-hot here (experiments.py's TDKD teacher, the paper's v1-v6 labels, gives soft
+    ones). `train` is not used: the attacker labels the model's samples without the training set."""
+    features = pixel_features(synthetic) if features is None else features
     labels = surrogate_labels(features, cfg.clusters, cfg.cohesion, cfg.seed)
     labels["soft"] = np.eye(len(labels["kept"]), dtype=np.float32)[labels["labels"]]
     return labels
@@ -544,6 +606,11 @@ class Classifier(nn.Module):
     def forward(self, x, t):
         h, _ = self.encoder(x, self.time(t) if self.time is not None else None)
         return self.head(h)
+
+
+def build_classifier(cfg: Config, in_ch: int, num_classes: int, time_dependent: bool) -> Classifier:
+    return Classifier(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
+                      cfg.image_size, num_classes, time_dependent)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -591,6 +658,23 @@ def fit_classifier(cfg: Config, synthetic: np.ndarray, labels: dict, time_depend
                            device, desc)
     accuracy = accuracy_by_t(net, synthetic[held_out], labels["labels"][held_out], device, cfg.seed)
     return dict(state=net.state_dict(), accuracy=accuracy)
+
+
+T_RANGES = [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
+
+
+@torch.no_grad()
+def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, device: torch.device,
+                  seed: int) -> dict:
+    """Accuracy on x_t for each range of t. Low accuracy at large t is expected by design."""
+    x0, gen = to_unit_range(images_u8).to(device), torch.Generator().manual_seed(seed)
+    truth, result = torch.as_tensor(labels, device=device), {}
+    for low, high in T_RANGES:
+        x_t, t, _ = DIFFUSION.noised(x0, gen, low, high)
+        predicted = torch.cat([net(x_t[s], t[s].to(device)).argmax(1)
+                               for s in block_slices(len(x0), 512)])
+        result[f"t{low}-{high - 1}"] = round((predicted == truth).float().mean().item(), 4)
+    return result
 
 
 # =================================================================================================
@@ -647,12 +731,25 @@ def extract(cfg: Config, method: Method, model, classifier, guidance: float, dev
 # 8. Memorization check, in pixel L2, block by block (the N_G x n x pixels tensor is never built).
 #    Gu et al. 2023: memorized iff d1 / d2 < 1/3. Carlini et al. 2023: normalized L2 = d1 / (alpha
 #    * mean distance to the 50 nearest), alpha = 0.5. AMS / UMS (Eq. 6-9) use a similarity gamma:
-#    1 - normalized L2 (the paper's measure at low resolution), or --embed's cosine (SSCD).
+#    1 - normalized L2 (the paper's measure at low resolution; experiments.py --embed: SSCD's
+#    cosine, the paper's measure at full resolution).
 # =================================================================================================
 
 GU_THRESHOLD = 1 / 3
 CARLINI_NEIGHBOURS, CARLINI_ALPHA = 50, 0.5
-PIXEL_BANDS, EMBEDDING_BANDS = (0.50, 0.65, 0.75), (0.40, 0.50, 0.60)  # README, "Metrics"
+PIXEL_BANDS = (0.50, 0.65, 0.75)  # README, "Metrics"
+
+
+def block_slices(total: int, size: int):
+    return [slice(s, min(total, s + size)) for s in range(0, total, size)]
+
+
+def pairwise_blocks(queries, keys, featurize, block: int):
+    """Yield (query slice, key slice, query features, key features) covering all pairs in blocks."""
+    for qs in block_slices(len(queries), block):
+        q = featurize(queries[qs])
+        for ks in block_slices(len(keys), block):
+            yield qs, ks, q, featurize(keys[ks])
 
 
 def nearest_neighbours(generated: np.ndarray, train: np.ndarray, k: int, device="cpu",
@@ -674,7 +771,8 @@ def nearest_neighbours(generated: np.ndarray, train: np.ndarray, k: int, device=
 
 
 def pixel_similarity(dist: np.ndarray, index: np.ndarray, n_train: int, bands):
-    """gamma = 1 - normalized L2 for the k nearest; the same outputs as similarity_scan. gamma >= 0
+    """gamma = 1 - normalized L2 for the k nearest: per generation the best gamma and its index, per
+    band the training images hit (Eq. 9: every image in the band, not only the nearest). gamma >= 0
     means d <= alpha * (mean of the k nearest) < (largest of the k nearest), so every training
     image in a band (all have gamma >= bands[0] >= 0) is among the k nearest: no second pass."""
     gamma = 1 - dist / (CARLINI_ALPHA * np.maximum(dist.mean(1, keepdims=True), 1e-12))
@@ -691,23 +789,43 @@ def band_masks(similarity, bands) -> dict:
             "high": similarity > high}
 
 
-def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, bands, device):
-    """Every per-sample statistic and the summary numbers of one method."""
+def memorization_metrics(generated: np.ndarray, train: np.ndarray, bands, device,
+                         similarity: Callable | None = None):
+    """Every per-sample statistic and the summary numbers of one method. `similarity`: another
+    gamma for AMS/UMS (experiments.py --embed); by default 1 - normalized L2 in pixels."""
     dist, index = nearest_neighbours(generated, train, CARLINI_NEIGHBOURS, device)
     d1, d2 = dist[:, 0], dist[:, min(1, dist.shape[1] - 1)]
     ratio = d1 / np.maximum(d2, 1e-12)
     normalized_l2 = d1 / (CARLINI_ALPHA * np.maximum(dist.mean(1), 1e-12))
-    if featurize is None:  # pixel space: gamma = 1 - normalized L2, from the k nearest
+    if similarity is None:  # pixel space: gamma = 1 - normalized L2, from the k nearest
         best_sim, best_sim_index, band_hits = pixel_similarity(dist, index, len(train), bands)
-    else:  # embed every image once, then compare the embeddings block by block
-        embedded = [embed_all(featurize, images) for images in (generated, train)]
-        best_sim, best_sim_index, band_hits = similarity_scan(*embedded, torch.as_tensor, bands)
+    else:
+        best_sim, best_sim_index, band_hits = similarity(generated, train, bands)
     memorized = ratio < GU_THRESHOLD
     per_sample = dict(nn_index=index[:, 0], nn_index2=index[:, 1 % index.shape[1]], d1=d1, d2=d2,
                       nn_ratio=ratio, normalized_l2=normalized_l2, best_sim=best_sim,
                       best_sim_index=best_sim_index)
     summary = summarize(memorized, index[:, 0], ratio, normalized_l2, best_sim, band_hits, bands)
     return dict(per_sample=per_sample, summary=summary)
+
+
+def summarize(memorized, nn_index, ratio, normalized_l2, best_sim, band_hits, bands) -> dict:
+    """Gu's count and fraction, distinct training images memorized, and AMS / UMS in % per band
+    (Eq. 6-9: AMS counts generations in the band; UMS the training images phi hit, over N_G)."""
+    n_gen = len(memorized)
+    summary = dict(n_generated=n_gen, memorized=int(memorized.sum()),
+                   memorized_fraction=float(memorized.mean()),
+                   unique_memorized=int(len(np.unique(nn_index[memorized]))),
+                   median_nn_ratio=float(np.median(ratio)),
+                   normalized_l2_p5=float(np.percentile(normalized_l2, 5)),
+                   sim_p95=float(np.percentile(best_sim, 95)))
+    for name, in_band in band_masks(best_sim, bands).items():  # AMS counts each generation once
+        summary[f"ams_{name}"] = float(100 * in_band.mean())
+        summary[f"ums_{name}"] = float(100 * band_hits[name].sum() / n_gen)  # UMS / N_G, in %
+    summary["ams_ge_low"] = float(100 * (best_sim >= bands[0]).mean())  # cumulative counts
+    summary["ams_ge_mid"] = float(100 * (best_sim >= bands[1]).mean())
+    summary["ams_gt_high"] = summary["ams_high"]
+    return summary
 
 
 # =================================================================================================
@@ -718,16 +836,16 @@ def memorization_metrics(generated: np.ndarray, train: np.ndarray, featurize, ba
 
 
 def run(cfg: Config, folder, device: torch.device, rows: list[Method] | None = None,
-        surrogate: Callable = label_synthetic) -> dict:
+        surrogate: Callable = label_synthetic, load: Callable | None = None) -> dict:
     """Train the target DPM on D (the model the attack starts from), then Algorithm 1. Output:
-    D_ext, N_G generations for every row. experiments.py passes other rows (its controls) and
-    another `surrogate` (the TDKD teacher)."""
+    D_ext, N_G generations for every row. experiments.py passes other rows (its controls),
+    another `surrogate` (the TDKD teacher, --embed) and another `load` (its dataset options)."""
     rows = rows or method_rows(cfg)
     folder.phase("data", f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
-    train = folder("data", lambda: load_training_set(cfg))
+    train = folder("data", lambda: (load or load_training_set)(cfg))
     folder.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
     x0_train = to_unit_range(train["images"]).to(device)
-    model = train_ddpm(cfg, x0_train, folder.ddpm_training(x0_train))  # the target DPM
+    model = train_ddpm(cfg, x0_train, folder.out / "ddpm.pt")  # the target DPM
     model = maybe_compile(model, cfg, device)  # --compile; otherwise the model itself
     labels, classifiers, accuracies = None, {}, {}
     if any(row.classifier for row in rows):  # the baseline alone needs no labels or classifier
@@ -773,7 +891,7 @@ def part1(cfg: Config, folder, model, train: dict, rows: list, surrogate, device
 # the command line.
 # =================================================================================================
 
-# --- Profiles, devices, networks, progress bars --------------------------------------------------
+# --- Profiles, devices, progress bars -------------------------------------------------------------
 
 
 def resolve_device(name: str) -> torch.device:
@@ -800,58 +918,9 @@ def apply_profile(cfg: Config) -> Config:
     return cfg
 
 
-def sampling_batch(device: torch.device, image_size: int, guided: bool) -> int:
-    """256 on the CPU; 1,024 on CUDA. A guided step keeps the classifier's activations in fp32 for
-    its gradient: about 50 MB an image at 64 px and 200 MB at 128 px, so the guided batch shrinks
-    with the image area instead: 1,024 at 32 px, 256 at 64 px, 64 at 128 px (13-15 GB each)."""
-    if device.type == "cpu":
-        return 256
-    return max(1, 1024 * 32 ** 2 // image_size ** 2) if guided else 1024
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA only; on the CPU full precision is both faster and exact."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def channel_list(text: str) -> list[int]:
-    return [int(c) for c in text.split(",") if c.strip()]
-
-
-def build_unet(cfg: Config, in_ch: int) -> UNet:
-    return UNet(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
-                cfg.image_size)
-
-
-def build_classifier(cfg: Config, in_ch: int, num_classes: int, time_dependent: bool) -> Classifier:
-    return Classifier(in_ch, channel_list(cfg.channels), cfg.blocks, channel_list(cfg.attn_res),
-                      cfg.image_size, num_classes, time_dependent)
-
-
-class OneProcess:
-    """How the work is shared between processes: here one process does all of it. experiments.py's
-    torchrun puts its own in PROCESSES (the same three members), so this file needs no
-    torch.distributed."""
-    main, count = True, 1  # this process writes files and draws progress bars; how many there are
-
-    def share(self, count: int) -> range:
-        """The generations (of 0 .. count-1) this process draws."""
-        return range(count)
-
-    def join(self, images: np.ndarray) -> np.ndarray:
-        """Every process's share, in order of generation."""
-        return images
-
-
-PROCESSES = OneProcess()
-
-
 def progress(iterable, **options) -> tqdm:
-    """tqdm bars with loss and ETA, drawn by the main process only."""
-    quiet = options.pop("disable", False) or not PROCESSES.main
-    return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, disable=quiet, **options)
+    """tqdm bars with loss and ETA (none with TQDM_DISABLE=1)."""
+    return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, **options)
 
 
 def maybe_compile(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
@@ -879,24 +948,12 @@ def compile_problem(device: torch.device) -> str:
 
 @functools.cache
 def warn_once(message: str) -> None:
-    if PROCESSES.main:
-        print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # --- Datasets: the training set D ----------------------------------------------------------------
 # Images are stored as uint8 N x H x W x C exactly as trained on and scaled to [-1, 1] for the DPM
 # (paper, Setup). No flips or other augmentation: memorization of the exact images is studied.
-
-def to_unit_range(images_u8: np.ndarray) -> torch.Tensor:
-    """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
-    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float N x C x H x W in [-1, 1] -> uint8 N x H x W x C."""
-    scaled = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return scaled.permute(0, 2, 3, 1).cpu().numpy()
-
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CELEBA_FACE_CENTER = (89, 121)  # (x, y) of the face in a 178x218 aligned image (the DDIM code's)
@@ -971,19 +1028,7 @@ def load_celeba(cfg: Config):
     indices = pick_indices(len(paths), cfg, str(folder))
     (cx, cy), half = CELEBA_FACE_CENTER, CELEBA_CROP // 2
     images = load_files(paths, indices, cfg, crop_box=(cx - half, cy - half, cx + half, cy + half))
-    return images, indices, celeba_identities(folder, [paths[i].name for i in indices])
-
-
-def celeba_identities(folder: Path, names: list[str]) -> np.ndarray | None:
-    """Identity labels from identity_CelebA.txt when present (only the TDKD teacher needs them)."""
-    for candidate in (folder.parent / "identity_CelebA.txt", folder / "identity_CelebA.txt"):
-        if candidate.is_file():
-            lines = candidate.read_text().splitlines()
-            table = dict(line.split() for line in lines if line.strip())
-            if all(name in table for name in names):
-                _, dense = np.unique([int(table[name]) for name in names], return_inverse=True)
-                return dense
-    return None
+    return images, indices, None  # no labels: experiments.py's teacher reads the identities
 
 
 def cifar_folder(root: Path) -> Path:
@@ -995,10 +1040,9 @@ def cifar_folder(root: Path) -> Path:
                     f"(the official python version); set --data-root, or add --download")
 
 
-def load_cifar10(cfg: Config):
-    """The official CIFAR-10 python pickles (written by Python 2, hence encoding='latin1')."""
-    folder = cifar_folder(Path(cfg.data_root))
-    names = ["test_batch"] if cfg.split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+def read_cifar10(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every image (N x 32 x 32 x 3 uint8) and label of the named official pickles, in order
+    (written by Python 2, hence encoding='latin1')."""
     batches = []
     for name in names:
         if (folder / name).is_file():
@@ -1008,24 +1052,16 @@ def load_cifar10(cfg: Config):
         raise UserError(f"no {' or '.join(names[:1])} in {folder}; the official "
                         f"cifar-10-batches-py layout is expected")
     images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-    images = images.transpose(0, 2, 3, 1)
-    labels = np.concatenate([b["labels"] for b in batches])
-    pool = np.arange(len(images))
-    if cfg.classes:
-        pool = pool[np.isin(labels, [int(c) for c in cfg.classes.split(",")])]
-    if cfg.balanced:
-        pool = balanced_pool(pool, labels, cfg.n)
-    chosen = pool[pick_indices(len(pool), cfg, f"{folder} (after --classes/--balanced)")]
+    return images.transpose(0, 2, 3, 1), np.concatenate([b["labels"] for b in batches])
+
+
+def load_cifar10(cfg: Config):
+    """The first n images of the official training batches (experiments.py adds the test batch
+    and class subsets)."""
+    folder = cifar_folder(Path(cfg.data_root))
+    images, labels = read_cifar10(folder, [f"data_batch_{i}" for i in range(1, 6)])
+    chosen = pick_indices(len(images), cfg, str(folder))
     return resize_all(images[chosen], cfg.image_size), chosen, labels[chosen]
-
-
-def balanced_pool(pool: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """The first ceil(n / classes) images of every class, interleaved class by class."""
-    classes = np.unique(labels[pool])
-    per_class = -(-n // len(classes))
-    columns = [pool[labels[pool] == c][:per_class] for c in classes]
-    depth = min(len(c) for c in columns)
-    return np.stack([c[:depth] for c in columns], axis=1).reshape(-1)
 
 
 def load_folder(cfg: Config):
@@ -1079,12 +1115,11 @@ def load_training_set(cfg: Config) -> dict:
 # Which settings each stage depends on. A stage is redone when one of these (or an upstream stage)
 # changes, and skipped otherwise: `--guidance 3` reruns only guided sampling and the report.
 STAGE_FIELDS = {
-    "data": ["dataset", "data_root", "n", "image_size", "subset", "split", "classes", "balanced",
-             "seed"],
+    "data": ["dataset", "data_root", "n", "image_size", "subset", "seed"],
     "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
     "sampler": ["sampler", "sample_steps", "eta"],
     "synthetic": ["n_syn"],
-    "labels": ["clusters", "cohesion", "embed"],
+    "labels": ["clusters", "cohesion"],
     "classifier": ["clf_steps", "clf_lr", "clf_batch"],
     "generations": ["n_gen"],
 }
@@ -1112,13 +1147,16 @@ def stage_path(out: Path, name: str) -> Path:
 
 
 def write_atomically(path: Path, write) -> None:
-    """write(tmp) to a temporary file beside `path`, then rename it over `path` in one step.
-    Only the main process writes (experiments.py's torchrun: the others read what it wrote)."""
-    if not PROCESSES.main:
-        return
-    tmp = path.with_name(path.name + ".tmp" + path.suffix)  # np.savez needs the .npz suffix
-    write(tmp)
-    os.replace(tmp, path)
+    """write(tmp) to a temporary file of its own beside `path`, then rename it over `path` in one
+    step: a killed run never leaves a half-written file, and processes writing the same file at
+    once (experiments.py's torchrun) never write into each other's."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)  # np.savez needs the .npz suffix; torch.save and write_text reopen it
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def save_npz(path: Path, **arrays) -> None:
@@ -1149,12 +1187,13 @@ class RunFolder:
     """run()'s `folder`. folder(name, compute) returns the stage's saved result when it was made
     with the same settings, and otherwise compute()'s, saved with the hash of those settings. A
     stage file that cannot be read (a full disk, a half-copied folder, a hand edit) is recomputed,
-    with one line saying so. ddpm.pt is read once, here, before anything is written.
-    experiments.py's subclasses extend `groups` and `key` (--labels teacher) and add torchrun."""
+    with one line saying so. ddpm.pt is checked here, before anything is written. experiments.py's
+    subclasses extend `key` (its labels, --embed, dataset options) and share stages among torchrun's
+    processes."""
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.out, self.device = cfg, Path(cfg.out), device
-        self.checkpoint = read_checkpoint(self.out / "ddpm.pt", cfg, device)
+        self.checkpoint = read_checkpoint(self.out / "ddpm.pt", cfg, device)  # a bad one stops here
         self.timings, self.current, self.clock = {}, None, time.perf_counter()
 
     def __call__(self, name: str, compute, **values) -> dict:
@@ -1196,11 +1235,6 @@ class RunFolder:
         print(f"  {path.name}: up to date, skipping")
         return data
 
-    def on_main(self, work, *args):
-        """work(*args) where files are written: here, in this one process (experiments.py's
-        torchrun runs it on rank 0 and shares the result)."""
-        return work(*args)
-
     def phase(self, name: str, message: str) -> None:
         """Print `message` and start timing the phase `name` (the previous one ends here)."""
         self.lap()
@@ -1218,32 +1252,32 @@ class RunFolder:
         self.current = None
         return dict(self.timings, total=round(sum(self.timings.values()), 2))
 
-    def ddpm_training(self, x0_all: torch.Tensor) -> DDPMTraining:
-        """A fresh training state, or the one in ddpm.pt, ready for train_ddpm()."""
-        cfg, path = self.cfg, self.out / "ddpm.pt"
-        state = training_state(cfg, x0_all.shape[1], self.device)
-        if self.checkpoint is not None:
-            for name in ("model", "ema", "opt"):
-                state[name].load_state_dict(self.checkpoint[name])
-            state["step"] = self.checkpoint["step"]
-            resume_generator(state, self.checkpoint, cfg, path)
-        if state["step"] > cfg.train_steps:
-            raise UserError(f"{path} is at step {state['step']}, beyond --train-steps "
-                            f"{cfg.train_steps}; raise --train-steps, use another --out, "
-                            f"or --fresh")
-        state["net"] = maybe_compile(state["model"], cfg, self.device)  # what the loss runs through
-        return DDPMTraining(cfg, path, state, len(x0_all))
 
-
-def resume_generator(state: dict, saved: dict, cfg: Config, path: Path) -> None:
-    """The batch generator as the checkpoint left it. A checkpoint of experiments.py's torchrun
-    holds every process's (this is the first's); an unfinished run resumes only with as many."""
+def resume_ddpm(path: Path, cfg: Config, model, ema, opt, gen, rank: int = 0,
+                processes: int = 1) -> int:
+    """Load ddpm.pt into the training state when there is one; returns the step to go on from.
+    `gen` takes the saved generator of process `rank` (experiments.py's torchrun saves one per
+    process); an unfinished checkpoint resumes only with as many processes as it was left by."""
+    saved = read_checkpoint(path, cfg, model.head[-1].weight.device)
+    if saved is None:
+        return 0
+    if saved["step"] > cfg.train_steps:
+        raise UserError(f"{path} is at step {saved['step']}, beyond --train-steps "
+                        f"{cfg.train_steps}; raise --train-steps, use another --out, or --fresh")
     count = len(checkpoint_rngs(saved))
-    if state["step"] < cfg.train_steps and count != PROCESSES.count:
+    if saved["step"] < cfg.train_steps and count != processes:
         raise UserError(f"{path} was being trained by {count} process(es); resume it with as many "
                         f"(torchrun --nproc_per_node {count} experiments.py), or retrain with "
                         f"--fresh")
-    state["generator"].set_state(checkpoint_rngs(saved)[0].cpu())  # map_location may move it
+    for name, part in (("model", model), ("ema", ema), ("opt", opt)):
+        part.load_state_dict(saved[name])
+    if rank < count:  # a finished checkpoint may have fewer generators than there are processes
+        gen.set_state(checkpoint_rngs(saved)[rank].cpu())
+    if saved["step"] == cfg.train_steps:
+        print(f"  ddpm.pt: trained ({cfg.train_steps} steps), skipping")
+    else:
+        print(f"  resuming DDPM training from step {saved['step']}")
+    return saved["step"]
 
 
 def checkpoint_rngs(saved: dict) -> list:
@@ -1251,18 +1285,7 @@ def checkpoint_rngs(saved: dict) -> list:
     return saved.get("rngs") or saved.get("rank_rngs") or [saved["rng"]]
 
 
-def training_state(cfg: Config, in_ch: int, device: torch.device) -> dict:
-    """Model, EMA copy, Adam (Ho et al. 2020) and the generator of batches, t and noise."""
-    torch.manual_seed(cfg.seed)  # the initial weights
-    model = build_unet(cfg, in_ch).to(device)
-    ema = build_unet(cfg, in_ch).to(device)
-    ema.load_state_dict(model.state_dict())
-    generator = torch.Generator().manual_seed(cfg.seed)  # saved in checkpoints
-    return dict(model=model, ema=ema, opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                generator=generator, step=0)
-
-
-def read_checkpoint(path: Path, cfg: Config, device: torch.device) -> dict | None:
+def read_checkpoint(path: Path, cfg: Config, device) -> dict | None:
     """ddpm.pt when there is one to resume from. One that cannot be read, or that was trained with
     other data or another network, stops the run: a checkpoint is never replaced silently."""
     if cfg.fresh or not path.is_file():
@@ -1289,19 +1312,14 @@ def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
                         f"Use the old settings, another --out, or --fresh to retrain")
 
 
-def save_checkpoint(path: Path, state: dict, cfg: Config, rngs: list) -> None:
-    """The unwrapped model, its EMA, Adam, the step and every process's batch generator."""
-    save_torch(path, dict(model=state["model"].state_dict(), ema=state["ema"].state_dict(),
-                          opt=state["opt"].state_dict(), rngs=rngs, step=state["step"],
-                          config=dataclasses.asdict(cfg)))
-
-
-class DeferredInterrupt:
-    """Inside this block Ctrl-C only raises a flag; training stops at the next step boundary, so the
-    checkpoint it writes never holds weights one update ahead of its step and RNG state."""
+class StopAtStepBoundary:
+    """Inside this block Ctrl-C only raises a flag; check() stops training at the next step
+    boundary, so the checkpoint it writes never holds weights one update ahead of its step and
+    generator state. SIDE_STOP_AT_STEP=N (the tests' Ctrl-C) stops at step N."""
 
     def __enter__(self):
         self.pressed, self.previous = False, None
+        self.stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self.press)
         return self
@@ -1313,213 +1331,35 @@ class DeferredInterrupt:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
+    def check(self, step: int, loss: float, path: Path | None, save) -> None:
+        """Stop on Ctrl-C (saving the checkpoint at `path` with save()) or on a non-finite loss."""
+        if self.pressed or step == self.stop_at:
+            if path is None:
+                raise KeyboardInterrupt
+            save()
+            raise UserError(f"stopped at step {step}; checkpoint saved to {path}. Rerun the same "
+                            f"command to resume")
+        if not math.isfinite(loss):
+            raise UserError(f"DDPM loss became {loss} at step {step}; lower --lr. The last good "
+                            f"checkpoint ({path}) is kept")
 
-class DDPMTraining:
-    """All of the DDPM loop that is not DDPM: the progress bar, checkpoints, Ctrl-C, the NaN guard
-    and the SIDE_STOP_AT_STEP test hook. (step, rng) in `state` always describe a step boundary,
-    so a checkpoint resumes with exactly the batches an uninterrupted run would have drawn."""
-
-    def __init__(self, cfg: Config, path: Path, state: dict, n_images: int):
-        self.cfg, self.path, self.state, self.n_images = cfg, path, state, n_images
-        self.first, self.loss, self.ctrl_c = state["step"], None, None
-        self.stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))  # test hook: Ctrl-C here
-
-    def steps(self):
-        """Yield the steps still to do; save a checkpoint when stopped and at the end."""
-        cfg, state, gen = self.cfg, self.state, self.state["generator"]
-        if self.first == cfg.train_steps:
-            print(f"  ddpm.pt: trained ({cfg.train_steps} steps), skipping")
-            return
-        if self.first:
-            print(f"  resuming DDPM training from step {self.first}")
-        state["rng"] = gen.get_state()
-        bar = progress(range(self.first, cfg.train_steps), desc="train DDPM", initial=self.first,
-                       total=cfg.train_steps)
-        with DeferredInterrupt() as self.ctrl_c:
-            for step in bar:
-                yield step
-                state["step"], state["rng"] = step + 1, gen.get_state()
-                epoch = state["step"] * cfg.batch_size * PROCESSES.count / self.n_images
-                bar.set_postfix(loss=f"{self.loss:.4f}", epoch=f"{epoch:.0f}", refresh=False)
-        self.save()
-
-    def check(self, loss: torch.Tensor, step: int) -> None:
-        """Stop on Ctrl-C or a non-finite loss; otherwise checkpoint the weights that have just
-        given a finite loss."""
-        self.loss, stop = self.agree(loss, self.ctrl_c.pressed or step == self.stop_at)
-        if stop:  # (step, rng) in state still describe the start of this step
-            self.save()
-            raise UserError(f"stopped at step {step}; checkpoint saved to {self.path}. "
-                            f"Rerun the same command to resume")
-        if not math.isfinite(self.loss):
-            raise UserError(f"DDPM loss became {self.loss} at step {step}; lower --lr. "
-                            f"The last good checkpoint ({self.path.name}) is kept")
-        if step > self.first and step % self.cfg.ckpt_every == 0:
-            self.save()
-
-    def agree(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
-        """The loss and whether to stop (experiments.py's torchrun: agreed by every process)."""
-        return loss.item(), stop
-
-    def save(self) -> None:
-        save_checkpoint(self.path, self.state, self.cfg, [self.state["rng"]])
-
-# --- The report: the check of section 8 for every row, in blocks, with the classifiers' accuracy
-#     by t, a table, pictures and report.json / report.md ----------------------------------------
+# --- The report: the check of section 8 for every row, a table, the match grid, report.json and
+#     report.md ------------------------------------------------------------------------------------
 
 
-def block_slices(total: int, size: int):
-    return [slice(s, min(total, s + size)) for s in range(0, total, size)]
+def pixel_space(cfg: Config) -> tuple:
+    """(similarity, bands, name) of AMS/UMS: 1 - Carlini's normalized L2 in pixels (experiments.py
+    --embed gives the embedding's cosine)."""
+    bands = tuple(float(b) for b in cfg.bands.split(",")) if cfg.bands else PIXEL_BANDS
+    return None, bands, "1 - normalized L2 (pixels)"
 
 
-def pairwise_blocks(queries, keys, featurize, block: int):
-    """Yield (query slice, key slice, query features, key features) covering all pairs in blocks."""
-    for qs in block_slices(len(queries), block):
-        q = featurize(queries[qs])
-        for ks in block_slices(len(keys), block):
-            yield qs, ks, q, featurize(keys[ks])
-
-
-T_RANGES = [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
-
-
-@torch.no_grad()
-def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, device: torch.device,
-                  seed: int) -> dict:
-    """Accuracy on x_t for each range of t. Low accuracy at large t is expected by design."""
-    x0, gen = to_unit_range(images_u8).to(device), torch.Generator().manual_seed(seed)
-    truth, result = torch.as_tensor(labels, device=device), {}
-    for low, high in T_RANGES:
-        x_t, t, _ = DIFFUSION.noised(x0, gen, low, high)
-        predicted = torch.cat([net(x_t[s], t[s].to(device)).argmax(1)
-                               for s in block_slices(len(x0), 512)])
-        result[f"t{low}-{high - 1}"] = round((predicted == truth).float().mean().item(), 4)
-    return result
-
-
-def summarize(memorized, nn_index, ratio, normalized_l2, best_sim, band_hits, bands) -> dict:
-    n_gen = len(memorized)
-    summary = dict(n_generated=n_gen, memorized=int(memorized.sum()),
-                   memorized_fraction=float(memorized.mean()),
-                   unique_memorized=int(len(np.unique(nn_index[memorized]))),
-                   median_nn_ratio=float(np.median(ratio)),
-                   normalized_l2_p5=float(np.percentile(normalized_l2, 5)),
-                   sim_p95=float(np.percentile(best_sim, 95)))
-    for name, in_band in band_masks(best_sim, bands).items():  # AMS counts each generation once
-        summary[f"ams_{name}"] = float(100 * in_band.mean())
-        summary[f"ums_{name}"] = float(100 * band_hits[name].sum() / n_gen)  # UMS / N_G, in %
-    summary["ams_ge_low"] = float(100 * (best_sim >= bands[0]).mean())  # cumulative counts
-    summary["ams_ge_mid"] = float(100 * (best_sim >= bands[1]).mean())
-    summary["ams_gt_high"] = summary["ams_high"]
-    return summary
-
-
-def similarity_scan(generated, train, featurize, bands, block: int = 1024):
-    """Per generation the best similarity and its index; per band the training images hit (Eq. 9).
-
-    Bands are disjoint: low [b0, b1), mid [b1, b2], high (b2, 1]. phi (Eq. 9) collects every
-    training image whose similarity to a generation falls in the band, not only the nearest."""
-    best = torch.full((len(generated),), -float("inf"))
-    best_index = torch.zeros(len(generated), dtype=torch.long)
-    hit = {name: torch.zeros(len(train), dtype=torch.bool) for name in ("low", "mid", "high")}
-    for qs, ks, q, x in pairwise_blocks(generated, train, featurize, block):
-        sim = (q @ x.T).cpu()
-        value, arg = sim.max(1)
-        better = value > best[qs]
-        best[qs] = torch.where(better, value, best[qs])
-        best_index[qs] = torch.where(better, arg + ks.start, best_index[qs])
-        for name, in_band in band_masks(sim, bands).items():
-            hit[name][ks] |= in_band.any(0)
-    return best.numpy(), best_index.numpy(), {k: v.numpy() for k, v in hit.items()}
-
-
-def load_embedding(path: str, device, flag: str = "--embed"):
-    """--embed: an image-embedding model (e.g. SSCD) taking N x 3 x H x W in [0, 1] and returning
-    one vector per image. Returns embed(images_u8) -> L2-normalized N x D features."""
-    model = read_embedding_model(path, device, flag)
-
-    @torch.no_grad()
-    def embed(images_u8):
-        x = torch.as_tensor(images_u8, device=device).permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        try:
-            out = model(x)
-        except Exception as error:
-            raise UserError(f"{flag} {path} fails on a batch of {tuple(x.shape)} images in [0, 1] "
-                            f"({why_unreadable(error)}); it must take N x 3 x H x W")
-        if not isinstance(out, torch.Tensor) or out.ndim != 2 or len(out) != len(x):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise UserError(f"{flag} {path} returns {shape} for {len(x)} images; it must return "
-                            f"one embedding vector per image (N x D), as SSCD's descriptors")
-        return F.normalize(out.float(), dim=1)
-    return embed
-
-
-def read_embedding_model(path: str, device, flag: str):
-    """A .pt2 file is a torch.export program; anything else is read as TorchScript (torch.jit is
-    deprecated in recent PyTorch but still loads; SSCD is published as .torchscript.pt files)."""
-    if not Path(path).is_file():
-        raise UserError(f"{flag} {path} is not a file; give a TorchScript model (.pt, e.g. SSCD's "
-                        f".torchscript.pt) or a torch.export program (.pt2)")
-    exported = Path(path).suffix == ".pt2"
-    try:
-        with warnings.catch_warnings(), quiet_logging():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-            if exported:
-                return torch.export.load(path).module().to(device)
-            return torch.jit.load(path, map_location=device).eval()
-    except Exception as error:
-        how = "torch.export.save" if exported else "torch.jit.save (or .pt2: torch.export.save)"
-        kind = "torch.export program" if exported else "TorchScript model"
-        raise UserError(f"{flag} {path} is not a loadable {kind} ({type(error).__name__}); "
-                        f"save it with {how}")
-
-
-@contextlib.contextmanager
-def quiet_logging():
-    """torch.export logs a whole traceback as a warning when a file is not its format; the
-    UserError raised afterwards says it in one line."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def probe_images(size: int) -> np.ndarray:
-    """Two images to try an embedding model on before any slow work."""
-    return np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
-
-
-def embed_all(embed, images_u8: np.ndarray) -> torch.Tensor:
-    """Embed every image once, in blocks; the result on the CPU."""
-    return torch.cat([embed(images_u8[s]).cpu() for s in block_slices(len(images_u8), 256)])
-
-
-def clustering_space(cfg: Config) -> str:
-    return f"embedding of {Path(cfg.embed).name}" if cfg.embed else "pixels (centred, unit norm)"
-
-
-def similarity_space(cfg, device):
-    """(featurize, bands, name): the similarity gamma used for AMS/UMS and its band edges: the
-    cosine of the --embed model's features, else 1 - Carlini's normalized L2 in pixels."""
-    if cfg.embed:
-        bands, featurize = EMBEDDING_BANDS, load_embedding(cfg.embed, device)
-        name = f"cosine of {Path(cfg.embed).name}"
-    else:
-        bands, featurize, name = PIXEL_BANDS, None, "1 - normalized L2 (pixels)"
-    if cfg.bands:
-        bands = tuple(float(b) for b in cfg.bands.split(","))
-    return featurize, bands, name
-
-
-def evaluate(cfg, generations: dict, train_images, out, device) -> dict:
+def evaluate(cfg, generations: dict, train_images, out, device, space=None) -> dict:
     """The memorization check for every method; per-sample statistics go to nn_<method>.npz."""
-    featurize, bands, space = similarity_space(cfg, device)
+    similarity, bands, space = space or pixel_space(cfg)
     results = {}
     for method, data in generations.items():
-        metrics = memorization_metrics(data["images"], train_images, featurize, bands, device)
+        metrics = memorization_metrics(data["images"], train_images, bands, device, similarity)
         save_npz(out / f"nn_{method}.npz", **metrics["per_sample"])
         results[method] = metrics
     return dict(results=results, bands=bands, space=space)
@@ -1574,7 +1414,7 @@ def labels_summary(cfg, labels) -> dict | None:
         return None
     teacher = "teacher" in labels  # experiments.py's TDKD labels name their teacher
     return dict(source="teacher" if teacher else "kmeans", clusters_kept=int(len(labels["kept"])),
-                features="none" if teacher else clustering_space(cfg),
+                features=str(labels.get("features", "pixels (centred, unit norm)")),
                 sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist())
 
 
@@ -1592,12 +1432,13 @@ def report_markdown(cfg, report) -> str:
              f"with bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. "
              "5th nL2: 5th percentile of Carlini's normalized L2 (lower = closer copies).", "",
              f"Clustering features (Algorithm 1 line 2): "
-             f"{labels['features'] if labels else 'none (no labels)'}. "
-             f"Similarity for AMS/UMS: {sim['space']}.", "",
+             f"{labels['features'] if labels else 'none (no labels)'}. Cohesion (report.json): "
+             "of each kept cluster's k-means members, before every sample took the label of its "
+             f"nearest kept centroid (line 5). Similarity for AMS/UMS: {sim['space']}.", "",
              "Classifier accuracy on held-out synthetic samples, by range of t:", "",
              "```", json.dumps(report["classifier_accuracy_by_t"], indent=1), "```",
              "", "Timings (s): " + json.dumps(report["timings_s"]), "",
-             "![matches](figures/matches.png)", "", "![histograms](figures/histograms.png)"]
+             "![matches](figures/matches.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -1611,13 +1452,12 @@ def pyplot():
 
 def save_figure(fig, path: Path, dpi: int) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
     pyplot().close(fig)
 
 
 def save_figures(evaluation, generations, train_images, out, show: int = 24) -> None:
-    """A match grid per method (generation above its nearest training image, sorted by d1/d2)
-    and histograms of d1/d2 and of the similarity."""
+    """A match grid per method: generation above its nearest training image, sorted by d1/d2."""
     from torchvision.utils import make_grid
     methods = list(evaluation["results"])
     fig, axes = pyplot().subplots(1, len(methods), figsize=(3.5 * len(methods), 3.8), squeeze=False)
@@ -1634,33 +1474,24 @@ def save_figures(evaluation, generations, train_images, out, show: int = 24) -> 
                      f"rows: generation / its nearest training image", fontsize=9)
         ax.axis("off")
     save_figure(fig, out / "figures" / "matches.png", dpi=150)
-    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(10, 3.5))
-    for method in methods:
-        per = evaluation["results"][method]["per_sample"]
-        ax1.hist(per["nn_ratio"], bins=40, range=(0, 1), alpha=0.5, label=method)
-        ax2.hist(per["best_sim"], bins=40, alpha=0.5, label=method)
-    ax1.axvline(GU_THRESHOLD, color="k", ls="--", label="1/3")
-    ax1.set(xlabel="d1 / d2 (nearest / second nearest)", ylabel="generations")
-    ax2.set(xlabel=f"best similarity ({evaluation['space']})")
-    ax1.legend(), ax2.legend()
-    save_figure(fig, out / "figures" / "histograms.png", dpi=120)
 
 
-def run_pipeline(cfg: Config, folder: RunFolder | None = None, **attack) -> dict:
+def run_pipeline(cfg: Config, folder: RunFolder | None = None, space=None, **attack) -> dict:
     """run() in its run folder, then the memorization check, report and figures. experiments.py
-    passes its own folder, and run()'s `rows` and `surrogate` in `attack`."""
+    passes its own folder, its similarity `space` (--embed), and run()'s `rows`, `surrogate` and
+    `load` in `attack`."""
     device = resolve_device(cfg.device)
     folder = folder or RunFolder(cfg, device)  # reads ddpm.pt before anything in `out` is written
     save_text(Path(cfg.out) / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     result = run(cfg, folder, device, **attack)
     folder.phase("evaluate", "[6/6] memorization check")
-    return folder.on_main(score_and_report, cfg, folder, result, device)
+    return score_and_report(cfg, folder, result, device, space)
 
 
-def score_and_report(cfg: Config, folder: RunFolder, result: dict, device) -> dict:
+def score_and_report(cfg: Config, folder: RunFolder, result: dict, device, space=None) -> dict:
     """The memorization check, figures and report."""
     out, train_images, generations = Path(cfg.out), result["train"]["images"], result["generations"]
-    evaluation = evaluate(cfg, generations, train_images, out, device)
+    evaluation = evaluate(cfg, generations, train_images, out, device, space)
     save_figures(evaluation, generations, train_images, out)
     timings = folder.finish()
     sampling = {m: round(float(g["seconds"]), 2) for m, g in generations.items()}
@@ -1800,8 +1631,6 @@ def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
         (cfg.n_gen > 0, f"--n-gen must be positive (got {cfg.n_gen})"),
         (cfg.train_steps > 0 and cfg.ckpt_every > 0,
          "--train-steps and --ckpt-every must be positive"),
-        (all(c.strip().isdigit() for c in cfg.classes.split(",")) if cfg.classes else True,
-         f"--classes takes class ids such as 3,5 (got {cfg.classes!r})"),
         (2 <= cfg.clusters <= cfg.n_syn,
          f"--clusters must be between 2 and --n-syn={cfg.n_syn} (got {cfg.clusters})"),
         (0 <= cfg.cohesion <= 1, f"--cohesion (tau) must lie in [0, 1] (got {cfg.cohesion})"),
@@ -1817,10 +1646,7 @@ def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
 
 
 def check_resources(cfg: Config) -> None:
-    """The files and the device: the embedding model is run on two images now, not after an hour
-    of training; --compile must be able to compile; --out must be writable."""
-    if cfg.embed:
-        load_embedding(cfg.embed, "cpu")(probe_images(cfg.image_size))
+    """The device and the files: --compile must be able to compile; --out must be writable."""
     problem = compile_problem(resolve_device(cfg.device)) if cfg.compile else ""
     if problem:
         raise UserError(f"--compile: {problem}; drop --compile to run eagerly")
@@ -1845,6 +1671,19 @@ def check_writable(out: Path) -> None:
     except OSError as error:
         raise UserError(f"--out {out} is not writable ({error.strerror}); choose another folder "
                         f"with --out")
+
+
+def profile_note(cfg: Config) -> str:
+    """One line before slow work when a GPU-sized job runs on the CPU profile ('' otherwise)."""
+    profile = PROFILES[(cfg.dataset, "cpu")]
+    if device_kind(cfg) == "gpu" or cfg.dataset == "digits" or cfg.n <= profile["n"]:
+        return ""
+    gpu = PROFILES[(cfg.dataset, "gpu")]
+    return (f"no GPU here, so the CPU profile runs: {cfg.n} images at {cfg.image_size} px, a "
+            f"{cfg.channels}-channel UNet for {cfg.train_steps} steps: about half an hour on 2 "
+            f"cores, for a DDPM that at this size memorizes next to nothing (theory.md, Exercise "
+            f"14). The GPU profile trains {gpu['image_size']} px, {gpu['channels']} channels, "
+            f"{gpu['train_steps']} steps (--device cuda)")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1882,6 +1721,8 @@ def main(argv=None) -> int:
     try:
         cfg = apply_profile(config_from(parser.parse_args(argv)))
         validate(cfg)
+        if profile_note(cfg):
+            print(f"note: {profile_note(cfg)}")
         print("config: " + json.dumps(dataclasses.asdict(cfg)))
         run_pipeline(cfg)
         return 0

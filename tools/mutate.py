@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 MUTATIONS = [
+    ("k-means ignores the run's seed",
+     "KMeans(n_clusters=clusters, n_init=3, random_state=seed)",
+     "KMeans(n_clusters=clusters, n_init=3, random_state=0)"),
     # --- the three named bugs: sampler and classifier training lose the time of Eq. 1-2; held-out leak
     ("sampler asks the classifier at t = 0",
      "log_probs = F.log_softmax(classifier(x_in, t).float(), dim=1)",
@@ -85,14 +88,17 @@ MUTATIONS = [
      "beta_end: float = 0.02",
      "beta_end: float = 0.01"),
     ("the one noising function draws t = 0 only",
-     "t = torch.randint(low, high, (len(x0),), generator=gen)",
+     "t = torch.randint(low, high or self.steps, (len(x0),), generator=gen)",
      "t = torch.randint(low, low + 1, (len(x0),), generator=gen)"),
     ("DDIM timesteps with trailing spacing",
      "return list(range(0, T_STEPS, T_STEPS // sample_steps))[::-1]",
      "return list(range(T_STEPS // sample_steps - 1, T_STEPS, T_STEPS // sample_steps))[::-1]"),
     ("x_0 estimate not clamped",
-     "x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)",
-     "x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt())"),
+     "x0 = DIFFUSION.predicted_x0(x, eps, index).clamp(-1, 1)",
+     "x0 = DIFFUSION.predicted_x0(x, eps, index)"),
+    ("predicted x_0 skips the 1 / sqrt(abar_t) rescale",
+     "return (x_t - (1 - a).sqrt() * eps) / a.sqrt()",
+     "return x_t - (1 - a).sqrt() * eps"),
     ("raw eps kept next to the clamped x_0",
      "eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()",
      "eps = eps"),
@@ -130,8 +136,8 @@ MUTATIONS = [
      "np.random.SeedSequence([seed, index])"),
     # --- surrogate labels (section 5)
     ("pixel features not centred",
-     "flat = flat_pixels(images_u8) / 255.0 - mean",
-     "flat = flat_pixels(images_u8) / 255.0"),
+     "flat = pixels / 255.0 - pixels.mean(0) / 255.0",
+     "flat = pixels / 255.0"),
     ("a cluster with cohesion exactly tau is dropped",
      "kept = np.flatnonzero(cohesions >= cohesion)",
      "kept = np.flatnonzero(cohesions > cohesion)"),
@@ -169,8 +175,8 @@ MUTATIONS = [
      "kind, steps = 'ddim', name[4:]"),
     # --- memorization check (section 8)
     ("memorization scored against all but one training image",
-     'memorization_metrics(data["images"], train_images, featurize, bands, device)',
-     'memorization_metrics(data["images"], train_images[1:], featurize, bands, device)'),
+     'memorization_metrics(data["images"], train_images, bands, device, similarity)',
+     'memorization_metrics(data["images"], train_images[1:], bands, device, similarity)'),
     ("d2 is the 50th nearest, not the second",
      "d1, d2 = dist[:, 0], dist[:, min(1, dist.shape[1] - 1)]",
      "d1, d2 = dist[:, 0], dist[:, -1]"),
@@ -181,9 +187,9 @@ MUTATIONS = [
 
 # The same, planted in experiments.py: the controls, the protocol and torchrun's agreement.
 EXPERIMENT_MUTATIONS = [
-    ("SeesPredictedX0 skips the 1 / sqrt(abar_t) rescale",
-     "self.model(x, t).float()) / a.sqrt(), t)",
-     "self.model(x, t).float()), t)"),
+    ("SeesPredictedX0 judges x_t, not the predicted x_0",
+     "return self.classifier(x0_hat, t)",
+     "return self.classifier(x, t)"),
     ("the shuffled control does not permute the labels",
      'return dict(labels, labels=labels["labels"][order], soft=labels["soft"][order])',
      "return dict(labels)"),
