@@ -28,6 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 MUTATIONS = [
+    ("a resumed DDPM draws fresh batches (the saved generator ignored)",
+     "gen.set_state(checkpoint_rngs(saved)[rank].cpu())",
+     "pass"),
+    ("a stopped DDPM saves the generator one step ahead of its weights",
+     "stop.check(step, loss.item(), checkpoint, lambda: save(step, rng))",
+     "stop.check(step, loss.item(), checkpoint, lambda: save(step, gen.get_state()))"),
     ("k-means ignores the run's seed",
      "KMeans(n_clusters=clusters, n_init=3, random_state=seed)",
      "KMeans(n_clusters=clusters, n_init=3, random_state=0)"),
@@ -187,6 +193,9 @@ MUTATIONS = [
 
 # The same, planted in experiments.py: the controls, the protocol and torchrun's agreement.
 EXPERIMENT_MUTATIONS = [
+    ("torchrun: every rank draws the first block of generations",
+     "mine = range(rank * count // ranks, (rank + 1) * count // ranks)",
+     "mine = range(0, count // ranks)"),
     ("SeesPredictedX0 judges x_t, not the predicted x_0",
      "return self.classifier(x0_hat, t)",
      "return self.classifier(x, t)"),
