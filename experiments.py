@@ -148,7 +148,7 @@ def celeba_identities(cfg: ExperimentConfig, indices: np.ndarray) -> np.ndarray:
 # --- A3. --embed: the paper's SSCD feature space, for the clusters (Algorithm 1 line 2) and for
 #     AMS/UMS (Eq. 6-9). A local TorchScript or torch.export file: nothing is downloaded ---------
 
-EMBEDDING_BANDS = (0.40, 0.50, 0.60)  # README, "Metrics"
+EMBEDDING_BANDS = (0.40, 0.50, 0.60)  # docs/usage.md, "Metrics"
 
 
 def load_embedding(path: str, device, flag: str = "--embed"):
@@ -398,7 +398,7 @@ def save_histograms(out: Path, report: dict) -> None:
 
 
 # --- C. The protocol: each row's lambda and extraction sampler chosen on a seed never reported,
-#     then several reported seeds and one aggregate report (README, "Protocol"). Part 1 keeps
+#     then several reported seeds and one aggregate report (docs/usage.md, "The protocol"). Part 1 keeps
 #     --sampler: its samples only have to be clustered, and one Part 1 for every candidate keeps
 #     the rows paired (same labels, classifiers and seeds). Selection and report never share a seed.
 
@@ -832,8 +832,9 @@ def protocol_markdown(agg: dict, choice: dict) -> str:
         lines += ["", "Paired ratios of Gu-memorized generations per seed, with a 95 % bootstrap "
                   "interval over generations (the same resampled indices for both rows, which "
                   "start from the same noise). The compared row is in brackets; strongest "
-                  "uncond: the uncond row, at any sampler, with the most copies on that seed; "
-                  f"best cond: {agg['best_cond']}, the higher mean of cond and cond_x0.", "",
+                  "uncond: the uncond row, at any sampler, with the most copies on that seed"
+                  + (f"; best cond: {agg['best_cond']}, the higher mean of cond and cond_x0"
+                     if agg["best_cond"] else "") + ".", "",
                   *side.table_lines(["seed", *names], ratios)]
     return "\n".join(lines + ["", *[f"- {v}" for v in agg["verdicts"]]]) + "\n"
 

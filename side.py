@@ -124,15 +124,17 @@ class Config:
 # digits: n = 128, 2,000 steps and K = 64 were chosen on tune seed 100 so that the DDPM copies some,
 # but at most a third, of its training digits; the lambdas are experiments.py's choice on that
 # seed (`python experiments.py`: each row's best of 0.3, 1, 3, 10, 30). celeba on the CPU: n = 64,
-# 2,000 steps and K = 32 on tune seed 100 (uncond copies 8 of the 64 faces there) and lambdas from
-# experiments.py on that seed (README, "Faces"). No other profile's lambda is tuned: side=10,
+# 2,000 steps and K = 32 on tune seed 100 (8 of uncond's 128 generations Gu-memorized there at
+# ddpm250), side = 10 from experiments.py on that seed (docs/results_faces.md); cond = 0.3 is not
+# tuned there (the faces protocol has no cond row). No other profile's lambda is tuned: side=10,
 # cond=1 are mid-grid starting points there; tune them with experiments.py.
 _SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
               clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance="cond=1,side=10",
               extract_sampler="")
 # gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128. Extraction: each
 # row at its best sampler on the CPU profiles' tune-seed curves (README, "The sampler"): uncond
-# at the full chain, where the unguided model copies most, the guided rows at 250 ancestral steps.
+# at the full chain, where the unguided model copied most on both tune seeds (on the reported face
+# seeds ddpm250 gave it more), the guided rows at 250 ancestral steps.
 _GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
             n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
             guidance="cond=1,side=10", extract_sampler="uncond=ddpm1000,cond=ddpm250,side=ddpm250")
@@ -737,7 +739,7 @@ def extract(cfg: Config, method: Method, model, classifier, guidance: float, dev
 
 GU_THRESHOLD = 1 / 3
 CARLINI_NEIGHBOURS, CARLINI_ALPHA = 50, 0.5
-PIXEL_BANDS = (0.50, 0.65, 0.75)  # README, "Metrics"
+PIXEL_BANDS = (0.50, 0.65, 0.75)  # docs/usage.md, "Metrics"
 
 
 def block_slices(total: int, size: int):
