@@ -1152,13 +1152,12 @@ def write_atomically(path: Path, write) -> None:
     """write(tmp) to a temporary file of its own beside `path`, then rename it over `path` in one
     step: a killed run never leaves a half-written file, and processes writing the same file at
     once (experiments.py's torchrun) never write into each other's."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)  # np.savez needs the .npz suffix; torch.save and write_text reopen it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # np.savez: .npz suffix
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def save_npz(path: Path, **arrays) -> None:
