@@ -107,7 +107,7 @@ def load_training_set(cfg: ExperimentConfig) -> dict:
 
 
 def load_cifar10(cfg: ExperimentConfig):
-    """The official pickles with --split, then --classes and --balanced, then side's --n/--subset."""
+    """The official pickles with --split, then --classes and --balanced, then --n and --subset."""
     folder = side.cifar_folder(Path(cfg.data_root))
     names = ["test_batch"] if cfg.split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
     images, labels = side.read_cifar10(folder, names)
@@ -229,8 +229,7 @@ def embedding_space(cfg: ExperimentConfig, device) -> tuple:
     def similarity(generated, train, bands):  # embed every image once, compare block by block
         embedded = [embed_all(embed, images) for images in (generated, train)]
         return similarity_scan(*embedded, torch.as_tensor, bands)
-    bands = tuple(float(b) for b in cfg.bands.split(",")) if cfg.bands else EMBEDDING_BANDS
-    return similarity, bands, f"cosine of {Path(cfg.embed).name}"
+    return similarity, side.band_edges(cfg, EMBEDDING_BANDS), f"cosine of {Path(cfg.embed).name}"
 
 
 def similarity_scan(generated, train, featurize, bands, block: int = 1024):
@@ -368,8 +367,10 @@ def run_pipeline(cfg: ExperimentConfig) -> dict:
     device = side.resolve_device(cfg.device)
     folder = (DistributedFolder if dist.is_initialized() else ExperimentFolder)(cfg, device)
     surrogate = side.label_synthetic
-    if cfg.labels == "teacher" or cfg.embed:
-        surrogate = teacher_labels if cfg.labels == "teacher" else embedded_labels
+    if cfg.labels == "teacher":
+        surrogate = teacher_labels
+    elif cfg.embed:
+        surrogate = embedded_labels
     space = embedding_space(cfg, device) if cfg.embed else None
     if dist.is_initialized():  # DDP training first: side.run() then finds ddpm.pt trained
         train = folder("data", lambda: load_training_set(cfg))
@@ -398,9 +399,10 @@ def save_histograms(out: Path, report: dict) -> None:
 
 
 # --- C. The protocol: each row's lambda and extraction sampler chosen on a seed never reported,
-#     then several reported seeds and one aggregate report (docs/usage.md, "The protocol"). Part 1 keeps
-#     --sampler: its samples only have to be clustered, and one Part 1 for every candidate keeps
-#     the rows paired (same labels, classifiers and seeds). Selection and report never share a seed.
+#     then several reported seeds and one aggregate report (docs/usage.md, "The protocol"). Part 1
+#     keeps --sampler: its samples only have to be clustered, and one Part 1 for every candidate
+#     keeps the rows paired (same labels, classifiers and seeds). Selection and report never share
+#     a seed.
 
 TIE_RULE = ("highest Gu memorized fraction; ties: more distinct images copied, then the sampler "
             "with fewer steps, then smaller lambda")
@@ -1447,9 +1449,11 @@ def train_ddpm_distributed(cfg: ExperimentConfig, x0_all: torch.Tensor, path: Pa
     net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def save(step: int, rng: torch.Tensor) -> None:
-        side.save_torch(path, dict(model=model.state_dict(), ema=ema.state_dict(), step=step,
-                                   opt=opt.state_dict(), rngs=gather_all(rng),
-                                   config=dataclasses.asdict(cfg)))  # rank 0 writes
+        rngs = gather_all(rng)  # every rank takes part; rank 0 alone writes the one checkpoint
+        if is_main():
+            side.save_torch(path, dict(model=model.state_dict(), ema=ema.state_dict(), step=step,
+                                       opt=opt.state_dict(), rngs=rngs,
+                                       config=dataclasses.asdict(cfg)))
         dist.barrier()  # no rank reads ddpm.pt again before rank 0 has written it
     bar = side.progress(range(first, cfg.train_steps), desc=f"train DDPM ({ranks} processes)",
                         initial=first, total=cfg.train_steps, disable=first == cfg.train_steps)
@@ -1459,15 +1463,15 @@ def train_ddpm_distributed(cfg: ExperimentConfig, x0_all: torch.Tensor, path: Pa
             loss = side.ddpm_loss(net, x0_all, gen, cfg.batch_size)
             agreed = torch.tensor([loss.item(), float(stop.pressed or step == stop.stop_at)])
             dist.all_reduce(agreed)  # every rank decides alike
-            stop.pressed = agreed[1].item() > 0
-            stop.check(step, agreed[0].item() / ranks, path, lambda: save(step, rng))
+            mean_loss, stop.pressed = agreed[0].item() / ranks, agreed[1].item() > 0
+            stop.check(step, mean_loss, path, lambda: save(step, rng))
             if step > first and step % cfg.ckpt_every == 0:
                 save(step, rng)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             side.ema_update(ema, model, cfg.ema, step)
-            bar.set_postfix(loss=f"{agreed[0].item() / ranks:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
     if first < cfg.train_steps:
         save(cfg.train_steps, gen.get_state())
     return ema.eval()

@@ -406,14 +406,14 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, checkpoint: Path | None = None
         for step in bar:
             rng = gen.get_state()  # a run stopped during this step resumes from here
             loss = ddpm_loss(net, x0_all, gen, cfg.batch_size)
-            stop.check(step, loss.item(), checkpoint, lambda: save(step, rng))
+            value = stop.check(step, loss, checkpoint, lambda: save(step, rng))  # loss.item()
             if checkpoint and step > first and step % cfg.ckpt_every == 0:
                 save(step, rng)  # weights that have just given a finite loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             ema_update(ema, model, cfg.ema, step)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
     if checkpoint and first < cfg.train_steps:
         save(cfg.train_steps, gen.get_state())
     return ema.eval()
@@ -1294,7 +1294,8 @@ def read_checkpoint(path: Path, cfg: Config, device) -> dict | None:
     try:
         # onto the CPU: load_state_dict moves weights and Adam's moments to `device` but keeps
         # Adam's step counters where they are (on CUDA: a device sync per parameter and step)
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        # mmap: RunFolder checks ddpm.pt before anything is written, train_ddpm loads it again
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         trained_with = saved["config"]
     except Exception as error:  # truncated, half-copied, or not a checkpoint at all
         raise UserError(f"{path} cannot be read ({why_unreadable(error)}); rerun with --fresh to "
@@ -1332,8 +1333,10 @@ class StopAtStepBoundary:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
-    def check(self, step: int, loss: float, path: Path | None, save) -> None:
-        """Stop on Ctrl-C (saving the checkpoint at `path` with save()) or on a non-finite loss."""
+    def check(self, step: int, loss, path: Path | None, save) -> float:
+        """Stop on Ctrl-C (saving the checkpoint at `path` with save()) or on a non-finite loss;
+        returns the loss as a number (for a tensor, the step's one device sync)."""
+        loss = loss.item() if torch.is_tensor(loss) else float(loss)
         if self.pressed or step == self.stop_at:
             if path is None:
                 raise KeyboardInterrupt
@@ -1343,6 +1346,7 @@ class StopAtStepBoundary:
         if not math.isfinite(loss):
             raise UserError(f"DDPM loss became {loss} at step {step}; lower --lr. The last good "
                             f"checkpoint ({path}) is kept")
+        return loss
 
 # --- The report: the check of section 8 for every row, a table, the match grid, report.json and
 #     report.md ------------------------------------------------------------------------------------
@@ -1351,8 +1355,12 @@ class StopAtStepBoundary:
 def pixel_space(cfg: Config) -> tuple:
     """(similarity, bands, name) of AMS/UMS: 1 - Carlini's normalized L2 in pixels (experiments.py
     --embed gives the embedding's cosine)."""
-    bands = tuple(float(b) for b in cfg.bands.split(",")) if cfg.bands else PIXEL_BANDS
-    return None, bands, "1 - normalized L2 (pixels)"
+    return None, band_edges(cfg, PIXEL_BANDS), "1 - normalized L2 (pixels)"
+
+
+def band_edges(cfg: Config, default: tuple) -> tuple:
+    """--bands as (low, mid, high), else the space's `default`."""
+    return tuple(float(b) for b in cfg.bands.split(",")) if cfg.bands else default
 
 
 def evaluate(cfg, generations: dict, train_images, out, device, space=None) -> dict:
