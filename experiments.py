@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -69,6 +70,9 @@ class ExperimentConfig(side.Config):
     split: str = option("train", "cifar10: data_batch_* or test_batch", ("train", "test"))
     classes: str = option("", "cifar10: keep only these class ids, e.g. 3,5")
     balanced: bool = option(False, "cifar10: take n/classes images per class")
+    bands: str = option("", "AMS/UMS band edges low,mid,high", shown="0.5,0.65,0.75 in pixels, "
+                        "0.4,0.5,0.6 with --embed")
+    compile: bool = option(False, "torch.compile the UNet (CUDA only; the CPU runs eagerly)")
 
 
 TUNE_N_GEN = {"cpu": 256, "gpu": 1024}
@@ -229,7 +233,28 @@ def embedding_space(cfg: ExperimentConfig, device) -> tuple:
     def similarity(generated, train, bands):  # embed every image once, compare block by block
         embedded = [embed_all(embed, images) for images in (generated, train)]
         return similarity_scan(*embedded, torch.as_tensor, bands)
-    return similarity, side.band_edges(cfg, EMBEDDING_BANDS), f"cosine of {Path(cfg.embed).name}"
+    return similarity, band_edges(cfg, EMBEDDING_BANDS), f"cosine of {Path(cfg.embed).name}"
+
+
+def similarity_space(cfg: ExperimentConfig, device) -> tuple | None:
+    """side.evaluate's `space`: --embed's, else side.py's pixel space with --bands' edges."""
+    if cfg.embed:
+        return embedding_space(cfg, device)
+    similarity, default, name = side.PIXEL_SPACE
+    return (similarity, band_edges(cfg, default), name) if cfg.bands else None
+
+
+def band_edges(cfg: ExperimentConfig, default: tuple) -> tuple:
+    """--bands as (low, mid, high), else the space's `default`."""
+    return tuple(float(b) for b in cfg.bands.split(",")) if cfg.bands else default
+
+
+def valid_bands(text: str) -> bool:
+    try:
+        low, mid, high = (float(b) for b in text.split(","))
+    except ValueError:
+        return False
+    return 0 <= low < mid <= high <= 1
 
 
 def similarity_scan(generated, train, featurize, bands, block: int = 1024):
@@ -371,7 +396,7 @@ def run_pipeline(cfg: ExperimentConfig) -> dict:
         surrogate = teacher_labels
     elif cfg.embed:
         surrogate = embedded_labels
-    space = embedding_space(cfg, device) if cfg.embed else None
+    space = similarity_space(cfg, device)
     if dist.is_initialized():  # DDP training first: side.run() then finds ddpm.pt trained
         train = folder("data", lambda: load_training_set(cfg))
         train_ddpm_distributed(cfg, side.to_unit_range(train["images"]).to(device),
@@ -507,9 +532,15 @@ def validate(cfg: ExperimentConfig) -> None:
         raise UserError(f"--tune-seed {cfg.tune_seed} is also a reported seed; choose one outside "
                         f"them (e.g. --tune-seed {max(seeds) + 100}) or fix lambda with --guidance")
     check_process_count(cfg)
+    if cfg.bands and not valid_bands(cfg.bands):
+        raise UserError(f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], e.g. "
+                        f"0.5,0.65,0.75")
+    problem = compile_problem(side.resolve_device(cfg.device)) if cfg.compile else ""
+    if problem:
+        raise UserError(f"--compile: {problem}; drop --compile to run eagerly")
     if cfg.embed:  # the embedding model runs on two images now, not after an hour of training
         load_embedding(cfg.embed, "cpu")(probe_images(cfg.image_size))
-    side.check_resources(cfg)
+    side.check_writable(Path(cfg.out))
 
 
 def tuning_runs(cfg: ExperimentConfig, rows: list[str]) -> list[tuple[str, str]]:
@@ -1496,6 +1527,43 @@ def check_process_count(cfg: ExperimentConfig) -> None:
                         f"fewer, or raise {'/'.join(counts)}")
 
 
+# --- F2. --compile: torch.compile for the UNet on CUDA ----------------------------------------------
+
+
+def compile_problem(device: torch.device) -> str:
+    """Why torch.compile cannot run here ('' when it can)."""
+    if not hasattr(torch, "compile"):
+        return "this PyTorch has no torch.compile (it needs PyTorch 2.0 or later)"
+    from torch import _dynamo
+    if not _dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {sys.version.split()[0]} in this PyTorch"
+    from torch.utils._triton import has_triton
+    if device.type == "cuda" and not has_triton():
+        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
+    return ""
+
+
+@functools.cache
+def warn_once(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def compiled_unets(cfg: ExperimentConfig, device: torch.device):
+    """--compile: inside, every UNet's forward runs through torch.compile (the class's method, so
+    the EMA copy and the checkpoint's keys are side.py's own); on the CPU it warns once and the
+    UNet runs eagerly."""
+    forward = side.UNet.forward
+    if cfg.compile and device.type != "cuda":
+        warn_once("--compile applies on CUDA only; running the UNet eagerly on the CPU")
+    elif cfg.compile:
+        side.UNet.forward = torch.compile(forward)
+    try:
+        yield
+    finally:
+        side.UNet.forward = forward
+
+
 # --- G. The command line --------------------------------------------------------------------------
 
 
@@ -1540,7 +1608,8 @@ def main(argv=None) -> int:
                 raise SaidOnRankZero(problem)
             joined = True
             print("config: " + json.dumps(dataclasses.asdict(cfg)))
-            run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
+            with compiled_unets(cfg, side.resolve_device(cfg.device)):
+                run_sweep(cfg) if cfg.sweep else run_protocol(cfg)
         return 0
     except UserError as error:
         if launched_rank() == 0:  # what every rank stops with, rank 0 says

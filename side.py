@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -111,30 +110,18 @@ class Config:
     n_gen: int = option(None, "N_G: generations per row")
     guidance: str = option(None, "lambda of the guided rows: one value for all, or row=value "
                                  "pairs such as side=30,cond=0.3")
-    bands: str = option("", "AMS/UMS band edges low,mid,high (default per space)")
     # --- run ---
     seed: int = option(0, "seeds training, every generation (and --subset random)")
     device: str = option("auto", "where to compute", ("auto", "cpu", "cuda"))
     out: str = option("", "run folder (default runs/<dataset>-n<N>-<size>px)")
     fresh: bool = option(False, "ignore cached stages and redo everything")
-    compile: bool = option(False, "torch.compile the UNet (CUDA only; the CPU runs eagerly)")
 
 
-# The defaults of each (dataset, device). Every value can be overridden by its flag.
-# digits: n = 128, 2,000 steps and K = 64 were chosen on tune seed 100 so that the DDPM copies some,
-# but at most a third, of its training digits; the lambdas are experiments.py's choice on that
-# seed (`python experiments.py`: each row's best of 0.3, 1, 3, 10, 30). celeba on the CPU: n = 64,
-# 2,000 steps and K = 32 on tune seed 100 (8 of uncond's 128 generations Gu-memorized there at
-# ddpm250), side = 10 from experiments.py on that seed (docs/results_faces.md); cond = 0.3 is not
-# tuned there (the faces protocol has no cond row). No other profile's lambda is tuned: side=10,
-# cond=1 are mid-grid starting points there; tune them with experiments.py.
+# The defaults of each (dataset, device); every value can be overridden by its flag. Why each
+# value, and which were tuned on a seed that is never reported: docs/usage.md, "Profiles".
 _SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
               clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance="cond=1,side=10",
               extract_sampler="")
-# gpu: the usual small DDPM (128 base channels, attention at 16x16), batch 128. Extraction: each
-# row at its best sampler on the CPU profiles' tune-seed curves (README, "The sampler"): uncond
-# at the full chain, where the unguided model copied most on both tune seeds (on the reported face
-# seeds ddpm250 gave it more), the guided rows at 250 ancestral steps.
 _GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
             n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
             guidance="cond=1,side=10", extract_sampler="uncond=ddpm1000,cond=ddpm250,side=ddpm250")
@@ -396,7 +383,6 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, checkpoint: Path | None = None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)  # every batch, t and noise of training
     first = resume_ddpm(checkpoint, cfg, model, ema, opt, gen) if checkpoint else 0
-    net = maybe_compile(model, cfg, x0_all.device)  # --compile; otherwise the model itself
     def save(step: int, rng: torch.Tensor) -> None:  # the checkpoint: a plain dict
         save_torch(checkpoint, dict(model=model.state_dict(), ema=ema.state_dict(), step=step,
                                     opt=opt.state_dict(), rngs=[rng], config=vars(cfg).copy()))
@@ -405,7 +391,7 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, checkpoint: Path | None = None
     with StopAtStepBoundary() as stop:  # Ctrl-C stops here, between two steps
         for step in bar:
             rng = gen.get_state()  # a run stopped during this step resumes from here
-            loss = ddpm_loss(net, x0_all, gen, cfg.batch_size)
+            loss = ddpm_loss(model, x0_all, gen, cfg.batch_size)
             value = stop.check(step, loss, checkpoint, lambda: save(step, rng))  # loss.item()
             if checkpoint and step > first and step % cfg.ckpt_every == 0:
                 save(step, rng)  # weights that have just given a finite loss
@@ -848,7 +834,6 @@ def run(cfg: Config, folder, device: torch.device, rows: list[Method] | None = N
     folder.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
     x0_train = to_unit_range(train["images"]).to(device)
     model = train_ddpm(cfg, x0_train, folder.out / "ddpm.pt")  # the target DPM
-    model = maybe_compile(model, cfg, device)  # --compile; otherwise the model itself
     labels, classifiers, accuracies = None, {}, {}
     if any(row.classifier for row in rows):  # the baseline alone needs no labels or classifier
         labels, classifiers, accuracies = part1(cfg, folder, model, train, rows, surrogate, device)
@@ -923,34 +908,6 @@ def apply_profile(cfg: Config) -> Config:
 def progress(iterable, **options) -> tqdm:
     """tqdm bars with loss and ETA (none with TQDM_DISABLE=1)."""
     return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, **options)
-
-
-def maybe_compile(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """--compile: the UNet through torch.compile on CUDA; on the CPU it warns once, runs eagerly."""
-    if not cfg.compile:
-        return model
-    if device.type != "cuda":
-        warn_once("--compile applies on CUDA only; running the UNet eagerly on the CPU")
-        return model
-    return torch.compile(model)
-
-
-def compile_problem(device: torch.device) -> str:
-    """Why torch.compile cannot run here ('' when it can)."""
-    if not hasattr(torch, "compile"):
-        return "this PyTorch has no torch.compile (it needs PyTorch 2.0 or later)"
-    from torch import _dynamo
-    if not _dynamo.is_dynamo_supported():
-        return f"torch.compile does not support Python {sys.version.split()[0]} in this PyTorch"
-    from torch.utils._triton import has_triton
-    if device.type == "cuda" and not has_triton():
-        return "torch.compile on CUDA needs triton, which is not installed (pip install triton)"
-    return ""
-
-
-@functools.cache
-def warn_once(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # --- Datasets: the training set D ----------------------------------------------------------------
@@ -1352,20 +1309,14 @@ class StopAtStepBoundary:
 #     report.md ------------------------------------------------------------------------------------
 
 
-def pixel_space(cfg: Config) -> tuple:
-    """(similarity, bands, name) of AMS/UMS: 1 - Carlini's normalized L2 in pixels (experiments.py
-    --embed gives the embedding's cosine)."""
-    return None, band_edges(cfg, PIXEL_BANDS), "1 - normalized L2 (pixels)"
-
-
-def band_edges(cfg: Config, default: tuple) -> tuple:
-    """--bands as (low, mid, high), else the space's `default`."""
-    return tuple(float(b) for b in cfg.bands.split(",")) if cfg.bands else default
+# (similarity, bands, name) of AMS/UMS: 1 - Carlini's normalized L2 in pixels (experiments.py's
+# --embed and --bands give others)
+PIXEL_SPACE = (None, PIXEL_BANDS, "1 - normalized L2 (pixels)")
 
 
 def evaluate(cfg, generations: dict, train_images, out, device, space=None) -> dict:
     """The memorization check for every method; per-sample statistics go to nn_<method>.npz."""
-    similarity, bands, space = space or pixel_space(cfg)
+    similarity, bands, space = space or PIXEL_SPACE
     results = {}
     for method, data in generations.items():
         metrics = memorization_metrics(data["images"], train_images, bands, device, similarity)
@@ -1604,7 +1555,7 @@ def validate(cfg: Config, table: dict = METHODS) -> None:
     """Check every flag before any slow work starts (one clear line per problem). Fixed sets of
     values (--dataset, --sampler, ...) are argparse choices, checked before this."""
     validate_values(cfg, table)
-    check_resources(cfg)
+    check_writable(Path(cfg.out))
 
 
 def validate_values(cfg: Config, table: dict = METHODS, unset: tuple = ()) -> None:
@@ -1649,25 +1600,7 @@ def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
          f"--methods takes {','.join(table)} (got {cfg.methods!r})"
          + ("; the rows cond_x0, shuffled and oracle are experiments.py's" if table is METHODS
             else "")),
-        (not cfg.bands or valid_bands(cfg.bands),
-         f"--bands {cfg.bands!r}: give three increasing numbers in [0, 1], e.g. 0.5,0.65,0.75"),
     ]
-
-
-def check_resources(cfg: Config) -> None:
-    """The device and the files: --compile must be able to compile; --out must be writable."""
-    problem = compile_problem(resolve_device(cfg.device)) if cfg.compile else ""
-    if problem:
-        raise UserError(f"--compile: {problem}; drop --compile to run eagerly")
-    check_writable(Path(cfg.out))
-
-
-def valid_bands(text: str) -> bool:
-    try:
-        low, mid, high = (float(b) for b in text.split(","))
-    except ValueError:
-        return False
-    return 0 <= low < mid <= high <= 1
 
 
 def check_writable(out: Path) -> None:

@@ -1646,20 +1646,37 @@ def test_embed_reads_a_torch_export_program_for_the_clusters_and_the_similarity(
 
 def test_compile_wraps_the_unet_on_cuda_and_warns_once_on_the_cpu(capsys, monkeypatch):
     cfg, unet, _ = tiny_networks()
+    forward, x, t = side.UNet.forward, torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)
+    experiments.warn_once.cache_clear()
     cfg.compile = True
-    side.warn_once.cache_clear()
-    assert side.maybe_compile(unet, cfg, torch.device("cpu")) is unet
-    assert side.maybe_compile(unet, cfg, torch.device("cpu")) is unet
+    for _ in range(2):
+        with experiments.compiled_unets(cfg, torch.device("cpu")):
+            assert side.UNet.forward is forward
     assert capsys.readouterr().err.count("--compile applies on CUDA only") == 1
-    monkeypatch.setattr(torch, "compile", lambda module: ("compiled", module))
-    assert side.maybe_compile(unet, cfg, torch.device("cuda")) == ("compiled", unet)
+    monkeypatch.setattr(torch, "compile", lambda function: lambda *args: ("compiled", function))
+    with experiments.compiled_unets(cfg, torch.device("cuda")):
+        assert side.build_unet(cfg, 1)(x, t) == ("compiled", forward)  # every UNet built inside
+    assert side.UNet.forward is forward  # and none after
     cfg.compile = False
-    assert side.maybe_compile(unet, cfg, torch.device("cuda")) is unet
+    with experiments.compiled_unets(cfg, torch.device("cuda")):
+        assert side.UNet.forward is forward
+
+
+def test_bands_set_the_ams_ums_edges_and_a_bad_one_gets_one_line(tmp_path, capsys):
+    cfg = experiments.apply_profile(experiments.ExperimentConfig(device="cpu", bands="0.2,0.3,0.9"))
+    similarity, bands, space = experiments.similarity_space(cfg, "cpu")
+    assert bands == (0.2, 0.3, 0.9) and space == side.PIXEL_SPACE[2] and similarity is None
+    cfg.bands = ""
+    assert experiments.similarity_space(cfg, "cpu") is None  # side.py's PIXEL_SPACE
+    for bad in ("0.5,0.4,0.6", "0.1,0.2", "a,b,c", "0.5,0.6,1.5"):
+        assert experiments.main([*TINY, "--bands", bad, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"--bands {bad!r}: give three increasing numbers" in err and err.count("\n") == 1
 
 
 def test_compile_unavailable_and_too_many_processes_get_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delattr(torch, "compile")
-    assert side.main([*TINY, "--compile", "--out", str(tmp_path)]) == 2
+    assert experiments.main([*TINY, "--compile", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--compile: this PyTorch has no torch.compile" in err and "drop --compile" in err and err.count("\n") == 1
     monkeypatch.undo()
