@@ -364,12 +364,8 @@ class ExperimentFolder(side.RunFolder):
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device):
         super().__init__(cfg, device)
-        trained_with = (self.checkpoint or {}).get("config", {})
-        diffs = [f"--{f} {trained_with.get(f)!r} (checkpoint) vs {getattr(cfg, f)!r} (now)"
-                 for f in DATA_FIELDS if self.checkpoint and trained_with.get(f) != getattr(cfg, f)]
-        if diffs:  # the data options side.py's own check does not know
-            raise UserError(f"{self.out / 'ddpm.pt'} was trained with other settings: "
-                            f"{'; '.join(diffs)}. Use the old settings, another --out, or --fresh")
+        if self.checkpoint:  # the data options side.py's own check does not know
+            side.check_compatible(self.checkpoint["config"], cfg, self.out / "ddpm.pt", DATA_FIELDS)
 
     def groups(self, name: str) -> list[str]:
         teacher = name == "labels" and self.cfg.labels == "teacher"

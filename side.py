@@ -682,6 +682,8 @@ class Method:
     time_dependent: bool = True  # that classifier is p_phi(y | x_t, t) (SIDE) or p(y | x)
     relabel: Callable | None = None  # (cfg, labels, synthetic, train) -> what the classifier learns
     judge: Callable | None = None    # (classifier, model) -> what guides: the classifier, wrapped
+    guidance: float = 0.0        # its lambda in this run (method_rows() reads --guidance)
+    sampler: str = ""            # its Part 2 sampler in this run (--extract-sampler, else Part 1's)
 
 
 METHODS = {"uncond": Method("uncond", classifier=None),  # no classifier: lambda = 0
@@ -823,12 +825,12 @@ def summarize(memorized, nn_index, ratio, normalized_l2, best_sim, band_hits, ba
 # =================================================================================================
 
 
-def run(cfg: Config, folder, device: torch.device, rows: list[Method] | None = None,
+def run(cfg: Config, folder, device: torch.device, rows: list[Method],
         surrogate: Callable = label_synthetic, load: Callable | None = None) -> dict:
     """Train the target DPM on D (the model the attack starts from), then Algorithm 1. Output:
-    D_ext, N_G generations for every row. experiments.py passes other rows (its controls),
-    another `surrogate` (the TDKD teacher, --embed) and another `load` (its dataset options)."""
-    rows = rows or method_rows(cfg)
+    D_ext, N_G generations for every row of `rows`, each at its own lambda and sampler.
+    experiments.py passes its controls among the rows, another `surrogate` (the TDKD teacher,
+    --embed) and another `load` (its dataset options)."""
     folder.phase("data", f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
     train = folder("data", lambda: (load or load_training_set)(cfg))
     folder.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
@@ -837,15 +839,14 @@ def run(cfg: Config, folder, device: torch.device, rows: list[Method] | None = N
     labels, classifiers, accuracies = None, {}, {}
     if any(row.classifier for row in rows):  # the baseline alone needs no labels or classifier
         labels, classifiers, accuracies = part1(cfg, folder, model, train, rows, surrogate, device)
-    folder.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per row, {guidance_text(cfg)}, "
-                           f"{sampler_text(cfg)}")
+    settings = ", ".join(f"{row.name} (lambda {row.guidance:g}, {row.sampler})" for row in rows)
+    folder.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per row: {settings}")
     generations = {}
     for row in rows:  # Part 2, lines 16-26, once for every row, at the row's own lambda and sampler
-        classifier, guidance = classifiers.get(row.classifier), guidance_for(cfg, row)
-        sampler = sampler_for(cfg, row.name)
+        classifier = classifiers.get(row.classifier)
         generations[row.name] = folder(f"samples_{row.name}", lambda: extract(
-            cfg, row, model, classifier, guidance, device, sampler), guidance=guidance,
-            sampler=sampler)
+            cfg, row, model, classifier, row.guidance, device, row.sampler),
+            guidance=row.guidance, sampler=row.sampler)
     return dict(train=train, labels=labels, accuracies=accuracies, generations=generations)
 
 
@@ -1261,9 +1262,11 @@ def read_checkpoint(path: Path, cfg: Config, device) -> dict | None:
     return saved
 
 
-def check_compatible(saved: dict, cfg: Config, path: Path) -> None:
-    """A checkpoint trained with other data or another network is never loaded silently."""
-    fields = [f for f in STAGE_FIELDS["data"] + STAGE_FIELDS["ddpm"] if f != "train_steps"]
+def check_compatible(saved: dict, cfg: Config, path: Path, fields: list | None = None) -> None:
+    """A checkpoint trained with other data or another network is never loaded silently. `fields`:
+    the settings compared (default: the data and network groups; experiments.py adds its own)."""
+    if fields is None:  # a longer --train-steps resumes training: it is not compared
+        fields = [f for f in STAGE_FIELDS["data"] + STAGE_FIELDS["ddpm"] if f != "train_steps"]
     diffs = [f"--{f.replace('_', '-')} {saved.get(f)} (checkpoint) vs {getattr(cfg, f)} (now)"
              for f in fields if saved.get(f) != getattr(cfg, f)]
     if diffs:
@@ -1436,14 +1439,15 @@ def save_figures(evaluation, generations, train_images, out, show: int = 24) -> 
     save_figure(fig, out / "figures" / "matches.png", dpi=150)
 
 
-def run_pipeline(cfg: Config, folder: RunFolder | None = None, space=None, **attack) -> dict:
+def run_pipeline(cfg: Config, folder: RunFolder | None = None, space=None,
+                 rows: list[Method] | None = None, **attack) -> dict:
     """run() in its run folder, then the memorization check, report and figures. experiments.py
-    passes its own folder, its similarity `space` (--embed), and run()'s `rows`, `surrogate` and
-    `load` in `attack`."""
+    passes its own folder, its similarity `space` (--embed), its `rows`, and run()'s `surrogate`
+    and `load` in `attack`."""
     device = resolve_device(cfg.device)
     folder = folder or RunFolder(cfg, device)  # reads ddpm.pt before anything in `out` is written
     save_text(Path(cfg.out) / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    result = run(cfg, folder, device, **attack)
+    result = run(cfg, folder, device, rows or method_rows(cfg), **attack)
     folder.phase("evaluate", "[6/6] memorization check")
     return score_and_report(cfg, folder, result, device, space)
 
@@ -1482,8 +1486,10 @@ def method_names(cfg: Config) -> list[str]:
 
 
 def method_rows(cfg: Config, table: dict = METHODS) -> list[Method]:
-    """The rows --methods asks for, in its order (experiments.py passes its larger table)."""
-    return [table[name] for name in method_names(cfg)]
+    """The rows --methods asks for, in its order, each with its lambda (--guidance) and its Part 2
+    sampler (--extract-sampler, else Part 1's). experiments.py passes its larger table."""
+    return [dataclasses.replace(table[name], guidance=guidance_for(cfg, table[name]),
+                                sampler=sampler_for(cfg, name)) for name in method_names(cfg)]
 
 
 def is_lambda(text: str) -> bool:

@@ -1112,6 +1112,15 @@ def test_a_damaged_stage_file_is_recomputed_with_one_line_saying_why(tiny_run, t
     assert labels["soft"].shape[0] == 48 and len(labels["kept"]) > 0
 
 
+def test_a_checkpoint_trained_with_other_dataset_options_is_refused_by_name(tmp_path):
+    cfg = experiments.apply_profile(experiments.ExperimentConfig(device="cpu", dataset="cifar10", out=str(tmp_path)))
+    torch.save(dict(config=dataclasses.asdict(cfg)), tmp_path / "ddpm.pt")
+    experiments.ExperimentFolder(cfg, torch.device("cpu"))  # the same options: accepted
+    cfg.split = "test"
+    with pytest.raises(side.UserError, match=r"--split train \(checkpoint\) vs test \(now\)"):
+        experiments.ExperimentFolder(cfg, torch.device("cpu"))
+
+
 def test_an_unreadable_checkpoint_stops_with_the_fix_and_touches_nothing(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -1233,7 +1242,9 @@ def test_oracle_labels_name_each_sample_s_nearest_training_image():
 
 
 def test_cond_x0_alone_judges_the_predicted_x0_and_each_control_relabels_as_it_says():
-    rows = side.method_rows(tiny_config(methods="cond,cond_x0,side,shuffled,oracle"), experiments.METHODS)
+    cfg = tiny_config(methods="cond,cond_x0,side,shuffled,oracle", guidance="cond=0.3,cond_x0=1,side=30,shuffled=3,oracle=10")
+    rows = side.method_rows(cfg, experiments.METHODS)
+    assert [row.guidance for row in rows] == [0.3, 1, 30, 3, 10]  # each row carries its own lambda
     assert [row.judge for row in rows] == [None, experiments.SeesPredictedX0, None, None, None]
     assert [row.classifier for row in rows] == ["cond", "cond", "side", "shuffled", "oracle"]
     assert [row.time_dependent for row in rows] == [False, False, True, True, True]
@@ -1517,7 +1528,7 @@ def test_gpu_profile_extracts_each_row_at_its_sampler_and_part1_with_ddim50(tmp_
     steps; Part 1 keeps 50 DDIM steps. validate() (inside gpu_profile_config) accepts the row names."""
     for dataset in ("celeba", "cifar10", "folder"):
         cfg = gpu_profile_config(dataset, tmp_path)
-        assert {m: side.sampler_for(cfg, m) for m in ("uncond", "cond", "side")} == dict(
+        assert {row.name: row.sampler for row in side.method_rows(cfg)} == dict(
             uncond="ddpm1000", cond="ddpm250", side="ddpm250") and side.sampler_name(cfg) == "ddim50"
 
 

@@ -168,11 +168,14 @@ MUTATIONS = [
      "learns = row.relabel(cfg, labels, synthetic, train) if row.relabel else labels",
      "learns = labels"),
     ("a row's samples not keyed by its own lambda",
-     "cfg, row, model, classifier, guidance, device, sampler), guidance=guidance,",
-     "cfg, row, model, classifier, guidance, device, sampler),"),
+     "            guidance=row.guidance, sampler=row.sampler)",
+     "            sampler=row.sampler)"),
     ("a row's samples not keyed by its own sampler",
-     "            sampler=sampler)\n",
-     "            )\n"),
+     "            guidance=row.guidance, sampler=row.sampler)",
+     "            guidance=row.guidance)"),
+    ("every row samples unguided: method_rows ignores --guidance",
+     "guidance=guidance_for(cfg, table[name]),",
+     "guidance=0.0,"),
     ("a row's sampler ignored: Part 1's for every row",
      "return row_samplers(cfg).get(row, sampler_name(cfg))",
      "return sampler_name(cfg)"),
@@ -193,6 +196,9 @@ MUTATIONS = [
 
 # The same, planted in experiments.py: the controls, the protocol and torchrun's agreement.
 EXPERIMENT_MUTATIONS = [
+    ("a checkpoint trained on other dataset options loads silently",
+     'side.check_compatible(self.checkpoint["config"], cfg, self.out / "ddpm.pt", DATA_FIELDS)',
+     "pass"),
     ("torchrun: every rank draws the first block of generations",
      "mine = range(rank * count // ranks, (rank + 1) * count // ranks)",
      "mine = range(0, count // ranks)"),
