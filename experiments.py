@@ -99,15 +99,10 @@ DATA_FIELDS = ["split", "classes", "balanced"]  # beside side.STAGE_FIELDS["data
 def load_training_set(cfg: ExperimentConfig) -> dict:
     """side.load_training_set, with --split/--classes/--balanced for cifar10 and the identities
     (identity_CelebA.txt, when present) as CelebA's labels."""
-    if cfg.dataset != "cifar10":
-        train = side.load_training_set(cfg)
-        if cfg.dataset == "celeba":
-            train["labels"] = celeba_identities(cfg, train["indices"])
-        return train
-    if cfg.download:
-        side.download(cfg)
-    images, indices, labels = load_cifar10(cfg)
-    return dict(images=images, indices=indices, labels=labels)
+    train = side.load_training_set(cfg, {**side.LOADERS, "cifar10": load_cifar10})
+    if cfg.dataset == "celeba":
+        train["labels"] = celeba_identities(cfg, train["indices"])
+    return train
 
 
 def load_cifar10(cfg: ExperimentConfig):

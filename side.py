@@ -1059,11 +1059,12 @@ LOADERS = {"digits": load_digits, "celeba": load_celeba, "cifar10": load_cifar10
            "folder": load_folder}
 
 
-def load_training_set(cfg: Config) -> dict:
-    """Decode the subset once; its stage file is what every later stage and rerun reads."""
+def load_training_set(cfg: Config, loaders: dict = LOADERS) -> dict:
+    """Decode the subset once; its stage file is what every later stage and rerun reads.
+    `loaders`: experiments.py passes its CIFAR-10 reader (--split, --classes, --balanced)."""
     if cfg.download:
         download(cfg)
-    images, indices, labels = LOADERS[cfg.dataset](cfg)
+    images, indices, labels = loaders[cfg.dataset](cfg)
     return dict(images=images, indices=indices,
                 labels=labels if labels is not None else np.full(len(images), -1))
 
