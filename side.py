@@ -1576,9 +1576,9 @@ def validate_values(cfg: Config, table: dict = METHODS, unset: tuple = ()) -> No
     if unknown:
         raise UserError(f"--guidance {cfg.guidance!r} names {unknown[0]!r}, which is no guided "
                         f"row; give lambdas for {', '.join(guided)}")
-    for row in method_rows(cfg, table):
-        if row.name not in unset:
-            guidance_for(cfg, row)
+    for name in method_names(cfg):
+        if name not in unset:
+            guidance_for(cfg, table[name])
     unknown = sorted(set(row_samplers(cfg)) - set(table))
     if unknown:
         raise UserError(f"--extract-sampler {cfg.extract_sampler!r} names {unknown[0]!r}, which is "
