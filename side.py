@@ -1631,7 +1631,7 @@ def profile_note(cfg: Config) -> str:
     return (f"no GPU here, so the CPU profile runs: {cfg.n} images at {cfg.image_size} px, a "
             f"{cfg.channels}-channel UNet for {cfg.train_steps} steps: about half an hour on 2 "
             f"cores, for a DDPM that at this size memorizes next to nothing (theory.md, Exercise "
-            f"14). The GPU profile trains {gpu['image_size']} px, {gpu['channels']} channels, "
+            f"8). The GPU profile trains {gpu['image_size']} px, {gpu['channels']} channels, "
             f"{gpu['train_steps']} steps (--device cuda)")
 
 

@@ -2,13 +2,13 @@
 # tools/run_exercises.sh: run and time the exercises of theory.md from a clean clone.
 #
 #   tools/run_exercises.sh                 # all twelve, in the default order below
-#   tools/run_exercises.sh 0 3 M           # only these, in the order given
+#   tools/run_exercises.sh 0 2 1           # only these, in the order given
 #
 # Each exercise runs the commands of its *Command(s)* block in theory.md, character for character:
 # each exercise below is a bash function whose body is that block (a test checks that every line
 # of it is a line of theory.md). Every command fixes OMP_NUM_THREADS=1 itself, as printed in
 # theory.md, so its numbers are those of the answer key (docs/answers.md) digit for digit.
-# Exercise 0 is the set-up step; Exercise 5 is the instructor's demonstration (the three-seed
+# Exercise 0 is the set-up step; Exercise 11 is the instructor's demonstration (the three-seed
 # protocol, about 30 min); theory.md's three problems are pen and paper and have no commands.
 # Per exercise:
 #   - wall seconds (date +%s.%N around the whole block) and the exit code of the block, appended
@@ -26,8 +26,8 @@
 #     stages, so the time would not be a from-scratch time; delete the folder to time it again);
 #   - an exercise that needs runs/ex0 when runs/ex0/report.json is missing.
 #
-# Default order: Exercise 0 first (6-13 and D read or copy runs/ex0), then the short exercises,
-# then the long ones (14, D, S, 5). Exercise 10 writes runs/ex0/figures/gradient_norm.png, the
+# Default order: Exercise 0 first (3-7 and 9 read or copy runs/ex0), then the short exercises,
+# then the long ones (8, 9, 10, 11). Exercise 5 writes runs/ex0/figures/gradient_norm.png, the
 # only file an exercise adds to runs/ex0; no stage reads it. What is only read or viewed (the
 # reports, the figures) is not scripted.
 set -u
@@ -41,7 +41,7 @@ fi
 export PYTHONUNBUFFERED=1  # stdout reaches the log line by line, in order with stderr, as on a terminal
 
 EXERCISES=(0 3 5 6 9 10 12 13 14 M D S)
-DEFAULT_ORDER=(0 3 M 10 12 13 6 9 14 D S 5)
+DEFAULT_ORDER=(0 2 1 5 6 7 3 4 8 9 10 11)
 # What an exercise's commands create and read, read off its function body (so the two cannot
 # drift apart): the run folders it writes (every `--out FOLDER`), and whether it reads runs/ex0.
 creates() { declare -f "ex$1" | grep -o -- '--out [^ ;]*' | cut -d' ' -f2; }
@@ -108,13 +108,13 @@ ex0() {
 OMP_NUM_THREADS=1 python side.py --out runs/ex0
 }
 
-# Exercise M. The copy rate on a 1-D toy (seconds)
-exM() {
+# Exercise 1. The copy rate on a 1-D toy (seconds)
+ex1() {
 OMP_NUM_THREADS=1 python experiments.py mechanism
 }
 
-# Exercise 3. Overlap, not tightness
-ex3() {
+# Exercise 2. Overlap, not tightness
+ex2() {
 OMP_NUM_THREADS=1 python -c "
 import numpy as np, experiments
 for mean, scale in (((0, 2.5), 0.1), ((0, 2.5), 0.3), ((0, 2.5), 1.0), ((0, 2.5), 3.0), ((0, 1.0), 0.3), ((2, 0), 0.3)):
@@ -133,27 +133,27 @@ for name, post in [('soft, width 1.0', 1 / (1 + np.exp(-(x - 1) / 1.0))), ('soft
 "
 }
 
-# Exercise 5. Instructor's demonstration: the spread over seeds
+# Exercise 11. Instructor's demonstration: the spread over seeds
+ex11() {
+OMP_NUM_THREADS=1 python experiments.py --out runs/ex11 --seeds 0,1,2
+}
+
+# Exercise 3. Shuffled labels: a control
+ex3() {
+cp -r runs/ex0 runs/ex3
+OMP_NUM_THREADS=1 python experiments.py --out runs/ex3 --methods uncond,side,shuffled --guidance side=30,shuffled=30
+}
+
+# Exercise 4. side against cond: a fair λ for each
+ex4() {
+cp -r runs/ex0 runs/ex4
+OMP_NUM_THREADS=1 python experiments.py --out runs/ex4 --methods uncond,cond,cond_x0,side --guidance cond=0.3,cond_x0=0.3,side=30
+cp -r runs/ex0 runs/ex4_30
+OMP_NUM_THREADS=1 python experiments.py --out runs/ex4_30 --methods uncond,cond,cond_x0,side --guidance 30
+}
+
+# Exercise 5. The noise-aware classifier and the size of its gradient
 ex5() {
-OMP_NUM_THREADS=1 python experiments.py --out runs/ex5 --seeds 0,1,2
-}
-
-# Exercise 6. Shuffled labels: a control
-ex6() {
-cp -r runs/ex0 runs/ex6
-OMP_NUM_THREADS=1 python experiments.py --out runs/ex6 --methods uncond,side,shuffled --guidance side=30,shuffled=30
-}
-
-# Exercise 9. side against cond: a fair λ for each
-ex9() {
-cp -r runs/ex0 runs/ex9
-OMP_NUM_THREADS=1 python experiments.py --out runs/ex9 --methods uncond,cond,cond_x0,side --guidance cond=0.3,cond_x0=0.3,side=30
-cp -r runs/ex0 runs/ex9_30
-OMP_NUM_THREADS=1 python experiments.py --out runs/ex9_30 --methods uncond,cond,cond_x0,side --guidance 30
-}
-
-# Exercise 10. The noise-aware classifier and the size of its gradient
-ex10() {
 OMP_NUM_THREADS=1 python -c "import json; print(json.load(open('runs/ex0/report.json'))['classifier_accuracy_by_t'])"
 OMP_NUM_THREADS=1 python -c "
 import json, side, torch, numpy as np, matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt
@@ -179,8 +179,8 @@ plt.savefig('runs/ex0/figures/gradient_norm.png', dpi=80)
 "
 }
 
-# Exercise 12. Reading a match grid: true copies and near misses
-ex12() {
+# Exercise 6. Reading a match grid: true copies and near misses
+ex6() {
 OMP_NUM_THREADS=1 python -c "
 import numpy as np
 tr = np.load('runs/ex0/train_subset.npz')['images']; tr = tr.reshape(len(tr), -1) / 255.
@@ -195,27 +195,27 @@ for m in ['uncond', 'cond', 'side']:
 "
 }
 
-# Exercise 13. UMS depends on $N_G$
-ex13() {
-cp -r runs/ex0 runs/ex13
-OMP_NUM_THREADS=1 python side.py --out runs/ex13 --n-gen 128
+# Exercise 7. UMS depends on $N_G$
+ex7() {
+cp -r runs/ex0 runs/ex7
+OMP_NUM_THREADS=1 python side.py --out runs/ex7 --n-gen 128
 }
 
-# Exercise 14. Memorization against training-set size
-ex14() {
-OMP_NUM_THREADS=1 python side.py --n 64 --methods uncond --out runs/ex14_n64
-OMP_NUM_THREADS=1 python side.py --n 256 --methods uncond --out runs/ex14_n256
+# Exercise 8. Memorization against training-set size
+ex8() {
+OMP_NUM_THREADS=1 python side.py --n 64 --methods uncond --out runs/ex8_n64
+OMP_NUM_THREADS=1 python side.py --n 256 --methods uncond --out runs/ex8_n256
 }
 
-# Exercise D. Fewer DDPM steps as a defence
-exD() {
-OMP_NUM_THREADS=1 python side.py --train-steps 1000 --out runs/exD_steps1000
-OMP_NUM_THREADS=1 python side.py --train-steps 500 --out runs/exD_steps500
+# Exercise 9. Fewer DDPM steps as a defence
+ex9() {
+OMP_NUM_THREADS=1 python side.py --train-steps 1000 --out runs/ex9_steps1000
+OMP_NUM_THREADS=1 python side.py --train-steps 500 --out runs/ex9_steps500
 }
 
-# Exercise S. The sampler
-exS() {
-OMP_NUM_THREADS=1 python experiments.py --seed 100 --methods uncond,side --guidance side=30 --n-gen 256 --sweep extract_sampler=ddim50,ddim250,ddpm50,ddpm250,ddpm1000 --out runs/exS
+# Exercise 10. The sampler
+ex10() {
+OMP_NUM_THREADS=1 python experiments.py --seed 100 --methods uncond,side --guidance side=30 --n-gen 256 --sweep extract_sampler=ddim50,ddim250,ddpm50,ddpm250,ddpm1000 --out runs/ex10
 }
 
 # --- the runner ---------------------------------------------------------------------------------

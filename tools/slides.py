@@ -98,7 +98,7 @@ def toy_density(x: np.ndarray) -> np.ndarray:
 
 def slide_mechanism():
     """Left: the toy's density, its training points and the K = 8 k-means cells. Right: the copy
-    rate against lambda (Exercise M, table (a))."""
+    rate against lambda (Exercise 1, table (a))."""
     tables = experiments.mechanism_tables()
     synthetic, _ = experiments.mech_sample(2000, 0, stream=side.STREAM_SYNTHETIC)
     edges, _ = experiments.mech_cells(synthetic, 8, 0)
@@ -132,7 +132,7 @@ def slide_mechanism():
     right.set_title("lambda = 1 with fine steps adds almost nothing;\nlambda > 1 copies "
                     "where a cell holds one training point")
     right.legend(loc="lower left", fontsize=9.5)
-    fig.suptitle("Why guidance toward a cluster copies (theory.md 4.1, Exercise M; "
+    fig.suptitle("Why guidance toward a cluster copies (theory.md 4.1, Exercise 1; "
                  "exact densities, seed 0)", fontsize=14)
     fig.tight_layout()
     return save(fig, "mechanism")

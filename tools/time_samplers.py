@@ -2,7 +2,7 @@
 (uncond) and guided by the run's side classifier, each sampler after the other in one process,
 so that their ratios come from one run on one machine.
 
-    OMP_NUM_THREADS=1 python tools/time_samplers.py runs/exS ddim50 ddpm50 ddpm250 ddpm1000
+    OMP_NUM_THREADS=1 python tools/time_samplers.py runs/ex10 ddim50 ddpm50 ddpm250 ddpm1000
 
 The folder needs ddpm.pt, labels.npz and classifier_side.pt (any run of side.py or experiments.py
 with the side row). N_G = 256 per timing (one CPU batch), doubled for 512. Nothing is written.
