@@ -26,7 +26,7 @@
 #     stages, so the time would not be a from-scratch time; delete the folder to time it again);
 #   - an exercise that needs runs/ex0 when runs/ex0/report.json is missing.
 #
-# Default order: Exercise 0 first (3-7 and 9 read or copy runs/ex0), then the short exercises,
+# Default order: Exercise 0 first (3-7 read or copy runs/ex0), then the short exercises,
 # then the long ones (8, 9, 10, 11). Exercise 5 writes runs/ex0/figures/gradient_norm.png, the
 # only file an exercise adds to runs/ex0; no stage reads it. What is only read or viewed (the
 # reports, the figures) is not scripted.
@@ -40,7 +40,7 @@ fi
 
 export PYTHONUNBUFFERED=1  # stdout reaches the log line by line, in order with stderr, as on a terminal
 
-EXERCISES=(0 3 5 6 9 10 12 13 14 M D S)
+EXERCISES=(0 1 2 3 4 5 6 7 8 9 10 11)
 DEFAULT_ORDER=(0 2 1 5 6 7 3 4 8 9 10 11)
 # What an exercise's commands create and read, read off its function body (so the two cannot
 # drift apart): the run folders it writes (every `--out FOLDER`), and whether it reads runs/ex0.
@@ -133,11 +133,6 @@ for name, post in [('soft, width 1.0', 1 / (1 + np.exp(-(x - 1) / 1.0))), ('soft
 "
 }
 
-# Exercise 11. Instructor's demonstration: the spread over seeds
-ex11() {
-OMP_NUM_THREADS=1 python experiments.py --out runs/ex11 --seeds 0,1,2
-}
-
 # Exercise 3. Shuffled labels: a control
 ex3() {
 cp -r runs/ex0 runs/ex3
@@ -216,6 +211,11 @@ OMP_NUM_THREADS=1 python side.py --train-steps 500 --out runs/ex9_steps500
 # Exercise 10. The sampler
 ex10() {
 OMP_NUM_THREADS=1 python experiments.py --seed 100 --methods uncond,side --guidance side=30 --n-gen 256 --sweep extract_sampler=ddim50,ddim250,ddpm50,ddpm250,ddpm1000 --out runs/ex10
+}
+
+# Exercise 11. Instructor's demonstration: the spread over seeds
+ex11() {
+OMP_NUM_THREADS=1 python experiments.py --out runs/ex11 --seeds 0,1,2
 }
 
 # --- the runner ---------------------------------------------------------------------------------
