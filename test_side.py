@@ -755,6 +755,8 @@ def test_run_exercises_runs_theory_md_s_commands_as_printed():
     bodies = dict(re.findall(r"^ex(\w+)\(\) \{\n(.*?)^\}", script, re.S | re.M))
     exercises = set(re.findall(r"^#+ Exercise (\w+)\.", text, re.M))
     assert set(bodies) == exercises and len(exercises) == 12, "one function per exercise: 0 to 11"
+    for listed in re.findall(r"^(?:EXERCISES|DEFAULT_ORDER)=\((.*)\)$", script, re.M):
+        assert sorted(listed.split()) == sorted(exercises), "the script's lists name every exercise once"
     doc_lines = set(text.splitlines())
     for number, body in bodies.items():
         for line in filter(None, body.splitlines()):
