@@ -13,7 +13,7 @@ The lesson comes first: what Algorithm 1 needs (1-4), then Algorithm 1 in its ow
     6. classifiers          Algorithm 1 line 6 / Eq. 2: p_phi(y | x_t, t) on noised samples
     7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
     8. memorization check   Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
-    9. Algorithm 1          run(): the whole attack, top to bottom, with no file handling
+    9. Algorithm 1          run(): the whole attack, top to bottom; the run folder does the files
     Plumbing                datasets, the run folder, the report, the command line
 
 One run is one seed with the rows uncond, cond and side. What turns runs into evidence (lambda
@@ -141,6 +141,34 @@ PROFILES = {
 }
 
 
+class UserError(Exception):
+    """A problem the user can fix. main() prints it as one line on stderr and exits with code 2."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available here; "
+                        "use --device cpu or auto")
+    return torch.device(name)
+
+
+def device_kind(cfg: Config) -> str:
+    """The profile's device: "gpu" on CUDA, else "cpu"."""
+    return "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
+
+
+def apply_profile(cfg: Config) -> Config:
+    """Fill every None field from the (dataset, device) profile."""
+    for name, value in PROFILES[(cfg.dataset, device_kind(cfg))].items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if not cfg.out:
+        cfg.out = f"runs/{cfg.dataset}-n{cfg.n}-{cfg.image_size}px"
+    return cfg
+
+
 # =================================================================================================
 # 1. Networks. A small DDPM UNet with a sinusoidal time embedding. The classifier (section 6) is
 #    the UNet's encoder half plus a pooled linear head, as in guided-diffusion's noisy classifier;
@@ -198,10 +226,10 @@ class SelfAttention(nn.Module):
 
 
 def resolution_level(c_in: int, c_out: int, blocks: int, t_dim: int, attention: bool,
-                     skip: int = 0) -> nn.ModuleList:  # skip: skip-input channels (way up)
+                     skip_channels: int = 0) -> nn.ModuleList:  # the skips' channels (way up)
     level = nn.ModuleList()
     for _ in range(blocks):
-        level.append(ResBlock(c_in + skip, c_out, t_dim))
+        level.append(ResBlock(c_in + skip_channels, c_out, t_dim))
         if attention:
             level.append(SelfAttention(c_out))
         c_in = c_out
@@ -224,9 +252,10 @@ class Encoder(nn.Module):
     def forward(self, x, t_emb):
         h, skips = self.stem(x), []
         for i, level in enumerate(self.levels):
-            for layer in level:
+            for j, layer in enumerate(level):
                 h = layer(h, t_emb)
-                if isinstance(layer, ResBlock):
+                attention_next = j + 1 < len(level) and isinstance(level[j + 1], SelfAttention)
+                if not attention_next:  # a block's output, after its attention (as in DDPM)
                     skips.append(h)
             if i < len(self.downs):
                 h = self.downs[i](h)
@@ -257,8 +286,9 @@ class UNet(nn.Module):
                                      ResBlock(deepest, deepest, t_dim)])
         self.up_levels, c_prev = nn.ModuleList(), deepest
         for i in reversed(range(len(channels))):
-            self.up_levels.append(resolution_level(c_prev, channels[i], blocks, t_dim,
-                                                   size >> i in attn_res, skip=channels[i]))
+            attention = size >> i in attn_res
+            self.up_levels.append(resolution_level(c_prev, channels[i], blocks, t_dim, attention,
+                                                   skip_channels=channels[i]))
             c_prev = channels[i]
         self.ups = nn.ModuleList(nn.Conv2d(channels[i], channels[i], 3, padding=1)
                                  for i in reversed(range(1, len(channels))))
@@ -295,8 +325,9 @@ def build_unet(cfg: Config, in_ch: int) -> UNet:
 # =================================================================================================
 # 2. Diffusion maths. Linear betas 1e-4..0.02 over T = 1000 (Ho et al. 2020). Forward process
 #    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I); this same process noises the classifier's
-#    training inputs (Eq. 2), so the classifier sees exactly the x_t the sampler produces. Images
-#    are uint8 as stored, and [-1, 1] floats (paper, Setup) wherever the diffusion maths sees them.
+#    training inputs (Eq. 2): the x_t the DPM learned to denoise, whose marginals its sampler
+#    approximates. Images are uint8 as stored, and [-1, 1] floats (paper, Setup) wherever the
+#    diffusion maths sees them.
 # =================================================================================================
 
 T_STEPS = 1000  # T: diffusion steps of the target model (paper leaves it open; DDPM's choice)
@@ -392,7 +423,8 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, checkpoint: Path | None = None
         for step in bar:
             rng = gen.get_state()  # a run stopped during this step resumes from here
             loss = ddpm_loss(model, x0_all, gen, cfg.batch_size)
-            value = stop.check(step, loss, checkpoint, lambda: save(step, rng))  # loss.item()
+            # Ctrl-C saves and stops here; a non-finite loss stops; else it returns loss.item()
+            value = stop.check(step, loss, checkpoint, lambda: save(step, rng))
             if checkpoint and step > first and step % cfg.ckpt_every == 0:
                 save(step, rng)  # weights that have just given a finite loss
             opt.zero_grad(set_to_none=True)
@@ -453,12 +485,12 @@ def reverse_step(x, eps, t: int, t_prev: int, eta: float, noise) -> torch.Tensor
 
     eta = 1 with t_prev = t - 1 is exactly ancestral DDPM with variance beta_tilde_t, so one
     step function serves both samplers. No noise is added on the last step (t_prev = -1)."""
-    index = torch.full((x.shape[0],), t, dtype=torch.long)
-    a_t = DIFFUSION.abar(index, x)
-    a_prev = DIFFUSION.abar(index - (t - t_prev), x)
+    t_now = torch.full((x.shape[0],), t, dtype=torch.long)
+    a_t = DIFFUSION.abar(t_now, x)
+    a_prev = DIFFUSION.abar(torch.full_like(t_now, t_prev), x)  # t_prev = -1: abar = 1
     # eps arrives already guided, so x_0 is clamped after guidance (diffusers' DDIM step does the
     # same; guided-diffusion clamps first): the clamp bounds what guidance can push x_0 to
-    x0 = DIFFUSION.predicted_x0(x, eps, index).clamp(-1, 1)
+    x0 = DIFFUSION.predicted_x0(x, eps, t_now).clamp(-1, 1)
     eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # the noise consistent with the clamped x_0
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -492,7 +524,10 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
     Generation i draws its noise from (seed, stream, i) alone, so any range of them can be drawn
     on its own (experiments.py's torchrun shares them among processes this way)."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
-    kind, sample_steps = parse_sampler(sampler or sampler_name(cfg))
+    sampler = sampler or sampler_name(cfg)
+    if parse_sampler(sampler) is None:
+        raise ValueError(f"sampler {sampler!r}: ddim<S> or ddpm<S>, with S dividing T = {T_STEPS}")
+    kind, sample_steps = parse_sampler(sampler)
     steps = sampling_timesteps(sample_steps)
     eta = 1.0 if kind == "ddpm" else cfg.eta
     guided = classifier is not None and guidance > 0
@@ -517,8 +552,9 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
 # =================================================================================================
 # 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in part1()).
 #    Features F(x): the paper uses SSCD, a download; we use the pixels, centred on the synthetic-set
-#    mean and L2-normalized: at 8-32 px they are meaningful, and they are the space the
-#    memorization check measures in (experiments.py --embed uses a local SSCD model instead).
+#    mean and L2-normalized: at 8-32 px they are meaningful, and section 8 measures in the same
+#    pixels (in [0, 1], neither centred nor normalized). experiments.py --embed uses a local SSCD
+#    model.
 # =================================================================================================
 
 
@@ -561,7 +597,9 @@ def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device,
                     features: np.ndarray | None = None) -> dict:
     """Algorithm 1 lines 2-5 on `features` (default: the pixels). "soft" holds the classifiers'
     targets, one-hot here (experiments.py's TDKD teacher, the paper's v1-v6 labels, gives soft
-    ones). `train` is not used: the attacker labels the model's samples without the training set."""
+    ones). `train` and `device` are not used (the signature is run()'s `surrogate` hook, which
+    experiments.py's teacher fills): the attacker labels the model's samples without the training
+    set."""
     features = pixel_features(synthetic) if features is None else features
     labels = surrogate_labels(features, cfg.clusters, cfg.cohesion, cfg.seed)
     labels["soft"] = np.eye(len(labels["kept"]), dtype=np.float32)[labels["labels"]]
@@ -606,7 +644,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
-def noised_batch(x0, gen, time_dependent: bool):
+def classifier_inputs(x0, gen, time_dependent: bool):
     """(x_t, t): noised by q(x_t | x_0) for the time-dependent classifier, clean for the other."""
     if not time_dependent:
         return x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)
@@ -626,7 +664,7 @@ def train_classifier(cfg: Config, images_u8: np.ndarray, targets: np.ndarray, ti
     bar = progress(range(cfg.clf_steps), desc=desc)
     for _ in bar:
         batch = torch.randint(len(x0_all), (cfg.clf_batch,), generator=gen).to(device)
-        x, t = noised_batch(x0_all[batch], gen, time_dependent)
+        x, t = classifier_inputs(x0_all[batch], gen, time_dependent)
         with autocast(device):
             loss = soft_cross_entropy(net(x, t).float(), soft[batch])
         opt.zero_grad(set_to_none=True)
@@ -659,8 +697,8 @@ def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, dev
     truth, result = torch.as_tensor(labels, device=device), {}
     for low, high in T_RANGES:
         x_t, t, _ = DIFFUSION.noised(x0, gen, low, high)
-        predicted = torch.cat([net(x_t[s], t[s].to(device)).argmax(1)
-                               for s in block_slices(len(x0), 512)])
+        predicted = torch.cat([net(x_block, t_block.to(device)).argmax(1)
+                               for x_block, t_block in zip(x_t.split(512), t.split(512))])
         result[f"t{low}-{high - 1}"] = round((predicted == truth).float().mean().item(), 4)
     return result
 
@@ -682,8 +720,8 @@ class Method:
     time_dependent: bool = True  # that classifier is p_phi(y | x_t, t) (SIDE) or p(y | x)
     relabel: Callable | None = None  # (cfg, labels, synthetic, train) -> what the classifier learns
     judge: Callable | None = None    # (classifier, model) -> what guides: the classifier, wrapped
-    guidance: float = 0.0        # its lambda in this run (method_rows() reads --guidance)
-    sampler: str = ""            # its Part 2 sampler in this run (--extract-sampler, else Part 1's)
+    guidance: float | None = None  # its lambda in this run: None until method_rows() sets it
+    sampler: str = ""              # its Part 2 sampler in this run ("": Part 1's)
 
 
 METHODS = {"uncond": Method("uncond", classifier=None),  # no classifier: lambda = 0
@@ -692,7 +730,8 @@ METHODS = {"uncond": Method("uncond", classifier=None),  # no classifier: lambda
 
 
 def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
-    """One uniformly drawn target per generation, from its own (seed, i) stream."""
+    """One uniformly drawn target per generation, each from its own (seed, STREAM_TARGET, i)
+    generator."""
     rngs = (sample_rng(seed, STREAM_TARGET, i) for i in range(count))
     return np.array([int(torch.randint(num_classes, (1,), generator=g)) for g in rngs])
 
@@ -700,13 +739,15 @@ def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
 def extract(cfg: Config, method: Method, model, classifier, guidance: float, device,
             sampler: str = "") -> dict:
     """Algorithm 1 lines 16-26: N_G generations of one method with `sampler` (default: Part 1's).
-    Every method uses the same seeds, and every guided one the same targets c (line 17), so rows
-    at the same sampler differ only in their guidance."""
+    Every method uses the same seeds, and every guided one whose classifier has as many labels the
+    same targets c (line 17), so rows at the same sampler differ only in their guidance."""
     targets, desc = np.full(cfg.n_gen, -1), f"generate {method.name}"
     sampler, started = sampler or sampler_name(cfg), time.perf_counter()
     if method.classifier is None:  # Carlini UnCond: the unguided model, lambda = 0
         images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, desc=desc, sampler=sampler)
     else:
+        if guidance is None:
+            raise ValueError(f"the {method.name} row has no lambda; build rows with method_rows()")
         targets = draw_targets(cfg.seed, cfg.n_gen, classifier.head[-1].out_features)
         if method.judge is not None:
             classifier = method.judge(classifier, model)
@@ -784,7 +825,8 @@ def memorization_metrics(generated: np.ndarray, train: np.ndarray, bands, device
     """Every per-sample statistic and the summary numbers of one method. `similarity`: another
     gamma for AMS/UMS (experiments.py --embed); by default 1 - normalized L2 in pixels."""
     dist, index = nearest_neighbours(generated, train, CARLINI_NEIGHBOURS, device)
-    d1, d2 = dist[:, 0], dist[:, min(1, dist.shape[1] - 1)]
+    second = min(1, dist.shape[1] - 1)  # with a one-image training set, the nearest again
+    d1, d2 = dist[:, 0], dist[:, second]
     ratio = d1 / np.maximum(d2, 1e-12)
     normalized_l2 = d1 / (CARLINI_ALPHA * np.maximum(dist.mean(1), 1e-12))
     if similarity is None:  # pixel space: gamma = 1 - normalized L2, from the k nearest
@@ -792,7 +834,7 @@ def memorization_metrics(generated: np.ndarray, train: np.ndarray, bands, device
     else:
         best_sim, best_sim_index, band_hits = similarity(generated, train, bands)
     memorized = ratio < GU_THRESHOLD
-    per_sample = dict(nn_index=index[:, 0], nn_index2=index[:, 1 % index.shape[1]], d1=d1, d2=d2,
+    per_sample = dict(nn_index=index[:, 0], nn_index2=index[:, second], d1=d1, d2=d2,
                       nn_ratio=ratio, normalized_l2=normalized_l2, best_sim=best_sim,
                       best_sim_index=best_sim_index)
     summary = summarize(memorized, index[:, 0], ratio, normalized_l2, best_sim, band_hits, bands)
@@ -819,9 +861,10 @@ def summarize(memorized, nn_index, ratio, normalized_l2, best_sim, band_hits, ba
 
 
 # =================================================================================================
-# 9. Algorithm 1, top to bottom, with no file handling: `folder` (the run folder, plumbing) is
-#    called as folder(name, compute) and returns compute()'s result, or the one a run with the same
-#    settings saved under that name; folder.phase() names and times each step.
+# 9. Algorithm 1, top to bottom. Files are the run folder's (plumbing), but for the DDPM's
+#    checkpoint, which train_ddpm writes itself (section 3). folder(name, compute) returns
+#    compute()'s result, or the one a run with the same settings saved under that name;
+#    folder.phase() names and times each step.
 # =================================================================================================
 
 
@@ -862,10 +905,10 @@ def part1(cfg: Config, folder, model, train: dict, rows: list, surrogate, device
     for row in rows:  # line 6, once for every classifier the rows ask for
         if row.classifier is None or row.classifier in classifiers:
             continue
-        learns = row.relabel(cfg, labels, synthetic, train) if row.relabel else labels
+        row_labels = row.relabel(cfg, labels, synthetic, train) if row.relabel else labels
         fitted = folder(f"classifier_{row.classifier}", lambda: fit_classifier(
-            cfg, synthetic, learns, row.time_dependent, device))
-        in_ch, classes = synthetic.shape[-1], learns["soft"].shape[1]
+            cfg, synthetic, row_labels, row.time_dependent, device))
+        in_ch, classes = synthetic.shape[-1], row_labels["soft"].shape[1]
         net = build_classifier(cfg, in_ch, classes, row.time_dependent)
         net.load_state_dict(fitted["state"])  # the weights fit_classifier() returned (or saved)
         classifiers[row.classifier] = net.to(device).eval()
@@ -879,31 +922,7 @@ def part1(cfg: Config, folder, model, train: dict, rows: list, surrogate, device
 # the command line.
 # =================================================================================================
 
-# --- Profiles, devices, progress bars -------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available here; "
-                        "use --device cpu or auto")
-    return torch.device(name)
-
-
-def device_kind(cfg: Config) -> str:
-    """The profile's device: "gpu" on CUDA, else "cpu"."""
-    return "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
-
-
-def apply_profile(cfg: Config) -> Config:
-    """Fill every None field from the (dataset, device) profile."""
-    for name, value in PROFILES[(cfg.dataset, device_kind(cfg))].items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
-    if not cfg.out:
-        cfg.out = f"runs/{cfg.dataset}-n{cfg.n}-{cfg.image_size}px"
-    return cfg
+# --- Progress bars -------------------------------------------------------------------------------
 
 
 def progress(iterable, **options) -> tqdm:
@@ -1476,10 +1495,6 @@ def print_summary(report: dict, out: Path) -> None:
     print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   total {total:.0f} s")
 
 # --- The command line: one line and exit code 2 for every problem, before any slow work ---------
-
-
-class UserError(Exception):
-    """A problem the user can fix. main() prints it as one line on stderr and exits with code 2."""
 
 
 def method_names(cfg: Config) -> list[str]:

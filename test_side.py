@@ -194,6 +194,18 @@ def test_unet_output_is_an_eps_shaped_prediction_that_depends_on_t():
     assert (early - late).abs().mean() > 1e-3  # eps_theta(x_t, t) is told t
 
 
+def test_encoder_skips_are_each_blocks_output_after_its_attention():
+    unet = side.UNet(1, [16, 32], 2, [8], 8)  # attention at 8 px: the first level, two blocks
+    attended = []
+    for layer in unet.encoder.levels[0]:
+        if isinstance(layer, side.SelfAttention):
+            layer.register_forward_hook(lambda module, inputs, output: attended.append(output))
+    _, skips = unet.encoder(torch.randn(2, 1, 8, 8), unet.time(torch.zeros(2, dtype=torch.long)))
+    assert len(skips) == 4 and len(attended) == 2  # one skip per block, as many as the decoder pops
+    for skip, output in zip(skips, attended):
+        assert torch.equal(skip, output)  # the decoder sees what attention made of the block's output
+
+
 def test_networks_judge_each_sample_on_its_own():
     """Guidance differentiates the sum of per-sample log-probabilities (and eps_theta runs on a batch), so
     no layer, attention included, may mix the samples of a batch: batched outputs equal one-at-a-time ones."""
@@ -1560,7 +1572,7 @@ def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(data
         assert (1, 1, 256, 256) in {shape for shape, _ in calls}
         assert all(len(shape) == 4 and dtype == torch.bfloat16 for shape, dtype in calls)
         # time-dependent classifier step on noised samples (Eq. 2), as train_classifier takes it
-        x_t, t = side.noised_batch(x0_all[:1], gen, True)
+        x_t, t = side.classifier_inputs(x0_all[:1], gen, True)
         with side.autocast(x_t.device):
             logits = clf(x_t, t)
         soft = torch.eye(cfg.clusters)[[3]]
