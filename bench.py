@@ -335,7 +335,7 @@ def gpu_networks(cfg: side.Config, device) -> dict:
 
 def classifier_train_step(net, x0, soft, gen, time_dependent: bool):
     """The body of side.train_classifier's loop without the optimizer: noise (Eq. 2), loss, backward."""
-    x_t, t = side.noised_batch(x0, gen, time_dependent)
+    x_t, t = side.classifier_inputs(x0, gen, time_dependent)
     with side.autocast(x0.device):
         loss = side.soft_cross_entropy(net(x_t, t).float(), soft)
     loss.backward()
