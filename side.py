@@ -739,8 +739,8 @@ def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
 def extract(cfg: Config, method: Method, model, classifier, guidance: float, device,
             sampler: str = "") -> dict:
     """Algorithm 1 lines 16-26: N_G generations of one method with `sampler` (default: Part 1's).
-    Every method uses the same seeds, and every guided one whose classifier has as many labels the
-    same targets c (line 17), so rows at the same sampler differ only in their guidance."""
+    Every method uses the same seeds, and guided methods whose classifiers have as many labels share
+    the targets c (line 17), so rows at the same sampler differ only in their guidance."""
     targets, desc = np.full(cfg.n_gen, -1), f"generate {method.name}"
     sampler, started = sampler or sampler_name(cfg), time.perf_counter()
     if method.classifier is None:  # Carlini UnCond: the unguided model, lambda = 0
