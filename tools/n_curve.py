@@ -6,7 +6,11 @@ classifiers and sweeps lambda, reusing the cached DDPM. Settings run in parallel
 on a GPU, where these tiny networks leave the card mostly idle). Writes <out>/n_curve.json and
 <out>/n_curve.md.
 
+    OMP_NUM_THREADS=1 python tools/n_curve.py --out runs/n_curve --device cpu --seed 100 \
+        --sizes 64,128,256 --clusters 32,64 --methods uncond,side     # docs/n_curve.md
     python tools/n_curve.py --out runs/n_curve --device cuda --jobs 8
+
+Torch's numbers depend on the thread count: fix OMP_NUM_THREADS to compare with docs/n_curve.md.
 """
 from __future__ import annotations
 
