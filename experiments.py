@@ -18,6 +18,7 @@ Every flag of side.py works here too (`python experiments.py --help`). Sections:
     E. Theorem 1 on a toy
     E2. the mechanism on a toy  guided copy rate against lambda, the label's mass, shuffled labels
     F. torchrun             DistributedDataParallel training, sharded sampling, rank 0 for the rest
+    F2. --compile           torch.compile for the UNet on CUDA
     G. the command line
 """
 from __future__ import annotations
@@ -1518,7 +1519,7 @@ def check_process_count(cfg: ExperimentConfig) -> None:
                         f"fewer, or raise {'/'.join(counts)}")
 
 
-# --- F2. --compile: torch.compile for the UNet on CUDA ----------------------------------------------
+# --- F2. --compile: torch.compile for the UNet on CUDA ------------------------------------------
 
 
 def compile_problem(device: torch.device) -> str:
