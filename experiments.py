@@ -1519,7 +1519,7 @@ def check_process_count(cfg: ExperimentConfig) -> None:
                         f"fewer, or raise {'/'.join(counts)}")
 
 
-# --- F2. --compile: torch.compile for the UNet on CUDA ------------------------------------------
+# --- F2. --compile: torch.compile for the UNet on CUDA --------------------------------------------
 
 
 def compile_problem(device: torch.device) -> str:
