@@ -252,10 +252,11 @@ class Encoder(nn.Module):
     def forward(self, x, t_emb):
         h, skips = self.stem(x), []
         for i, level in enumerate(self.levels):
-            for j, layer in enumerate(level):
+            for layer in level:
                 h = layer(h, t_emb)
-                attention_next = j + 1 < len(level) and isinstance(level[j + 1], SelfAttention)
-                if not attention_next:  # a block's output, after its attention (as in DDPM)
+                if isinstance(layer, SelfAttention):
+                    skips[-1] = h  # a block's output, after its attention (as in DDPM)
+                else:
                     skips.append(h)
             if i < len(self.downs):
                 h = self.downs[i](h)
@@ -525,9 +526,10 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
     on its own (experiments.py's torchrun shares them among processes this way)."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
     sampler = sampler or sampler_name(cfg)
-    if parse_sampler(sampler) is None:
+    parsed = parse_sampler(sampler)
+    if parsed is None:
         raise ValueError(f"sampler {sampler!r}: ddim<S> or ddpm<S>, with S dividing T = {T_STEPS}")
-    kind, sample_steps = parse_sampler(sampler)
+    kind, sample_steps = parsed
     steps = sampling_timesteps(sample_steps)
     eta = 1.0 if kind == "ddpm" else cfg.eta
     guided = classifier is not None and guidance > 0
@@ -746,8 +748,6 @@ def extract(cfg: Config, method: Method, model, classifier, guidance: float, dev
     if method.classifier is None:  # Carlini UnCond: the unguided model, lambda = 0
         images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, desc=desc, sampler=sampler)
     else:
-        if guidance is None:
-            raise ValueError(f"the {method.name} row has no lambda; build rows with method_rows()")
         targets = draw_targets(cfg.seed, cfg.n_gen, classifier.head[-1].out_features)
         if method.judge is not None:
             classifier = method.judge(classifier, model)
@@ -874,6 +874,8 @@ def run(cfg: Config, folder, device: torch.device, rows: list[Method],
     D_ext, N_G generations for every row of `rows`, each at its own lambda and sampler.
     experiments.py passes its controls among the rows, another `surrogate` (the TDKD teacher,
     --embed) and another `load` (its dataset options)."""
+    if any(row.classifier and row.guidance is None for row in rows):
+        raise ValueError("a guided row has no lambda; build the rows with method_rows(cfg)")
     folder.phase("data", f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
     train = folder("data", lambda: (load or load_training_set)(cfg))
     folder.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")

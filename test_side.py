@@ -1267,6 +1267,13 @@ def test_cond_x0_alone_judges_the_predicted_x0_and_each_control_relabels_as_it_s
     assert list(side.METHODS) == ["uncond", "cond", "side"]  # side.py's own rows: no controls
 
 
+def test_run_refuses_guided_rows_without_a_lambda_before_any_work():
+    with pytest.raises(ValueError, match="has no lambda; build the rows with method_rows"):
+        side.run(tiny_config(), None, torch.device("cpu"), list(side.METHODS.values()))  # no folder touched
+    rows = side.method_rows(tiny_config(guidance="cond=0.3,side=30"))
+    assert [(row.name, row.guidance) for row in rows] == [("uncond", 0.0), ("cond", 0.3), ("side", 30.0)]
+
+
 def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, monkeypatch):
     real, calls = experiments.run_pipeline, []
 
