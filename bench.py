@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+import experiments  # the profiles of the datasets side.py does not read (cifar10)
 import side
 
 PAPER_N_GEN, PAPER_N_TRAIN, PAPER_SIZE = 50_000, 25_000, 64
@@ -88,9 +89,9 @@ def params(model) -> int:
 
 
 def profile_cfg(dataset: str, device) -> side.Config:
-    """side's own profile for (dataset, device): digits -> 8x8x1, cifar10 (CPU) -> 16x16x3. Any
-    lambda > 0 costs the same, so 10 stands for it here (--guidance takes text: one value or pairs)."""
-    cfg = side.apply_profile(side.Config(dataset=dataset, device=device.type))
+    """The profile for (dataset, device): digits -> 8x8x1, cifar10 (CPU, experiments.py's) ->
+    16x16x3. Any lambda > 0 costs the same, so 10 stands for it here (--guidance takes text)."""
+    cfg = side.apply_profile(side.Config(dataset=dataset, device=device.type), experiments.PROFILES)
     cfg.guidance = "10"
     return cfg
 
@@ -164,7 +165,7 @@ def bench_sampling(dataset, in_ch, device, windows, count):
                                           guidance=LAMBDA)}
     rates = interleaved_rates(jobs, count, windows, 0, device)  # the median absorbs a slow first window
     unguided, guided = statistics.median(rates["unguided"]), statistics.median(rates["guided"])
-    return dict(config=f"{cfg.image_size}x{cfg.image_size}x{in_ch}, DDIM {cfg.sample_steps} steps, batch {count}, "
+    return dict(config=f"{cfg.image_size}x{cfg.image_size}x{in_ch}, {cfg.sampler}, batch {count}, "
                        f"lambda {LAMBDA:g}", unguided=unguided, guided=guided, cost_ratio=unguided / guided,
                 params_classifier=params(clf), windows=rates)
 
@@ -371,10 +372,11 @@ def stage_work(cfg: side.Config, flops: dict) -> list:
     """Every stage of one run: its work, the throughput it runs at (bf16 GPU work, the search's fp32
     matmul, scikit-learn's k-means on the CPU), and whether it splits over GPUs (DDP training and
     sharded sampling do; the classifiers, k-means and the search run in one process)."""
-    steps, pairs, pixels = cfg.n_gen * cfg.sample_steps, cfg.n_gen * cfg.n, 3 * cfg.image_size ** 2
+    sample_steps = side.parse_sampler(cfg.sampler)[1]
+    steps, pairs, pixels = cfg.n_gen * sample_steps, cfg.n_gen * cfg.n, 3 * cfg.image_size ** 2
     clf_images = cfg.clf_steps * cfg.clf_batch
     return [stage("DDPM training", cfg.train_steps * cfg.batch_size, "images", flops["unet_train"], "bf16", "train", True),
-            stage("N_syn sampling", cfg.n_syn * cfg.sample_steps, "image-steps", flops["unet_forward"], "bf16",
+            stage("N_syn sampling", cfg.n_syn * sample_steps, "image-steps", flops["unet_forward"], "bf16",
                   "unguided", True),
             stage("k-means on pixels (CPU)", KMEANS_ITERATIONS * cfg.n_syn * cfg.clusters, "distances", 2 * pixels,
                   "cpu", None, False),
@@ -458,7 +460,7 @@ def sampling_stepper(unet, classifier, cfg, batch: int, device):
     targets = torch.randint(cfg.clusters, (batch,), device=device)
     guidance = LAMBDA if classifier is not None else 0.0
     return lambda: side.reverse_step(x, side.guided_eps(unet, classifier, x, t, targets, guidance),
-                                     500, 480, cfg.eta, 0)
+                                     500, 480, 0.0, 0)  # DDIM, eta = 0
 
 
 def measure_gpu(cfg: side.Config, flops: dict, device, repeats: int) -> dict:
@@ -590,7 +592,7 @@ def gpu_main(args):
             name=name, flops_per_image=flops, measured=measured, stages=predict(cfg, flops, args, measured),
             config=f"n {cfg.n}, {cfg.image_size} px, channels {cfg.channels}, {cfg.train_steps:,} steps x batch "
                    f"{cfg.batch_size}, N_syn {cfg.n_syn:,}, K {cfg.clusters}, classifiers {cfg.clf_steps:,} x "
-                   f"{cfg.clf_batch}, N_G {cfg.n_gen:,} per method, DDIM {cfg.sample_steps}"))
+                   f"{cfg.clf_batch}, N_G {cfg.n_gen:,} per method, {cfg.sampler}"))
     text = ("DRY RUN (toy networks): the numbers below mean nothing.\n\n" if args.dry_run else "") + gpu_markdown(results)
     print(text)
     Path(args.out).write_text(json.dumps(dict(results, markdown=text), indent=1))

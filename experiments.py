@@ -6,6 +6,7 @@
     python experiments.py --sweep guidance=0,1,3,10,30     one setting swept (or clusters, cohesion)
     python experiments.py theorem1            Theorem 1 checked numerically on a toy
     python experiments.py mechanism           why guidance copies: a 1-D toy with exact densities
+    python experiments.py download --dataset celeba    torchvision fetches CelebA (or cifar10)
     torchrun --nproc_per_node G experiments.py ...          the same on G processes (DDP, sharding)
 
 Every flag of side.py works here too (`python experiments.py --help`). Sections:
@@ -31,6 +32,7 @@ import functools
 import json
 import logging
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
@@ -49,6 +51,9 @@ from side import UserError, option
 
 @dataclasses.dataclass
 class ExperimentConfig(side.Config):
+    dataset: str = option("digits", "training set D", ("digits", "celeba", "cifar10", "folder"))
+    data_root: str = option("data", "where celeba / cifar10 / folder images live")
+    download: bool = option(False, "fetch cifar10/celeba via torchvision into --data-root")
     methods: str = option("uncond,cond,cond_x0,side,shuffled",
                           "rows: uncond, cond, cond_x0, side, shuffled, oracle")
     guidance: str = option(None, "lambda of the guided rows: one value for all, or row=value "
@@ -62,7 +67,7 @@ class ExperimentConfig(side.Config):
     sampler_grid: str = option("", "extraction samplers tried on --tune-seed, each with every "
                                "lambda, e.g. ddim50,ddpm250,ddpm1000 (rows not fixed by "
                                "--extract-sampler are tuned; Part 1 keeps --sampler)",
-                               shown="not tuned: --sampler, --sample-steps")
+                               shown="not tuned: --sampler")
     tune_n_gen: int = option(None, "N_G per row and lambda when tuning (profile: 256 on the CPU, "
                              "1,024 on a GPU)")
     sweep: str = option("", "e.g. guidance=0,1,3,10,30 (also clusters, cohesion)")
@@ -79,38 +84,76 @@ class ExperimentConfig(side.Config):
 TUNE_N_GEN = {"cpu": 256, "gpu": 1024}
 
 
+# side.py's profiles, and those of the datasets only this file reads (docs/usage.md, "Profiles")
+PROFILES = {**side.PROFILES,
+            ("cifar10", "cpu"): dict(side.SMALL, n=64, image_size=16, train_steps=3000),
+            ("folder", "cpu"): dict(side.SMALL, n=64, image_size=16, train_steps=3000),
+            ("cifar10", "gpu"): dict(side.GPU, n=1000, image_size=32, train_steps=40000,
+                                     channels="128,256,256"),
+            ("folder", "gpu"): dict(side.GPU, n=1000, image_size=64, train_steps=40000)}
+
+
 def apply_profile(cfg: ExperimentConfig) -> ExperimentConfig:
     """side.py's profile, except what is tuned: rows the user gives no lambda are tuned, not
     profiled. The extraction sampler is the user's, else tuned (--sampler-grid), else Part 1's
     for every row: the GPU profile's per-row samplers name side.py's rows, not the controls."""
     given, sampler = cfg.guidance, cfg.extract_sampler
-    side.apply_profile(cfg)
+    side.apply_profile(cfg, PROFILES)
     cfg.guidance, cfg.extract_sampler = given, "" if sampler is None else sampler
     if cfg.tune_n_gen is None:
-        cfg.tune_n_gen = TUNE_N_GEN[side.device_kind(cfg)]
+        cfg.tune_n_gen = TUNE_N_GEN["gpu" if side.resolve_device(cfg.device).type == "cuda"
+                                    else "cpu"]
     return cfg
 
 
-# --- A2. Dataset options beyond side.py's readers: CIFAR-10's test batch and class subsets, and
-#     CelebA's identities (the TDKD teacher's labels) ----------------------------------------------
+# --- A2. Datasets beyond side.py's digits and CelebA: CIFAR-10 (with its test batch and class
+#     subsets), any folder of images, --download, and CelebA's identities (the TDKD teacher's) ---
 
 DATA_FIELDS = ["split", "classes", "balanced"]  # beside side.STAGE_FIELDS["data"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def load_training_set(cfg: ExperimentConfig) -> dict:
-    """side.load_training_set, with --split/--classes/--balanced for cifar10 and the identities
+    """side.load_training_set with this file's readers (after --download), and the identities
     (identity_CelebA.txt, when present) as CelebA's labels."""
-    train = side.load_training_set(cfg, {**side.LOADERS, "cifar10": load_cifar10})
+    if cfg.download:
+        download(cfg)
+    loaders = {**side.LOADERS, "cifar10": load_cifar10, "folder": load_folder}
+    train = side.load_training_set(cfg, loaders)
     if cfg.dataset == "celeba":
         train["labels"] = celeba_identities(cfg, train["indices"])
     return train
 
 
+def cifar_folder(root: Path) -> Path:
+    for folder in (root / "cifar-10-batches-py", root):
+        if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
+            return folder
+    raise UserError(f"no CIFAR-10 under {root}: expected "
+                    f"{root}/cifar-10-batches-py/data_batch_1 ... "
+                    f"(the official python version); set --data-root, or add --download")
+
+
+def read_cifar10(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every image (N x 32 x 32 x 3 uint8) and label of the named official pickles, in order
+    (written by Python 2, hence encoding='latin1')."""
+    batches = []
+    for name in names:
+        if (folder / name).is_file():
+            with open(folder / name, "rb") as handle:
+                batches.append(pickle.load(handle, encoding="latin1"))
+    if not batches:
+        raise UserError(f"no {' or '.join(names[:1])} in {folder}; the official "
+                        f"cifar-10-batches-py layout is expected")
+    images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    return images.transpose(0, 2, 3, 1), np.concatenate([b["labels"] for b in batches])
+
+
 def load_cifar10(cfg: ExperimentConfig):
     """The official pickles with --split, then --classes and --balanced, then --n and --subset."""
-    folder = side.cifar_folder(Path(cfg.data_root))
+    folder = cifar_folder(Path(cfg.data_root))
     names = ["test_batch"] if cfg.split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
-    images, labels = side.read_cifar10(folder, names)
+    images, labels = read_cifar10(folder, names)
     pool = np.arange(len(images))
     if cfg.classes:
         pool = pool[np.isin(labels, [int(c) for c in cfg.classes.split(",")])]
@@ -118,6 +161,45 @@ def load_cifar10(cfg: ExperimentConfig):
         pool = balanced_pool(pool, labels, cfg.n)
     chosen = pool[side.pick_indices(len(pool), cfg, f"{folder} (after --classes/--balanced)")]
     return side.resize_all(images[chosen], cfg.image_size), chosen, labels[chosen]
+
+
+def load_folder(cfg: ExperimentConfig):
+    """Any folder of images (recursive, sorted by path), centre-cropped to a square."""
+    root = Path(cfg.data_root)
+    if not root.is_dir():
+        raise UserError(f"--data-root {root} does not exist; point it at a folder of "
+                        f"png/jpg/webp images")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"no images (png/jpg/jpeg/webp) under {root}; point --data-root at a "
+                        f"folder of images")
+    indices = side.pick_indices(len(paths), cfg, str(root))
+    return side.load_image_files([paths[i] for i in indices], centred_square, cfg.image_size), \
+        indices, None
+
+
+def centred_square(image) -> tuple:
+    """The crop box of the largest centred square of a PIL image."""
+    size = min(image.size)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return left, top, left + size, top + size
+
+
+def download(cfg: ExperimentConfig) -> None:
+    """--download: torchvision fetches the dataset into --data-root (needs the network)."""
+    import torchvision
+    root = Path(cfg.data_root)
+    fetch = {"cifar10": lambda: torchvision.datasets.CIFAR10(root, download=True),
+             "celeba": lambda: torchvision.datasets.CelebA(root, download=True)}.get(cfg.dataset)
+    if fetch is None:
+        raise UserError(f"--download works for cifar10 and celeba, not {cfg.dataset}")
+    try:
+        fetch()
+    except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
+        where = "cifar-10-batches-py/" if cfg.dataset == "cifar10" else "celeba/img_align_celeba/"
+        raise UserError(f"--download of {cfg.dataset} failed ({error.__class__.__name__}: the "
+                        f"machine seems offline); put a manual copy at {root / where} and run "
+                        f"without --download")
 
 
 def balanced_pool(pool: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -454,7 +536,7 @@ def sampler_grid(cfg: ExperimentConfig) -> list[str]:
     if not all(side.parse_sampler(n) for n in names) or len(set(names)) < len(names):
         raise UserError(f"--sampler-grid {cfg.sampler_grid!r}: give distinct ddim<S> or ddpm<S> "
                         f"with S dividing {side.T_STEPS}, e.g. ddim50,ddpm250,ddpm1000")
-    return names or [side.sampler_name(cfg)]
+    return names or [cfg.sampler]
 
 
 def fixed_guidance(cfg: ExperimentConfig) -> dict:
@@ -479,7 +561,7 @@ def sampler_is_free(cfg: ExperimentConfig, row: str) -> bool:
 def fixed_sampler(cfg: ExperimentConfig, row: str) -> str:
     """A row's sampler when it is not tuned: --extract-sampler's, the one an uncond_<sampler>
     row names, else Part 1's."""
-    named = row[len(UNCOND_AT):] if row.startswith(UNCOND_AT) else side.sampler_name(cfg)
+    named = row[len(UNCOND_AT):] if row.startswith(UNCOND_AT) else cfg.sampler
     return side.row_samplers(cfg).get(row, named)
 
 
@@ -503,7 +585,7 @@ def validate(cfg: ExperimentConfig) -> None:
     guided = [m for m in side.method_names(cfg) if m != "uncond"]
     swept = cfg.sweep.startswith("guidance=")  # the sweep gives every guided row its lambda
     table = method_table(cfg)
-    side.validate_values(cfg, table, unset=tuple(guided if swept else methods_to_tune(cfg)))
+    side.validate(cfg, table, unset=tuple(guided if swept else methods_to_tune(cfg)))
     if cfg.sweep:
         parse_sweep(cfg.sweep)
     if cfg.classes and not all(c.strip().isdigit() for c in cfg.classes.split(",")):
@@ -639,8 +721,7 @@ def run_protocol(cfg: ExperimentConfig) -> dict:
     folders = {s: out if len(seeds) == 1 else out / f"seed{s}" for s in seeds}
     for seed, folder in folders.items():  # a folder of another run stops us before any slow work
         side.check_writable(folder)
-        side.read_checkpoint(folder / "ddpm.pt", dataclasses.replace(cfg, seed=seed),
-                             side.resolve_device(cfg.device))
+        side.read_checkpoint(folder / "ddpm.pt", dataclasses.replace(cfg, seed=seed))
     choice = choose_settings(cfg)
     rows = reported_rows(cfg, choice)
     pinned = ",".join(f"{m}={v!r}" for m, v in choice["lambdas"].items())
@@ -1443,7 +1524,7 @@ class DistributedFolder(ExperimentFolder):
     other stage on rank 0, which saves it; the others then read it."""
 
     def __call__(self, name: str, compute, **values) -> dict:
-        path, key = side.stage_path(self.out, name), self.key(name, **values)
+        path, key = self.path(name), self.key(name, **values)
         if name.startswith(EVERY_RANK):
             return self.load_or_compute(path, key, compute)
         result = rank0_only(self.load_or_compute, path, key, compute)  # the others wait...
@@ -1566,9 +1647,10 @@ def build_parser() -> side.OneLineParser:
         "Every flag of side.py works here too; defaults marked 'profile' depend on --dataset and "
         "the device.")
     parser.add_argument("command", nargs="?", default="run",
-                        choices=["run", "theorem1", "mechanism"],
+                        choices=["run", "theorem1", "mechanism", "download"],
                         help="run: the protocol; theorem1: the numerical check of Theorem 1; "
-                        "mechanism: why guidance toward a cluster copies, on a 1-D toy")
+                        "mechanism: why guidance toward a cluster copies, on a 1-D toy; "
+                        "download: fetch --dataset (cifar10, celeba) into --data-root")
     side.add_config_flags(parser, ExperimentConfig)
     return parser
 
@@ -1591,6 +1673,9 @@ def main(argv=None) -> int:
             return 0
         if args.command == "mechanism":
             print(mechanism_markdown(mechanism_tables()))
+            return 0
+        if args.command == "download":
+            download(side.config_from(args, ExperimentConfig))
             return 0
         cfg = apply_profile(side.config_from(args, ExperimentConfig))
         problem = problem_with(cfg)  # on every rank, before any process group...

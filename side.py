@@ -2,9 +2,9 @@
 
 Chen, Wang, Zou, Ma, "SIDE: Surrogate Conditional Data Extraction from Diffusion Models",
 arXiv:2410.02467 (v7). `python side.py --help` lists every flag; the default run is offline.
-The lesson comes first: what Algorithm 1 needs (1-4), then Algorithm 1 in its own order (5-9):
+The lesson comes first: what Algorithm 1 needs (0-4), then Algorithm 1 in its own order (5-9):
 
-    0. configuration        every setting in one block, the defaults of each dataset and device
+    0. configuration        every setting, and the defaults of each dataset and device
     1. networks             a small UNet eps_theta(x_t, t); its encoder half is the classifier's
     2. diffusion maths      linear beta schedule, the forward process q(x_t | x_0)
     3. DDPM training        L_simple, Adam, EMA: the target model
@@ -13,13 +13,12 @@ The lesson comes first: what Algorithm 1 needs (1-4), then Algorithm 1 in its ow
     6. classifiers          Algorithm 1 line 6 / Eq. 2: p_phi(y | x_t, t) on noised samples
     7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
     8. memorization check   Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
-    9. Algorithm 1          run(): the whole attack, top to bottom; the run folder does the files
-    Plumbing                datasets, the run folder, the report, the command line
+    9. Algorithm 1          run(): the whole attack, top to bottom
+    Plumbing                datasets, checkpoint, run folder, report, command line
 
 One run is one seed with the rows uncond, cond and side. What turns runs into evidence (lambda
-tuned on a seed that is never reported, several seeds, controls, sweeps, torchrun, the paper's
-SSCD features) is experiments.py, which imports this file; this file never imports it.
-
+tuned on a seed never reported, seeds, controls, sweeps, torchrun, SSCD features, CIFAR-10 and
+image folders) is experiments.py, which imports this file; this file never imports it.
 Every lesson function runs from a Python shell, without a run folder (the digits profile):
 
     import side, torch
@@ -41,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import tempfile
@@ -72,13 +70,13 @@ def option(default, help: str, choices: tuple | None = None, shown: str = "profi
 @dataclasses.dataclass
 class Config:
     # --- data: the training set D of the target model ---
-    dataset: str = option("digits", "training set D", ("digits", "celeba", "cifar10", "folder"))
-    data_root: str = option("data", "where celeba / cifar10 / folder images live")
+    dataset: str = option("digits", "training set D (experiments.py adds cifar10 and folder)",
+                          ("digits", "celeba"))
+    data_root: str = option("data", "where the CelebA images live")
     n: int = option(None, "training-set size N (the DPM memorizes small N); write --n-train "
                           "under torchrun, whose own parser takes --n", aliases=("--n-train",))
     image_size: int = option(None, "side length in pixels")
     subset: str = option("first", "which n images to take", ("first", "random"))
-    download: bool = option(False, "fetch cifar10/celeba via torchvision")
     # --- the denoiser eps_theta (a small DDPM UNet) ---
     channels: str = option(None, "UNet width per resolution, e.g. 32,64")
     blocks: int = option(None, "residual blocks per resolution")
@@ -90,13 +88,10 @@ class Config:
     ema: float = option(0.999, "EMA decay of the weights used to sample")
     ckpt_every: int = option(500, "steps between checkpoints")
     # --- sampling (the paper uses diffusers' DDIM scheduler) ---
-    sampler: str = option("ddim", "ddpm = ancestral, all T steps", ("ddim", "ddpm"))
-    sample_steps: int = option(50, "DDIM steps")
-    eta: float = option(0.0, "DDIM eta (0 = deterministic)")
-    extract_sampler: str = option(None, "Part 2's sampler: ddim<S> (S DDIM steps) or ddpm<S> (S "
-                                        "ancestral steps; ddpm1000 = DDPM's full chain), one for "
-                                        "every row or row=sampler pairs such as side=ddpm1000; "
-                                        "'' = --sampler's (the CPU profiles)")
+    sampler: str = option("ddim50", "Part 1's sampler: ddim<S> = S DDIM steps (eta 0), ddpm<S> = "
+                                    "S ancestral steps (ddpm1000: DDPM's full chain)")
+    extract_sampler: str = option(None, "Part 2's sampler: one for every row, or row=sampler "
+                                        "pairs such as side=ddpm1000; '' = --sampler's")
     # --- surrogate labels (Algorithm 1, Part 1) ---
     n_syn: int = option(None, "N_syn: generated images to cluster")
     clusters: int = option(None, "K: k-means clusters")
@@ -119,25 +114,20 @@ class Config:
 
 # The defaults of each (dataset, device); every value can be overridden by its flag. Why each
 # value, and which were tuned on a seed that is never reported: docs/usage.md, "Profiles".
-_SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
-              clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance="cond=1,side=10",
-              extract_sampler="")
-_GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
-            n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
-            guidance="cond=1,side=10", extract_sampler="uncond=ddpm1000,cond=ddpm250,side=ddpm250")
-_DIGITS = dict(_SMALL, n=128, image_size=8, train_steps=2000, clusters=64,
-               guidance="cond=0.3,side=30")
+SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_syn=1024,
+             clusters=32, cohesion=0.5, clf_steps=1500, n_gen=512, guidance="cond=1,side=10",
+             extract_sampler="")
+GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
+           n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
+           guidance="cond=1,side=10", extract_sampler="uncond=ddpm1000,cond=ddpm250,side=ddpm250")
+DIGITS = dict(SMALL, n=128, image_size=8, train_steps=2000, clusters=64,
+              guidance="cond=0.3,side=30")
 PROFILES = {
-    ("digits", "cpu"): _DIGITS,
-    ("digits", "gpu"): _DIGITS,
-    ("cifar10", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
-    ("celeba", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=2000,
+    ("digits", "cpu"): DIGITS,
+    ("digits", "gpu"): DIGITS,
+    ("celeba", "cpu"): dict(SMALL, n=64, image_size=16, train_steps=2000,
                             guidance="cond=0.3,side=10"),
-    ("folder", "cpu"): dict(_SMALL, n=64, image_size=16, train_steps=3000),
-    ("cifar10", "gpu"): dict(_GPU, n=1000, image_size=32, train_steps=40000,
-                             channels="128,256,256"),
-    ("celeba", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
-    ("folder", "gpu"): dict(_GPU, n=1000, image_size=64, train_steps=40000),
+    ("celeba", "gpu"): dict(GPU, n=1000, image_size=64, train_steps=40000),
 }
 
 
@@ -154,14 +144,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def device_kind(cfg: Config) -> str:
-    """The profile's device: "gpu" on CUDA, else "cpu"."""
-    return "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
-
-
-def apply_profile(cfg: Config) -> Config:
-    """Fill every None field from the (dataset, device) profile."""
-    for name, value in PROFILES[(cfg.dataset, device_kind(cfg))].items():
+def apply_profile(cfg: Config, profiles: dict | None = None) -> Config:
+    """Fill every None field from the (dataset, device) profile (experiments.py adds datasets)."""
+    kind = "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
+    for name, value in (profiles or PROFILES)[(cfg.dataset, kind)].items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
     if not cfg.out:
@@ -201,8 +187,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, t_emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.norm2(h)
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
         if self.time is not None:  # time-independent networks have no time module at all
             scale, shift = self.time(F.silu(t_emb))[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + scale) + shift
@@ -326,9 +311,8 @@ def build_unet(cfg: Config, in_ch: int) -> UNet:
 # =================================================================================================
 # 2. Diffusion maths. Linear betas 1e-4..0.02 over T = 1000 (Ho et al. 2020). Forward process
 #    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I); this same process noises the classifier's
-#    training inputs (Eq. 2): the x_t the DPM learned to denoise, whose marginals its sampler
-#    approximates. Images are uint8 as stored, and [-1, 1] floats (paper, Setup) wherever the
-#    diffusion maths sees them.
+#    training inputs (Eq. 2). Images are uint8 as stored, and [-1, 1] floats (paper, Setup)
+#    wherever the diffusion maths sees them.
 # =================================================================================================
 
 T_STEPS = 1000  # T: diffusion steps of the target model (paper leaves it open; DDPM's choice)
@@ -460,12 +444,6 @@ def guided_eps(model, classifier, x, t, targets, guidance: float):
     return eps - guidance * (1 - DIFFUSION.abar(t.cpu(), x)).sqrt() * grad
 
 
-def sampling_timesteps(sample_steps: int) -> list[int]:
-    """Original timestep indices visited, descending to 0: every (T / steps)-th, T - T/steps ... 0
-    (diffusers' "leading" spacing: 980, ..., 0 for 50; 999, ..., 0 for all T = 1000)."""
-    return list(range(0, T_STEPS, T_STEPS // sample_steps))[::-1]
-
-
 def parse_sampler(name: str) -> tuple[str, int] | None:
     """'ddim50' -> ('ddim', 50): 50 DDIM steps. 'ddpm1000' -> ('ddpm', 1000): DDPM's own ancestral
     chain; 'ddpm250' is the same ancestral step (eta = 1) on every 4th timestep. None: no sampler.
@@ -476,9 +454,10 @@ def parse_sampler(name: str) -> tuple[str, int] | None:
     return (kind, int(steps)) if T_STEPS % int(steps) == 0 else None
 
 
-def sampler_name(cfg: Config) -> str:
-    """--sampler and --sample-steps as one name: ddim50, or ddpm1000 (--sampler ddpm: all T)."""
-    return f"ddpm{T_STEPS}" if cfg.sampler == "ddpm" else f"ddim{cfg.sample_steps}"
+def sampling_timesteps(sample_steps: int) -> list[int]:
+    """Original timestep indices visited, descending to 0: every (T / steps)-th, T - T/steps ... 0
+    (diffusers' "leading" spacing: 980, ..., 0 for 50; 999, ..., 0 for all T = 1000)."""
+    return list(range(0, T_STEPS, T_STEPS // sample_steps))[::-1]
 
 
 def reverse_step(x, eps, t: int, t_prev: int, eta: float, noise) -> torch.Tensor:
@@ -510,8 +489,8 @@ def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
 
 def sampling_batch(device: torch.device, image_size: int, guided: bool) -> int:
     """256 on the CPU; 1,024 on CUDA. A guided step keeps the classifier's activations in fp32 for
-    its gradient: about 50 MB an image at 64 px and 200 MB at 128 px, so the guided batch shrinks
-    with the image area instead: 1,024 at 32 px, 256 at 64 px, 64 at 128 px (13-15 GB each)."""
+    its gradient (about 50 MB an image at 64 px), so the guided batch shrinks with the image area:
+    1,024 at 32 px, 256 at 64 px, 64 at 128 px (13-15 GB each)."""
     if device.type == "cpu":
         return 256
     return max(1, 1024 * 32 ** 2 // image_size ** 2) if guided else 1024
@@ -520,18 +499,15 @@ def sampling_batch(device: torch.device, image_size: int, guided: bool) -> int:
 def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
            classifier=None, targets=None, guidance: float = 0.0, desc: str = "sample",
            batch: int = 0, start: int = 0, sampler: str = "") -> np.ndarray:
-    """Generations start .. start+count-1 (uint8), batch by batch, guided toward `targets` (one per
-    generation) when guidance > 0, with `sampler` (a parse_sampler name; default: --sampler's).
-    Generation i draws its noise from (seed, stream, i) alone, so any range of them can be drawn
-    on its own (experiments.py's torchrun shares them among processes this way)."""
+    """Generations start .. start+count-1 (uint8) with `sampler` (default: --sampler), guided
+    toward `targets` (one per generation) when guidance > 0. Generation i draws its noise from
+    (seed, stream, i) alone, so any range of them can be drawn on its own."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
-    sampler = sampler or sampler_name(cfg)
-    parsed = parse_sampler(sampler)
+    parsed = parse_sampler(sampler or cfg.sampler)
     if parsed is None:
-        raise ValueError(f"sampler {sampler!r}: ddim<S> or ddpm<S>, with S dividing T = {T_STEPS}")
-    kind, sample_steps = parsed
-    steps = sampling_timesteps(sample_steps)
-    eta = 1.0 if kind == "ddpm" else cfg.eta
+        raise ValueError(f"sampler {sampler or cfg.sampler!r}: ddim<S> or ddpm<S>, S dividing "
+                         f"T = {T_STEPS}")
+    steps, eta = sampling_timesteps(parsed[1]), float(parsed[0] == "ddpm")  # DDIM: eta = 0
     guided = classifier is not None and guidance > 0
     batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
     images = []
@@ -551,12 +527,12 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
         images.append(to_uint8(x))
     return np.concatenate(images)
 
+
 # =================================================================================================
 # 5. Surrogate labels: Algorithm 1, Part 1, lines 2-5 (line 1 samples N_syn images, in part1()).
 #    Features F(x): the paper uses SSCD, a download; we use the pixels, centred on the synthetic-set
 #    mean and L2-normalized: at 8-32 px they are meaningful, and section 8 measures in the same
-#    pixels (in [0, 1], neither centred nor normalized). experiments.py --embed uses a local SSCD
-#    model.
+#    pixels. experiments.py --embed uses a local SSCD model.
 # =================================================================================================
 
 
@@ -597,11 +573,9 @@ def surrogate_labels(features: np.ndarray, clusters: int, cohesion: float, seed:
 
 def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device,
                     features: np.ndarray | None = None) -> dict:
-    """Algorithm 1 lines 2-5 on `features` (default: the pixels). "soft" holds the classifiers'
-    targets, one-hot here (experiments.py's TDKD teacher, the paper's v1-v6 labels, gives soft
-    ones). `train` and `device` are not used (the signature is run()'s `surrogate` hook, which
-    experiments.py's teacher fills): the attacker labels the model's samples without the training
-    set."""
+    """Algorithm 1 lines 2-5 on `features` (default: the pixels); "soft" holds the classifiers'
+    one-hot targets. `train` and `device` are unused: the attacker labels the model's samples
+    without the training set (experiments.py's TDKD teacher, the same hook, uses both)."""
     features = pixel_features(synthetic) if features is None else features
     labels = surrogate_labels(features, cfg.clusters, cfg.cohesion, cfg.seed)
     labels["soft"] = np.eye(len(labels["kept"]), dtype=np.float32)[labels["labels"]]
@@ -617,10 +591,8 @@ def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device,
 
 
 class Classifier(nn.Module):
-    """p_phi(y | x_t, t) (time_dependent=True, SIDE) or p(y | x) (False, Carlini Cond).
-
-    The time-independent variant has no time module, so t cannot influence it. The label it is
-    guided toward is never an input: it scores every label from the image alone."""
+    """p_phi(y | x_t, t) (time_dependent=True, SIDE) or p(y | x) (False, Carlini Cond): without a
+    time module t cannot influence it. It scores every label from the image alone."""
 
     def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int], size: int,
                  num_classes: int, time_dependent: bool):
@@ -679,13 +651,13 @@ def train_classifier(cfg: Config, images_u8: np.ndarray, targets: np.ndarray, ti
 def fit_classifier(cfg: Config, synthetic: np.ndarray, labels: dict, time_dependent: bool,
                    device: torch.device) -> dict:
     """Algorithm 1 line 6: train on 90 % of the synthetic set; measure the accuracy by t on the
-    other 10 % (every 10th image), which it never saw. Returns its weights and that accuracy."""
+    other 10 % (every 10th image), which it never saw. Returns the network and that accuracy."""
     held_out = np.arange(len(synthetic)) % 10 == 0
     desc = f"train {'p(y|x_t,t)' if time_dependent else 'p(y|x)'}"
     net = train_classifier(cfg, synthetic[~held_out], labels["soft"][~held_out], time_dependent,
                            device, desc)
     accuracy = accuracy_by_t(net, synthetic[held_out], labels["labels"][held_out], device, cfg.seed)
-    return dict(state=net.state_dict(), accuracy=accuracy)
+    return dict(net=net, accuracy=accuracy)
 
 
 T_RANGES = [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
@@ -715,8 +687,7 @@ def accuracy_by_t(net: nn.Module, images_u8: np.ndarray, labels: np.ndarray, dev
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One row of Table 1, as data: a new row is a new entry in METHODS (experiments.py adds its
-    controls this way, through the two hooks)."""
+    """One row of Table 1, as data: experiments.py adds its controls as rows, through the hooks."""
     name: str                    # the row's name; its generations go to samples_<name>.npz
     classifier: str | None       # the classifier that guides it (classifier_<classifier>.pt)
     time_dependent: bool = True  # that classifier is p_phi(y | x_t, t) (SIDE) or p(y | x)
@@ -732,8 +703,7 @@ METHODS = {"uncond": Method("uncond", classifier=None),  # no classifier: lambda
 
 
 def draw_targets(seed: int, count: int, num_classes: int) -> np.ndarray:
-    """One uniformly drawn target per generation, each from its own (seed, STREAM_TARGET, i)
-    generator."""
+    """One uniform target per generation, each from its own (seed, STREAM_TARGET, i) generator."""
     rngs = (sample_rng(seed, STREAM_TARGET, i) for i in range(count))
     return np.array([int(torch.randint(num_classes, (1,), generator=g)) for g in rngs])
 
@@ -743,16 +713,13 @@ def extract(cfg: Config, method: Method, model, classifier, guidance: float, dev
     """Algorithm 1 lines 16-26: N_G generations of one method with `sampler` (default: Part 1's).
     Every method uses the same seeds, and guided methods whose classifiers have as many labels share
     the targets c (line 17), so rows at the same sampler differ only in their guidance."""
-    targets, desc = np.full(cfg.n_gen, -1), f"generate {method.name}"
-    sampler, started = sampler or sampler_name(cfg), time.perf_counter()
-    if method.classifier is None:  # Carlini UnCond: the unguided model, lambda = 0
-        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, desc=desc, sampler=sampler)
-    else:
+    targets, sampler, started = np.full(cfg.n_gen, -1), sampler or cfg.sampler, time.perf_counter()
+    if method.classifier is not None:  # Carlini UnCond (no classifier) is lambda = 0
         targets = draw_targets(cfg.seed, cfg.n_gen, classifier.head[-1].out_features)
         if method.judge is not None:
             classifier = method.judge(classifier, model)
-        images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets,
-                        guidance, desc=desc, sampler=sampler)
+    images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets, guidance,
+                    desc=f"generate {method.name}", sampler=sampler)
     seeds = np.array([[cfg.seed, STREAM_EVAL, i] for i in range(cfg.n_gen)])
     return dict(images=images, seeds=seeds, targets=targets, sampler=np.array(sampler),
                 seconds=np.array(time.perf_counter() - started))  # the sampler's cost
@@ -861,70 +828,62 @@ def summarize(memorized, nn_index, ratio, normalized_l2, best_sim, band_hits, ba
 
 
 # =================================================================================================
-# 9. Algorithm 1, top to bottom. Files are the run folder's (plumbing), but for the DDPM's
-#    checkpoint, which train_ddpm writes itself (section 3). folder(name, compute) returns
-#    compute()'s result, or the one a run with the same settings saved under that name;
-#    folder.phase() names and times each step.
+# 9. Algorithm 1, top to bottom. `cached(name, compute)` returns compute()'s result, or the one a
+#    run with the same settings saved under that name (the run folder, plumbing); train_ddpm
+#    writes its own checkpoint. `phase` names and times each step.
 # =================================================================================================
 
 
-def run(cfg: Config, folder, device: torch.device, rows: list[Method],
+def run(cfg: Config, cached, device: torch.device, rows: list[Method],
         surrogate: Callable = label_synthetic, load: Callable | None = None) -> dict:
     """Train the target DPM on D (the model the attack starts from), then Algorithm 1. Output:
     D_ext, N_G generations for every row of `rows`, each at its own lambda and sampler.
     experiments.py passes its controls among the rows, another `surrogate` (the TDKD teacher,
-    --embed) and another `load` (its dataset options)."""
+    --embed) and another `load` (its datasets)."""
     if any(row.classifier and row.guidance is None for row in rows):
         raise ValueError("a guided row has no lambda; build the rows with method_rows(cfg)")
-    folder.phase("data", f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
-    train = folder("data", lambda: (load or load_training_set)(cfg))
-    folder.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
+    cached.phase("data", f"[1/6] data: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px")
+    train = cached("data", lambda: (load or load_training_set)(cfg))
+    cached.phase("train", f"[2/6] DDPM: {cfg.train_steps} steps on {device}")
     x0_train = to_unit_range(train["images"]).to(device)
-    model = train_ddpm(cfg, x0_train, folder.out / "ddpm.pt")  # the target DPM
-    labels, classifiers, accuracies = None, {}, {}
+    model = train_ddpm(cfg, x0_train, cached.out / "ddpm.pt")  # the target DPM
+    labels, classifiers = None, {}
     if any(row.classifier for row in rows):  # the baseline alone needs no labels or classifier
-        labels, classifiers, accuracies = part1(cfg, folder, model, train, rows, surrogate, device)
+        labels, classifiers = part1(cfg, cached, model, train, rows, surrogate, device)
     settings = ", ".join(f"{row.name} (lambda {row.guidance:g}, {row.sampler})" for row in rows)
-    folder.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per row: {settings}")
+    cached.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per row: {settings}")
     generations = {}
     for row in rows:  # Part 2, lines 16-26, once for every row, at the row's own lambda and sampler
-        classifier = classifiers.get(row.classifier)
-        generations[row.name] = folder(f"samples_{row.name}", lambda: extract(
+        classifier = classifiers.get(row.classifier, {}).get("net")
+        generations[row.name] = cached(f"samples_{row.name}", lambda: extract(
             cfg, row, model, classifier, row.guidance, device, row.sampler),
             guidance=row.guidance, sampler=row.sampler)
+    accuracies = {name: fitted["accuracy"] for name, fitted in classifiers.items()}
     return dict(train=train, labels=labels, accuracies=accuracies, generations=generations)
 
 
-def part1(cfg: Config, folder, model, train: dict, rows: list, surrogate, device: torch.device):
+def part1(cfg: Config, cached, model, train: dict, rows: list, surrogate, device: torch.device):
     """Algorithm 1, Part 1: surrogate labels from the model's own samples, then the classifiers."""
-    folder.phase("labels", f"[3/6] surrogate labels: N_syn = {cfg.n_syn}, K = {cfg.clusters}, "
+    cached.phase("labels", f"[3/6] surrogate labels: N_syn = {cfg.n_syn}, K = {cfg.clusters}, "
                            f"tau = {cfg.cohesion}")
-    synthetic = folder("synthetic", lambda: dict(images=sample(  # line 1: D_syn, its own stream
+    synthetic = cached("synthetic", lambda: dict(images=sample(  # line 1: D_syn, its own stream
         model, cfg, cfg.n_syn, device, STREAM_SYNTHETIC, desc="sample N_syn")))["images"]
-    labels = folder("labels", lambda: surrogate(cfg, synthetic, train, device))  # lines 2-5
-    folder.phase("classifier", f"[4/6] classifiers on {len(labels['kept'])} labels")
-    classifiers, accuracies = {}, {}
+    labels = cached("labels", lambda: surrogate(cfg, synthetic, train, device))  # lines 2-5
+    cached.phase("classifier", f"[4/6] classifiers on {len(labels['kept'])} labels")
+    classifiers = {}
     for row in rows:  # line 6, once for every classifier the rows ask for
         if row.classifier is None or row.classifier in classifiers:
             continue
         row_labels = row.relabel(cfg, labels, synthetic, train) if row.relabel else labels
-        fitted = folder(f"classifier_{row.classifier}", lambda: fit_classifier(
+        classifiers[row.classifier] = cached(f"classifier_{row.classifier}", lambda: fit_classifier(
             cfg, synthetic, row_labels, row.time_dependent, device))
-        in_ch, classes = synthetic.shape[-1], row_labels["soft"].shape[1]
-        net = build_classifier(cfg, in_ch, classes, row.time_dependent)
-        net.load_state_dict(fitted["state"])  # the weights fit_classifier() returned (or saved)
-        classifiers[row.classifier] = net.to(device).eval()
-        accuracies[row.classifier] = fitted["accuracy"]
-    return labels, classifiers, accuracies
+    return labels, classifiers
 
 
 # =================================================================================================
-# Plumbing. Nothing below is a step of Algorithm 1: devices and networks from a Config, the
-# datasets, the run folder, the report (section 8's numbers summed up per row, with pictures), and
-# the command line.
+# Plumbing. Nothing below is a step of Algorithm 1: progress bars, the datasets, the DDPM's
+# checkpoint, the run folder, the report, and the command line.
 # =================================================================================================
-
-# --- Progress bars -------------------------------------------------------------------------------
 
 
 def progress(iterable, **options) -> tqdm:
@@ -932,11 +891,9 @@ def progress(iterable, **options) -> tqdm:
     return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, **options)
 
 
-# --- Datasets: the training set D ----------------------------------------------------------------
-# Images are stored as uint8 N x H x W x C exactly as trained on and scaled to [-1, 1] for the DPM
-# (paper, Setup). No flips or other augmentation: memorization of the exact images is studied.
+# --- Datasets: the training set D, uint8 N x H x W x C exactly as trained on. No flips or other
+#     augmentation: memorization of the exact images is studied. -------------------------------
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CELEBA_FACE_CENTER = (89, 121)  # (x, y) of the face in a 178x218 aligned image (the DDIM code's)
 CELEBA_CROP = 140               # the usual square face crop of DDPM/DDIM CelebA models
 
@@ -970,26 +927,20 @@ def load_digits(cfg: Config):
     return resize_all(images[indices], cfg.image_size), indices, bunch.target[indices]
 
 
-def load_image_file(path: Path, crop_box=None, size: int = 32) -> np.ndarray:
+def load_image_files(paths: list[Path], crop_box, size: int) -> np.ndarray:
+    """Decode, crop to `crop_box(image)` and resize each image (bicubic)."""
     from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if crop_box is None:  # a centred square
-                side = min(image.size)
-                left, top = (image.width - side) // 2, (image.height - side) // 2
-                crop_box = (left, top, left + side, top + side)
-            return np.asarray(image.crop(crop_box).resize((size, size), Image.BICUBIC))
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserError(f"cannot read image {path} ({error.__class__.__name__}); "
-                        f"remove or replace that file")
-
-
-def load_files(paths: list[Path], indices: np.ndarray, cfg: Config, crop_box=None) -> np.ndarray:
-    chosen = [paths[i] for i in indices]
-    return np.stack([load_image_file(p, crop_box, cfg.image_size)
-                     for p in progress(chosen, desc="decode images", leave=False,
-                                       disable=len(chosen) < 200)])
+    images = []
+    for path in progress(paths, desc="decode images", leave=False, disable=len(paths) < 200):
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                images.append(np.asarray(image.crop(crop_box(image)).resize((size, size),
+                                                                            Image.BICUBIC)))
+        except (UnidentifiedImageError, OSError) as error:
+            raise UserError(f"cannot read image {path} ({error.__class__.__name__}); "
+                            f"remove or replace that file")
+    return np.stack(images)
 
 
 def celeba_folder(root: Path) -> Path:
@@ -998,150 +949,45 @@ def celeba_folder(root: Path) -> Path:
             return folder
     raise UserError(f"no CelebA images under {root}: expected "
                     f"{root}/celeba/img_align_celeba/000001.jpg (torchvision layout), "
-                    f"{root}/img_align_celeba/ or a flat folder of those jpgs; "
-                    f"set --data-root, or add --download")
+                    f"{root}/img_align_celeba/ or a flat folder of those jpgs; set --data-root, or "
+                    f"fetch it: python experiments.py download --dataset celeba")
 
 
 def load_celeba(cfg: Config):
-    """Aligned CelebA (178x218 jpgs). Only the image folder is needed, not the annotation files."""
+    """Aligned CelebA (178x218 jpgs), the usual face crop. Only the image folder is needed."""
     folder = celeba_folder(Path(cfg.data_root))
     paths = sorted(folder.glob("*.jpg"))
     indices = pick_indices(len(paths), cfg, str(folder))
     (cx, cy), half = CELEBA_FACE_CENTER, CELEBA_CROP // 2
-    images = load_files(paths, indices, cfg, crop_box=(cx - half, cy - half, cx + half, cy + half))
+    box = (cx - half, cy - half, cx + half, cy + half)
+    images = load_image_files([paths[i] for i in indices], lambda _: box, cfg.image_size)
     return images, indices, None  # no labels: experiments.py's teacher reads the identities
 
 
-def cifar_folder(root: Path) -> Path:
-    for folder in (root / "cifar-10-batches-py", root):
-        if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
-            return folder
-    raise UserError(f"no CIFAR-10 under {root}: expected "
-                    f"{root}/cifar-10-batches-py/data_batch_1 ... "
-                    f"(the official python version); set --data-root, or add --download")
-
-
-def read_cifar10(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Every image (N x 32 x 32 x 3 uint8) and label of the named official pickles, in order
-    (written by Python 2, hence encoding='latin1')."""
-    batches = []
-    for name in names:
-        if (folder / name).is_file():
-            with open(folder / name, "rb") as handle:
-                batches.append(pickle.load(handle, encoding="latin1"))
-    if not batches:
-        raise UserError(f"no {' or '.join(names[:1])} in {folder}; the official "
-                        f"cifar-10-batches-py layout is expected")
-    images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-    return images.transpose(0, 2, 3, 1), np.concatenate([b["labels"] for b in batches])
-
-
-def load_cifar10(cfg: Config):
-    """The first n images of the official training batches (experiments.py adds the test batch
-    and class subsets)."""
-    folder = cifar_folder(Path(cfg.data_root))
-    images, labels = read_cifar10(folder, [f"data_batch_{i}" for i in range(1, 6)])
-    chosen = pick_indices(len(images), cfg, str(folder))
-    return resize_all(images[chosen], cfg.image_size), chosen, labels[chosen]
-
-
-def load_folder(cfg: Config):
-    """Any folder of images (recursive, sorted by path), centre-cropped to a square."""
-    root = Path(cfg.data_root)
-    if not root.is_dir():
-        raise UserError(f"--data-root {root} does not exist; point it at a folder of "
-                        f"png/jpg/webp images")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise UserError(f"no images (png/jpg/jpeg/webp) under {root}; point --data-root at a "
-                        f"folder of images")
-    indices = pick_indices(len(paths), cfg, str(root))
-    return load_files(paths, indices, cfg), indices, None
-
-
-def download(cfg: Config) -> None:
-    """--download: torchvision fetches the dataset into --data-root (needs the network)."""
-    import torchvision
-    root = Path(cfg.data_root)
-    fetch = {"cifar10": lambda: torchvision.datasets.CIFAR10(root, download=True),
-             "celeba": lambda: torchvision.datasets.CelebA(root, download=True)}.get(cfg.dataset)
-    if fetch is None:
-        raise UserError(f"--download works for cifar10 and celeba, not {cfg.dataset}")
-    try:
-        fetch()
-    except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
-        where = "cifar-10-batches-py/" if cfg.dataset == "cifar10" else "celeba/img_align_celeba/"
-        raise UserError(f"--download of {cfg.dataset} failed ({error.__class__.__name__}: the "
-                        f"machine seems offline); put a manual copy at {root / where} and run "
-                        f"without --download")
-
-
-LOADERS = {"digits": load_digits, "celeba": load_celeba, "cifar10": load_cifar10,
-           "folder": load_folder}
+LOADERS = {"digits": load_digits, "celeba": load_celeba}
 
 
 def load_training_set(cfg: Config, loaders: dict = LOADERS) -> dict:
     """Decode the subset once; its stage file is what every later stage and rerun reads.
-    `loaders`: experiments.py passes its CIFAR-10 reader (--split, --classes, --balanced)."""
-    if cfg.download:
-        download(cfg)
+    `loaders`: experiments.py passes its own (CIFAR-10, image folders)."""
     images, indices, labels = loaders[cfg.dataset](cfg)
     return dict(images=images, indices=indices,
                 labels=labels if labels is not None else np.full(len(images), -1))
 
 
-# --- The run folder: one load -> compute -> save mechanism for every stage, and the DDPM's
-#     checkpoint. Files are written atomically: a run killed at any moment never leaves a
-#     half-written file that a rerun trusts. -----------------------------------------------------
-
-# Which settings each stage depends on. A stage is redone when one of these (or an upstream stage)
-# changes, and skipped otherwise: `--guidance 3` reruns only guided sampling and the report.
-STAGE_FIELDS = {
-    "data": ["dataset", "data_root", "n", "image_size", "subset", "seed"],
-    "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
-    "sampler": ["sampler", "sample_steps", "eta"],
-    "synthetic": ["n_syn"],
-    "labels": ["clusters", "cohesion"],
-    "classifier": ["clf_steps", "clf_lr", "clf_batch"],
-    "generations": ["n_gen"],
-}
-
-
-def stage_groups(name: str) -> list[str]:
-    """The settings groups the stage `name` (as run() calls it) depends on."""
-    sampled = ["data", "ddpm", "sampler"]  # every stage after training samples the target model
-    labelled = sampled + ["synthetic", "labels"]
-    if name == "data":
-        return ["data"]
-    if name == "synthetic":
-        return sampled + ["synthetic"]
-    if name == "labels":
-        return labelled
-    if name == "samples_uncond":  # the baseline does not depend on labels, classifier or lambda
-        return sampled + ["generations"]
-    return labelled + ["classifier"] + ([] if name.startswith("classifier_") else ["generations"])
-
-
-def stage_path(out: Path, name: str) -> Path:
-    if name == "data":
-        return out / "train_subset.npz"
-    return out / (f"{name}.pt" if name.startswith("classifier_") else f"{name}.npz")
+# --- Files are written atomically: a run killed at any moment never leaves a half-written file
+#     that a rerun trusts. ---------------------------------------------------------------------
 
 
 def write_atomically(path: Path, write) -> None:
     """write(tmp) to a temporary file of its own beside `path`, then rename it over `path` in one
-    step: a killed run never leaves a half-written file, and processes writing the same file at
-    once (experiments.py's torchrun) never write into each other's."""
+    step; processes writing one file at once (torchrun) never write into each other's."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")  # np.savez: .npz suffix
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def save_npz(path: Path, **arrays) -> None:
-    write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def save_torch(path: Path, obj) -> None:
@@ -1152,129 +998,26 @@ def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+def settings_hash(settings: dict) -> str:
+    """A short, order-independent hash of a dict of settings (experiments.py's tuning file too)."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def why_unreadable(error: Exception) -> str:
     """One line about an exception raised while reading a file."""
     detail = (str(error).splitlines() or [""])[0][:80]
     return f"{error.__class__.__name__}: {detail}" if detail else error.__class__.__name__
 
 
-def settings_hash(settings: dict) -> str:
-    """A short, order-independent hash of a dict of settings: the name a cached result is kept
-    under (experiments.py's tuning file uses it too)."""
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+# --- The DDPM's checkpoint: a plain dict, resumed only when its data and network match, saved at
+#     a step boundary on Ctrl-C. ------------------------------------------------------------------
 
-
-class RunFolder:
-    """run()'s `folder`. folder(name, compute) returns the stage's saved result when it was made
-    with the same settings, and otherwise compute()'s, saved with the hash of those settings. A
-    stage file that cannot be read (a full disk, a half-copied folder, a hand edit) is recomputed,
-    with one line saying so. ddpm.pt is checked here, before anything is written. experiments.py's
-    subclasses extend `key` (its labels, --embed, dataset options) and share stages among torchrun's
-    processes."""
-
-    def __init__(self, cfg: Config, device: torch.device):
-        self.cfg, self.out, self.device = cfg, Path(cfg.out), device
-        self.checkpoint = read_checkpoint(self.out / "ddpm.pt", cfg, device)  # a bad one stops here
-        self.timings, self.current, self.clock = {}, None, time.perf_counter()
-
-    def __call__(self, name: str, compute, **values) -> dict:
-        """`values`: what the stage depends on beyond the settings (a guided row's own lambda)."""
-        return self.load_or_compute(stage_path(self.out, name), self.key(name, **values), compute)
-
-    def groups(self, name: str) -> list[str]:
-        return stage_groups(name)
-
-    def key(self, name: str, **values) -> str:
-        """A short hash of the settings the stage depends on, and of `values`: the identity of the
-        stage's output."""
-        groups = self.groups(name)
-        settings = {g: {f: getattr(self.cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
-        return settings_hash({**settings, **values})
-
-    def load_or_compute(self, path: Path, key: str, compute) -> dict:
-        cached = None if self.cfg.fresh or not path.is_file() else self.load(path, key)
-        if cached is None:
-            cached = compute()
-            if path.suffix == ".pt":
-                save_torch(path, dict(cached, stage_key=key))
-            else:
-                save_npz(path, **cached, stage_key=key)
-        return cached
-
-    def load(self, path: Path, key: str) -> dict | None:
-        try:
-            if path.suffix == ".pt":
-                data = dict(torch.load(path, map_location=self.device, weights_only=False))
-            else:
-                data = dict(np.load(path, allow_pickle=False))
-            made_with = str(data.pop("stage_key", None))
-        except Exception as error:  # numpy, zipfile and pickle each raise their own kinds
-            print(f"  {path.name}: cannot be read ({why_unreadable(error)}); recomputing it")
-            return None
-        if made_with != key:
-            return None
-        print(f"  {path.name}: up to date, skipping")
-        return data
-
-    def phase(self, name: str, message: str) -> None:
-        """Print `message` and start timing the phase `name` (the previous one ends here)."""
-        self.lap()
-        self.current = name
-        print(message)
-
-    def lap(self) -> None:
-        if self.current is not None:
-            self.timings[self.current] = round(time.perf_counter() - self.clock, 2)
-        self.clock = time.perf_counter()
-
-    def finish(self) -> dict:
-        """The wall time of every phase and their total, in seconds, for the report."""
-        self.lap()
-        self.current = None
-        return dict(self.timings, total=round(sum(self.timings.values()), 2))
-
-
-def resume_ddpm(path: Path, cfg: Config, model, ema, opt, gen, rank: int = 0,
-                processes: int = 1) -> int:
-    """Load ddpm.pt into the training state when there is one; returns the step to go on from.
-    `gen` takes the saved generator of process `rank` (experiments.py's torchrun saves one per
-    process); an unfinished checkpoint resumes only with as many processes as it was left by."""
-    saved = read_checkpoint(path, cfg, model.head[-1].weight.device)
-    if saved is None:
-        return 0
-    if saved["step"] > cfg.train_steps:
-        raise UserError(f"{path} is at step {saved['step']}, beyond --train-steps "
-                        f"{cfg.train_steps}; raise --train-steps, use another --out, or --fresh")
-    count = len(checkpoint_rngs(saved))
-    if saved["step"] < cfg.train_steps and count != processes:
-        raise UserError(f"{path} was being trained by {count} process(es); resume it with as many "
-                        f"(torchrun --nproc_per_node {count} experiments.py), or retrain with "
-                        f"--fresh")
-    for name, part in (("model", model), ("ema", ema), ("opt", opt)):
-        part.load_state_dict(saved[name])
-    if rank < count:  # a finished checkpoint may have fewer generators than there are processes
-        gen.set_state(checkpoint_rngs(saved)[rank].cpu())
-    if saved["step"] == cfg.train_steps:
-        print(f"  ddpm.pt: trained ({cfg.train_steps} steps), skipping")
-    else:
-        print(f"  resuming DDPM training from step {saved['step']}")
-    return saved["step"]
-
-
-def checkpoint_rngs(saved: dict) -> list:
-    """Every process's batch-generator state in a checkpoint (older files: "rank_rngs", "rng")."""
-    return saved.get("rngs") or saved.get("rank_rngs") or [saved["rng"]]
-
-
-def read_checkpoint(path: Path, cfg: Config, device) -> dict | None:
+def read_checkpoint(path: Path, cfg: Config) -> dict | None:
     """ddpm.pt when there is one to resume from. One that cannot be read, or that was trained with
     other data or another network, stops the run: a checkpoint is never replaced silently."""
     if cfg.fresh or not path.is_file():
         return None
-    try:
-        # onto the CPU: load_state_dict moves weights and Adam's moments to `device` but keeps
-        # Adam's step counters where they are (on CUDA: a device sync per parameter and step)
-        # mmap: RunFolder checks ddpm.pt before anything is written, train_ddpm loads it again
+    try:  # onto the CPU, memory-mapped: load_state_dict moves each tensor where it belongs
         saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         trained_with = saved["config"]
     except Exception as error:  # truncated, half-copied, or not a checkpoint at all
@@ -1296,10 +1039,36 @@ def check_compatible(saved: dict, cfg: Config, path: Path, fields: list | None =
                         f"Use the old settings, another --out, or --fresh to retrain")
 
 
+def resume_ddpm(path: Path, cfg: Config, model, ema, opt, gen, rank: int = 0,
+                processes: int = 1) -> int:
+    """Load ddpm.pt into the training state when there is one; returns the step to go on from.
+    `gen` takes the batch generator saved by process `rank` (experiments.py's torchrun saves one
+    per process); an unfinished checkpoint resumes only with as many processes as it was left by."""
+    saved = read_checkpoint(path, cfg)
+    if saved is None:
+        return 0
+    if saved["step"] > cfg.train_steps:
+        raise UserError(f"{path} is at step {saved['step']}, beyond --train-steps "
+                        f"{cfg.train_steps}; raise --train-steps, use another --out, or --fresh")
+    count = len(saved["rngs"])
+    if saved["step"] < cfg.train_steps and count != processes:
+        raise UserError(f"{path} was being trained by {count} process(es); resume it with as many "
+                        f"(torchrun --nproc_per_node {count} experiments.py), or retrain with "
+                        f"--fresh")
+    for name, part in (("model", model), ("ema", ema), ("opt", opt)):
+        part.load_state_dict(saved[name])
+    if rank < count:  # a finished checkpoint may have fewer generators than there are processes
+        gen.set_state(saved["rngs"][rank].cpu())
+    trained = saved["step"] == cfg.train_steps
+    print(f"  ddpm.pt: trained ({cfg.train_steps} steps), skipping" if trained
+          else f"  resuming DDPM training from step {saved['step']}")
+    return saved["step"]
+
+
 class StopAtStepBoundary:
     """Inside this block Ctrl-C only raises a flag; check() stops training at the next step
-    boundary, so the checkpoint it writes never holds weights one update ahead of its step and
-    generator state. SIDE_STOP_AT_STEP=N (the tests' Ctrl-C) stops at step N."""
+    boundary, so the checkpoint never holds weights one update ahead of its step and generator
+    state. SIDE_STOP_AT_STEP=N (the tests' Ctrl-C) stops at step N."""
 
     def __enter__(self):
         self.pressed, self.previous = False, None
@@ -1316,8 +1085,8 @@ class StopAtStepBoundary:
             signal.signal(signal.SIGINT, self.previous)
 
     def check(self, step: int, loss, path: Path | None, save) -> float:
-        """Stop on Ctrl-C (saving the checkpoint at `path` with save()) or on a non-finite loss;
-        returns the loss as a number (for a tensor, the step's one device sync)."""
+        """Stop on Ctrl-C (saving with save()) or on a non-finite loss; else the loss as a number
+        (for a tensor, the step's one device sync)."""
         loss = loss.item() if torch.is_tensor(loss) else float(loss)
         if self.pressed or step == self.stop_at:
             if path is None:
@@ -1330,26 +1099,106 @@ class StopAtStepBoundary:
                             f"checkpoint ({path}) is kept")
         return loss
 
-# --- The report: the check of section 8 for every row, a table, the match grid, report.json and
-#     report.md ------------------------------------------------------------------------------------
 
+# --- The run folder: run()'s `cached`. A stage's file holds a hash of the settings the stage
+#     depends on; a changed setting, or a file that cannot be read, recomputes the stage. ---------
+
+STAGE_FIELDS = {  # the settings groups; a stage depends on the groups stage_groups() names
+    "data": ["dataset", "data_root", "n", "image_size", "subset", "seed"],
+    "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
+    "sampler": ["sampler"],
+    "synthetic": ["n_syn"],
+    "labels": ["clusters", "cohesion"],
+    "classifier": ["clf_steps", "clf_lr", "clf_batch"],
+    "generations": ["n_gen"],
+}
+
+
+def stage_groups(name: str) -> list[str]:
+    """The settings groups stage `name` depends on: `--guidance 3` redoes only guided sampling."""
+    sampled = ["data", "ddpm", "sampler"]  # every stage after training samples the target model
+    if name in ("data", "synthetic"):
+        return sampled[:1] if name == "data" else sampled + ["synthetic"]
+    if name == "samples_uncond":  # the baseline depends on no label, classifier or lambda
+        return sampled + ["generations"]
+    labelled = sampled + ["synthetic", "labels"]
+    if name == "labels":
+        return labelled
+    return labelled + ["classifier"] + ([] if name.startswith("classifier_") else ["generations"])
+
+
+class RunFolder:
+    """run()'s `cached`: folder(name, compute, **values) returns the stage's saved result when it
+    was made with the same settings (and `values`, such as a row's lambda), else compute()'s,
+    saved. ddpm.pt is checked here, before anything is written. experiments.py extends `groups`
+    and `key`, and shares stages among torchrun's processes."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.out, self.device = cfg, Path(cfg.out), device
+        self.checkpoint = read_checkpoint(self.out / "ddpm.pt", cfg)  # a bad one stops here
+        self.timings, self.current, self.clock = {}, None, time.perf_counter()
+
+    def __call__(self, name: str, compute, **values) -> dict:
+        return self.load_or_compute(self.path(name), self.key(name, **values), compute)
+
+    def path(self, name: str) -> Path:
+        stored = "train_subset" if name == "data" else name
+        return self.out / (f"{stored}.pt" if name.startswith("classifier_") else f"{stored}.npz")
+
+    def groups(self, name: str) -> list[str]:
+        return stage_groups(name)
+
+    def key(self, name: str, **values) -> str:
+        """A short hash of the settings the stage depends on, and of `values`."""
+        groups = self.groups(name)
+        settings = {g: {f: getattr(self.cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
+        return settings_hash({**settings, **values})
+
+    def load_or_compute(self, path: Path, key: str, compute) -> dict:
+        cached = None if self.cfg.fresh or not path.is_file() else self.load(path, key)
+        if cached is None:
+            cached = compute()
+            if path.suffix == ".pt":  # a classifier: the network itself
+                save_torch(path, dict(cached, stage_key=key))
+            else:
+                write_atomically(path, lambda tmp: np.savez(tmp, **cached, stage_key=key))
+        return cached
+
+    def load(self, path: Path, key: str) -> dict | None:
+        try:
+            if path.suffix == ".pt":
+                data = dict(torch.load(path, map_location=self.device, weights_only=False))
+            else:
+                data = dict(np.load(path, allow_pickle=False))
+            made_with = str(data.pop("stage_key", None))
+        except Exception as error:  # numpy, zipfile and pickle each raise their own kinds
+            print(f"  {path.name}: cannot be read ({why_unreadable(error)}); recomputing it")
+            return None
+        if made_with != key:
+            return None
+        print(f"  {path.name}: up to date, skipping")
+        return data
+
+    def phase(self, name: str, message: str) -> None:
+        """Print `message` and time the phase `name` until the next phase() or finish()."""
+        now = time.perf_counter()
+        if self.current is not None:
+            self.timings[self.current] = round(now - self.clock, 2)
+        self.current, self.clock = name, now
+        if message:
+            print(message)
+
+    def finish(self) -> dict:
+        """The wall time of every phase and their total, in seconds, for the report."""
+        self.phase(None, "")
+        return dict(self.timings, total=round(sum(self.timings.values()), 2))
+
+
+# --- The report: section 8's check for every row, report.json, report.md and the match grid -----
 
 # (similarity, bands, name) of AMS/UMS: 1 - Carlini's normalized L2 in pixels (experiments.py's
 # --embed and --bands give others)
 PIXEL_SPACE = (None, PIXEL_BANDS, "1 - normalized L2 (pixels)")
-
-
-def evaluate(cfg, generations: dict, train_images, out, device, space=None) -> dict:
-    """The memorization check for every method; per-sample statistics go to nn_<method>.npz."""
-    similarity, bands, space = space or PIXEL_SPACE
-    results = {}
-    for method, data in generations.items():
-        metrics = memorization_metrics(data["images"], train_images, bands, device, similarity)
-        save_npz(out / f"nn_{method}.npz", **metrics["per_sample"])
-        results[method] = metrics
-    return dict(results=results, bands=bands, space=space)
-
-
 TABLE_COLUMNS = [("memorized_fraction", "Gu mem. %", 100), ("unique_memorized", "Gu unique", 1),
                  ("ams_low", "Low AMS", 1), ("ums_low", "Low UMS", 1), ("ams_mid", "Mid AMS", 1),
                  ("ums_mid", "Mid UMS", 1), ("ams_high", "High AMS", 1),
@@ -1357,11 +1206,16 @@ TABLE_COLUMNS = [("memorized_fraction", "Gu mem. %", 100), ("unique_memorized", 
                  ("sim_p95", "95th sim", 1), ("normalized_l2_p5", "5th nL2", 1)]
 
 
-def markdown_table(methods: dict) -> str:
-    header = ["method"] + [title for _, title, _ in TABLE_COLUMNS]
-    rows = [[method] + [f"{s[key] * scale:.3f}" if isinstance(s[key], float) else str(s[key])
-                        for key, _, scale in TABLE_COLUMNS] for method, s in methods.items()]
-    return "\n".join(table_lines(header, rows))
+def evaluate(generations: dict, train_images, out: Path, device, space=None) -> dict:
+    """The memorization check for every row; per-sample statistics go to nn_<row>.npz."""
+    similarity, bands, space = space or PIXEL_SPACE
+    results = {}
+    for method, data in generations.items():
+        metrics = memorization_metrics(data["images"], train_images, bands, device, similarity)
+        write_atomically(out / f"nn_{method}.npz",
+                         lambda tmp: np.savez(tmp, **metrics["per_sample"]))
+        results[method] = metrics
+    return dict(results=results, bands=bands, space=space)
 
 
 def table_lines(header: list, rows: list) -> list[str]:
@@ -1370,16 +1224,23 @@ def table_lines(header: list, rows: list) -> list[str]:
             *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
 
 
-def write_report(cfg, evaluation, labels, accuracies, timings, out, sampling=None) -> dict:
-    """report.json and report.md. `sampling`: seconds each row's generations took (when made)."""
+def markdown_table(methods: dict) -> str:
+    rows = [[method] + [f"{s[key] * scale:.3f}" if isinstance(s[key], float) else str(s[key])
+                        for key, _, scale in TABLE_COLUMNS] for method, s in methods.items()]
+    return "\n".join(table_lines(["method"] + [title for _, title, _ in TABLE_COLUMNS], rows))
+
+
+def write_report(cfg, evaluation, result: dict, timings: dict, out: Path) -> dict:
+    """report.json and report.md."""
     methods = {m: r["summary"] for m, r in evaluation["results"].items()}
+    labels, generations = result["labels"], result["generations"]
     report = dict(config=dataclasses.asdict(cfg), timings_s=timings, methods=methods,
-                  sampling_s=sampling or {},
+                  sampling_s={m: round(float(g["seconds"]), 2) for m, g in generations.items()},
                   similarity=dict(space=evaluation["space"], bands=list(evaluation["bands"])),
-                  labels=labels_summary(cfg, labels), classifier_accuracy_by_t=accuracies,
+                  labels=labels and labels_summary(labels),
+                  classifier_accuracy_by_t=result["accuracies"],
                   guidance={m: v for m, v in row_lambdas(cfg).items() if m in methods},
-                  part1_sampler=sampler_name(cfg),
-                  samplers={m: sampler_for(cfg, m) for m in methods})
+                  part1_sampler=cfg.sampler, samplers={m: sampler_for(cfg, m) for m in methods})
     if "uncond" in methods and methods["uncond"]["memorized_fraction"] > 0:
         baseline = methods["uncond"]["memorized_fraction"]
         report["gain_over_uncond"] = {m: s["memorized_fraction"] / baseline
@@ -1388,43 +1249,40 @@ def write_report(cfg, evaluation, labels, accuracies, timings, out, sampling=Non
     return report
 
 
+def labels_summary(labels: dict) -> dict:
+    return dict(source="teacher" if "teacher" in labels else "kmeans",  # experiments.py's TDKD
+                clusters_kept=int(len(labels["kept"])), sizes=labels["sizes"].tolist(),
+                features=str(labels.get("features", "pixels (centred, unit norm)")),
+                cohesion=np.round(labels["cohesion"], 4).tolist())
+
+
 def save_report(out: Path, report: dict, markdown: str) -> None:
     """The one report writer: report.json and report.md (experiments.py's aggregate uses it too)."""
     save_text(out / "report.json", json.dumps(report, indent=2))
     save_text(out / "report.md", markdown)
 
 
-def labels_summary(cfg, labels) -> dict | None:
-    if not labels:
-        return None
-    teacher = "teacher" in labels  # experiments.py's TDKD labels name their teacher
-    return dict(source="teacher" if teacher else "kmeans", clusters_kept=int(len(labels["kept"])),
-                features=str(labels.get("features", "pixels (centred, unit norm)")),
-                sizes=labels["sizes"].tolist(), cohesion=np.round(labels["cohesion"], 4).tolist())
-
-
 def report_markdown(cfg, report) -> str:
     sim, labels = report["similarity"], report["labels"]
-    kept = "no labels"
-    if labels:
-        kept = f"{labels['clusters_kept']} surrogate labels ({labels['source']})"
+    kept = f"{labels['clusters_kept']} surrogate labels ({labels['source']})" if labels else ""
+    lambdas = ", ".join(f"{m} {v:g}" for m, v in report["guidance"].items()) or "0 (uncond)"
+    samplers = ", ".join(f"{m} {s}" for m, s in report["samplers"].items())
     low, mid, high = sim["bands"]
-    lines = [f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
-             f"N_G = {cfg.n_gen} per method, {guidance_text(cfg)}, {kept}; {sampler_text(cfg)}.",
-             "",
-             markdown_table(report["methods"]), "",
-             f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} "
-             f"with bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. "
-             "5th nL2: 5th percentile of Carlini's normalized L2 (lower = closer copies).", "",
-             f"Clustering features (Algorithm 1 line 2): "
-             f"{labels['features'] if labels else 'none (no labels)'}. Cohesion (report.json): "
-             "of each kept cluster's k-means members, before every sample took the label of its "
-             f"nearest kept centroid (line 5). Similarity for AMS/UMS: {sim['space']}.", "",
-             "Classifier accuracy on held-out synthetic samples, by range of t:", "",
-             "```", json.dumps(report["classifier_accuracy_by_t"], indent=1), "```",
-             "", "Timings (s): " + json.dumps(report["timings_s"]), "",
-             "![matches](figures/matches.png)"]
-    return "\n".join(lines) + "\n"
+    return "\n".join([
+        f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
+        f"N_G = {cfg.n_gen} per method, lambda {lambdas}, {kept or 'no labels'}; samplers: Part 1 "
+        f"{cfg.sampler}; {samplers}.", "", markdown_table(report["methods"]), "",
+        f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} with "
+        f"bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. 5th nL2: 5th percentile "
+        "of Carlini's normalized L2 (lower = closer copies).", "",
+        f"Clustering features (Algorithm 1 line 2): "
+        f"{labels['features'] if labels else 'none (no labels)'}. Cohesion (report.json): of each "
+        "kept cluster's k-means members, before every sample took the label of its nearest kept "
+        "centroid (line 5).", "",
+        "Classifier accuracy on held-out synthetic samples, by range of t:", "",
+        "```", json.dumps(report["classifier_accuracy_by_t"], indent=1), "```", "",
+        "Timings (s): " + json.dumps(report["timings_s"]), "",
+        "![matches](figures/matches.png)", ""])
 
 
 def pyplot():
@@ -1442,7 +1300,7 @@ def save_figure(fig, path: Path, dpi: int) -> None:
 
 
 def save_figures(evaluation, generations, train_images, out, show: int = 24) -> None:
-    """A match grid per method: generation above its nearest training image, sorted by d1/d2."""
+    """A match grid per row: generation above its nearest training image, sorted by d1/d2."""
     from torchvision.utils import make_grid
     methods = list(evaluation["results"])
     fig, axes = pyplot().subplots(1, len(methods), figsize=(3.5 * len(methods), 3.8), squeeze=False)
@@ -1464,37 +1322,25 @@ def save_figures(evaluation, generations, train_images, out, show: int = 24) -> 
 def run_pipeline(cfg: Config, folder: RunFolder | None = None, space=None,
                  rows: list[Method] | None = None, **attack) -> dict:
     """run() in its run folder, then the memorization check, report and figures. experiments.py
-    passes its own folder, its similarity `space` (--embed), its `rows`, and run()'s `surrogate`
-    and `load` in `attack`."""
+    passes its own folder, similarity `space` (--embed), `rows`, and run()'s other hooks."""
     device = resolve_device(cfg.device)
     folder = folder or RunFolder(cfg, device)  # reads ddpm.pt before anything in `out` is written
-    save_text(Path(cfg.out) / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    out = Path(cfg.out)
+    save_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     result = run(cfg, folder, device, rows or method_rows(cfg), **attack)
     folder.phase("evaluate", "[6/6] memorization check")
-    return score_and_report(cfg, folder, result, device, space)
-
-
-def score_and_report(cfg: Config, folder: RunFolder, result: dict, device, space=None) -> dict:
-    """The memorization check, figures and report."""
-    out, train_images, generations = Path(cfg.out), result["train"]["images"], result["generations"]
-    evaluation = evaluate(cfg, generations, train_images, out, device, space)
+    train_images, generations = result["train"]["images"], result["generations"]
+    evaluation = evaluate(generations, train_images, out, device, space)
     save_figures(evaluation, generations, train_images, out)
-    timings = folder.finish()
-    sampling = {m: round(float(g["seconds"]), 2) for m, g in generations.items()}
-    report = write_report(cfg, evaluation, result["labels"], result["accuracies"], timings, out,
-                          sampling)
-    print_summary(report, out)
-    return report
-
-
-def print_summary(report: dict, out: Path) -> None:
-    print()
-    print(markdown_table(report["methods"]))
+    report = write_report(cfg, evaluation, result, folder.finish(), out)
+    print("\n" + markdown_table(report["methods"]))
     for method, gain in report.get("gain_over_uncond", {}).items():
         if method != "uncond":
             print(f"{method}: {gain:.2f}x the unconditional memorized fraction")
-    total = report["timings_s"]["total"]
-    print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   total {total:.0f} s")
+    print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   "
+          f"total {report['timings_s']['total']:.0f} s")
+    return report
+
 
 # --- The command line: one line and exit code 2 for every problem, before any slow work ---------
 
@@ -1550,12 +1396,7 @@ def row_samplers(cfg: Config) -> dict:
 
 def sampler_for(cfg: Config, row: str) -> str:
     """The sampler this row's generations use: --extract-sampler's, else Part 1's."""
-    return row_samplers(cfg).get(row, sampler_name(cfg))
-
-
-def sampler_text(cfg: Config) -> str:
-    rows = ", ".join(f"{m} {sampler_for(cfg, m)}" for m in method_names(cfg))
-    return f"samplers: Part 1 {sampler_name(cfg)}; {rows}"
+    return row_samplers(cfg).get(row, cfg.sampler)
 
 
 def guidance_for(cfg: Config, row: Method) -> float:
@@ -1569,22 +1410,10 @@ def guidance_for(cfg: Config, row: Method) -> float:
     return lambdas[row.name]
 
 
-def guidance_text(cfg: Config) -> str:
-    lambdas = row_lambdas(cfg)
-    shown = [f"{m} {lambdas[m]:g}" for m in method_names(cfg) if m in lambdas]
-    return "lambda " + (", ".join(shown) or "0 (uncond)")
-
-
-def validate(cfg: Config, table: dict = METHODS) -> None:
-    """Check every flag before any slow work starts (one clear line per problem). Fixed sets of
-    values (--dataset, --sampler, ...) are argparse choices, checked before this."""
-    validate_values(cfg, table)
-    check_writable(Path(cfg.out))
-
-
-def validate_values(cfg: Config, table: dict = METHODS, unset: tuple = ()) -> None:
-    """The flags' values and ranges; nothing is read or written. `unset`: guided rows that need
-    no lambda from --guidance (experiments.py gives them one later: tuned, or swept)."""
+def validate(cfg: Config, table: dict = METHODS, unset: tuple = ()) -> None:
+    """Check every flag before any slow work starts (one clear line per problem); nothing is read
+    or written. `unset`: guided rows that need no lambda from --guidance (experiments.py tunes or
+    sweeps them). Fixed sets of values (--dataset, ...) are argparse choices, checked before."""
     for ok, message in checks(cfg, table):
         if not ok:
             raise UserError(message)
@@ -1618,8 +1447,9 @@ def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
         (2 <= cfg.clusters <= cfg.n_syn,
          f"--clusters must be between 2 and --n-syn={cfg.n_syn} (got {cfg.clusters})"),
         (0 <= cfg.cohesion <= 1, f"--cohesion (tau) must lie in [0, 1] (got {cfg.cohesion})"),
-        (0 < cfg.sample_steps <= T_STEPS and T_STEPS % cfg.sample_steps == 0,
-         f"--sample-steps must divide T={T_STEPS} (got {cfg.sample_steps}); try 50, 100 or 250"),
+        (parse_sampler(cfg.sampler) is not None,
+         f"--sampler {cfg.sampler!r}: give ddim<S> or ddpm<S> with S dividing T={T_STEPS}, "
+         f"such as ddim50, ddim100 or ddpm1000"),
         (bool(names) and set(names) <= set(table),
          f"--methods takes {','.join(table)} (got {cfg.methods!r})"
          + ("; the rows cond_x0, shuffled and oracle are experiments.py's" if table is METHODS
@@ -1641,8 +1471,8 @@ def check_writable(out: Path) -> None:
 
 def profile_note(cfg: Config) -> str:
     """One line before slow work when a GPU-sized job runs on the CPU profile ('' otherwise)."""
-    profile = PROFILES[(cfg.dataset, "cpu")]
-    if device_kind(cfg) == "gpu" or cfg.dataset == "digits" or cfg.n <= profile["n"]:
+    on_gpu = resolve_device(cfg.device).type == "cuda"
+    if on_gpu or cfg.dataset == "digits" or cfg.n <= PROFILES[(cfg.dataset, "cpu")]["n"]:
         return ""
     gpu = PROFILES[(cfg.dataset, "gpu")]
     return (f"no GPU here, so the CPU profile runs: {cfg.n} images at {cfg.image_size} px, a "
@@ -1687,6 +1517,7 @@ def main(argv=None) -> int:
     try:
         cfg = apply_profile(config_from(parser.parse_args(argv)))
         validate(cfg)
+        check_writable(Path(cfg.out))
         if profile_note(cfg):
             print(f"note: {profile_note(cfg)}")
         print("config: " + json.dumps(dataclasses.asdict(cfg)))
@@ -1702,4 +1533,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import side  # as the module `side`: a saved classifier then loads in experiments.py too
+    sys.exit(side.main())

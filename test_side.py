@@ -31,13 +31,13 @@ slow = pytest.mark.skipif(os.environ.get("SIDE_SLOW") != "1",
 # A tiny run: every stage, a few seconds on a CPU. TINY fixes lambda, so nothing is tuned.
 TINY_TUNED = ["--n", "12", "--image-size", "8", "--channels", "16,32", "--train-steps", "60", "--batch-size", "16",
               "--n-syn", "48", "--clusters", "4", "--cohesion", "0", "--clf-steps", "15", "--clf-batch", "16",
-              "--n-gen", "12", "--sample-steps", "10", "--device", "cpu"]
+              "--n-gen", "12", "--sampler", "ddim10", "--device", "cpu"]
 TINY = [*TINY_TUNED, "--guidance", "10"]
 
 
 def tiny_config(**overrides) -> side.Config:
     cfg = side.Config(n=12, image_size=8, channels="16,32", train_steps=60, batch_size=16, n_syn=48, clusters=4,
-                      cohesion=0.0, clf_steps=15, clf_batch=16, n_gen=12, sample_steps=10, device="cpu",
+                      cohesion=0.0, clf_steps=15, clf_batch=16, n_gen=12, sampler="ddim10", device="cpu",
                       out="/tmp/unused")
     cfg = side.apply_profile(cfg)
     for name, value in overrides.items():
@@ -45,9 +45,9 @@ def tiny_config(**overrides) -> side.Config:
     return cfg
 
 
-def run_cli(*args, env=None):
-    """side.py in a subprocess: (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, str(ROOT / "side.py"), *args], capture_output=True, text=True,
+def run_cli(*args, env=None, script="side.py"):
+    """side.py (or `script`) in a subprocess: (exit code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=ROOT, timeout=300)
     return result.returncode, result.stdout, result.stderr
 
@@ -327,7 +327,7 @@ def test_guidance_asks_the_classifier_about_the_current_x_t_at_the_current_t():
         return torch.stack([score, -score], 1)
     classifier, targets = Recorder(respond=bright_while_t_is_large), np.zeros(3, dtype=int)
     guided = side.sample(model, cfg, 3, torch.device("cpu"), classifier=classifier, targets=targets, guidance=5.0)
-    steps = side.sampling_timesteps(cfg.sample_steps)
+    steps = side.sampling_timesteps(side.parse_sampler(cfg.sampler)[1])
     assert [int(t[0]) for _, t in classifier.calls] == steps and all((t == t[0]).all() for _, t in classifier.calls)
     assert len(model.calls) == len(classifier.calls)
     for (x_model, t_model), (x_clf, t_clf) in zip(model.calls, classifier.calls):
@@ -346,11 +346,11 @@ def test_vanishing_guidance_through_the_gradient_path_gives_the_unguided_samples
     for p in classifier.parameters():
         torch.nn.init.normal_(p, std=0.2)
     targets = np.array([0, 1, 2, 1])
-    for eta in (0.0, 0.5):  # deterministic, and with fresh noise at every step (as DDPM)
-        cfg.eta = eta
+    for sampler in ("ddim10", "ddpm10"):  # deterministic, and with fresh noise at every step (ancestral)
+        cfg.sampler = sampler
         plain = side.sample(unet, cfg, 4, torch.device("cpu")).astype(int)
         faint = side.sample(unet, cfg, 4, torch.device("cpu"), classifier=classifier, targets=targets, guidance=1e-6)
-        assert np.abs(faint.astype(int) - plain).max() <= 1, eta
+        assert np.abs(faint.astype(int) - plain).max() <= 1, sampler
     diffusion, x, t = side.Diffusion(), torch.randn(4, 1, 8, 8), torch.full((4,), 300)
     y = torch.as_tensor(targets)
     eps0, eps1, eps2 = (side.guided_eps(unet, classifier, x, t, y, lam) for lam in (1e-9, 1.0, 2.0))
@@ -370,9 +370,9 @@ def test_targets_are_drawn_uniformly_over_the_kept_labels():
     assert not np.array_equal(side.draw_targets(3, 50, 5), side.draw_targets(4, 50, 5))
 
 
-def test_ddpm_sampler_is_ancestral_and_ddim_follows_its_eta(monkeypatch):
-    """--sampler ddpm visits t = 999..0 with eta = 1 (fresh noise every step: ancestral DDPM); DDIM takes
-    its stride and its --eta. A stand-in eps model keeps the 1000 steps cheap."""
+def test_ddpm_sampler_is_ancestral_and_ddim_is_deterministic(monkeypatch):
+    """--sampler ddpm1000 visits t = 999..0 with eta = 1 (fresh noise every step: ancestral DDPM); ddim10
+    takes every 100th t with eta = 0 and no noise. A stand-in eps model keeps the 1000 steps cheap."""
     steps_taken, real_step = [], side.reverse_step
 
     def spy(x, eps, t, t_prev, eta, noise):
@@ -381,14 +381,14 @@ def test_ddpm_sampler_is_ancestral_and_ddim_follows_its_eta(monkeypatch):
     monkeypatch.setattr(side, "reverse_step", spy)
     model = Recorder(respond=lambda x, t: 0.1 * x)
     model.head = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))  # sample() reads the image channels from the head
-    cfg = tiny_config(sampler="ddpm", eta=0.0)
+    cfg = tiny_config(sampler="ddpm1000")
     side.sample(model, cfg, 2, torch.device("cpu"))
     assert [(t, t_prev) for t, t_prev, _, _ in steps_taken] == [(t, t - 1) for t in range(999, -1, -1)]
     assert all(eta == 1.0 and noise > 0 for _, _, eta, noise in steps_taken)
     steps_taken.clear()
-    side.sample(model, tiny_config(sampler="ddim", sample_steps=10, eta=0.3), 2, torch.device("cpu"))
+    side.sample(model, tiny_config(sampler="ddim10"), 2, torch.device("cpu"))
     assert [(t, t_prev) for t, t_prev, _, _ in steps_taken] == [(t, t - 100) for t in range(900, 0, -100)] + [(0, -1)]
-    assert all(eta == 0.3 and noise > 0 for _, _, eta, noise in steps_taken)
+    assert all(eta == 0.0 and noise == 0 for _, _, eta, noise in steps_taken)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -635,7 +635,7 @@ def test_the_module_docstring_runs_the_lesson_from_a_python_shell_without_a_run_
     lines = [line[4:] for line in shell.splitlines() if line.startswith("    ")]
     assert len(lines) >= 8, "the docstring should call the lesson step by step"
     tiny = dict(n=12, image_size=8, channels="16,32", train_steps=30, batch_size=16, n_syn=48, clusters=4,
-                cohesion=0.0, clf_steps=5, clf_batch=16, n_gen=6, sample_steps=5)
+                cohesion=0.0, clf_steps=5, clf_batch=16, n_gen=6, sampler="ddim5")
     monkeypatch.setattr(side, "PROFILES", {key: {**value, **tiny} for key, value in side.PROFILES.items()})
     monkeypatch.chdir(tmp_path)
     scope = {}
@@ -645,7 +645,7 @@ def test_the_module_docstring_runs_the_lesson_from_a_python_shell_without_a_run_
 
 
 def test_tiny_ddpm_memorizes_a_handful_of_images(tmp_path):
-    cfg = tiny_config(n=6, train_steps=300, batch_size=32, lr=2e-3, sample_steps=20, out=str(tmp_path))
+    cfg = tiny_config(n=6, train_steps=300, batch_size=32, lr=2e-3, sampler="ddim20", out=str(tmp_path))
     train, _, _ = side.load_digits(cfg)
     x0 = side.to_unit_range(train)
     model = side.train_ddpm(cfg, x0)  # from a Python shell: no run folder, no checkpoint
@@ -798,17 +798,15 @@ def test_celeba_loader_reads_the_first_images_by_name():
 
 @needs_shared
 def test_cifar10_loader_reads_train_and_test_pickles_in_order():
-    cfg = tiny_config(dataset="cifar10", data_root=str(SHARED), n=1000, image_size=32)
-    images, indices, labels = side.load_cifar10(cfg)
-    with open(SHARED / "cifar-10-batches-py" / "data_batch_1", "rb") as handle:
-        raw = pickle.load(handle, encoding="latin1")
-    assert images.shape == (1000, 32, 32, 3)
-    np.testing.assert_array_equal(images[5], raw["data"][5].reshape(3, 32, 32).transpose(1, 2, 0))
-    np.testing.assert_array_equal(labels, raw["labels"])
     def options(**overrides):  # experiments.py's dataset options
         return experiments.ExperimentConfig(**{**dataclasses.asdict(tiny_config(
             dataset="cifar10", data_root=str(SHARED), n=20)), **overrides})
-    np.testing.assert_array_equal(experiments.load_cifar10(options(n=1000, image_size=32))[0], images)
+    images, indices, labels = experiments.load_cifar10(options(n=1000, image_size=32))
+    with open(SHARED / "cifar-10-batches-py" / "data_batch_1", "rb") as handle:
+        raw = pickle.load(handle, encoding="latin1")
+    assert images.shape == (1000, 32, 32, 3) and list(indices[:3]) == [0, 1, 2]
+    np.testing.assert_array_equal(images[5], raw["data"][5].reshape(3, 32, 32).transpose(1, 2, 0))
+    np.testing.assert_array_equal(labels, raw["labels"])
     test_images, _, _ = experiments.load_cifar10(options(n=200, split="test"))
     assert test_images.shape == (200, 8, 8, 3)
     cats, _, cat_labels = experiments.load_cifar10(options(classes="3"))
@@ -823,7 +821,7 @@ def test_folder_loader_reads_images_recursively_in_path_order(tmp_path):
     for name, value in (("b/z.png", 200), ("a.jpg", 10), ("b/c.webp", 90)):
         Image.new("RGB", (20, 12), (value, value, value)).save(tmp_path / name)
     (tmp_path / "notes.txt").write_text("ignored")
-    images, _, _ = side.load_folder(tiny_config(dataset="folder", data_root=str(tmp_path), n=3, image_size=8))
+    images, _, _ = experiments.load_folder(tiny_config(dataset="folder", data_root=str(tmp_path), n=3, image_size=8))
     assert images.shape == (3, 8, 8, 3)
     assert [int(images[i].mean()) for i in range(3)] == pytest.approx([10, 90, 200], abs=3)
 
@@ -845,8 +843,9 @@ def bad_input_cases(tmp_path):
         "extract sampler steps": (["--extract-sampler", "ddim3"], "with S dividing 1000"),
         "extract sampler row": (["--extract-sampler", "sidee=ddim50"], "names 'sidee', which is no row"),
         "unknown dataset": (["--dataset", "mnist"], "--dataset: invalid choice"),
-        "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
-        "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
+        "experiments.py's dataset": (["--dataset", "cifar10"], "--dataset: invalid choice"),
+        "missing celeba": (["--dataset", "celeba", "--data-root", str(tmp_path / "nowhere")],
+                           "python experiments.py download --dataset celeba"),
         "too few images": (["--n", "5000"], "more than the 1797"),
         "corrupt image": (["--dataset", "celeba", "--data-root", str(corrupt), "--n", "1"], "000001.jpg"),
         "n <= 0": (["--n", "0"], "--n must be positive"),
@@ -861,11 +860,16 @@ def bad_input_cases(tmp_path):
     }
 
 
-def bad_embedding_cases(tmp_path):
+def bad_experiments_cases(tmp_path):
+    """experiments.py's own inputs: its datasets and --embed."""
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
     (tmp_path / "junk.pt").write_text("not a model")
     (tmp_path / "junk.pt2").write_text("not a program")
     torch.jit.save(torch.jit.script(FeatureMaps()), str(tmp_path / "maps.pt"))
     return {
+        "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
+        "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
         "embed missing": (["--embed", str(tmp_path / "sscd.pt")], "--embed " + str(tmp_path / "sscd.pt") + " is not a file"),
         "embed not torchscript": (["--embed", str(tmp_path / "junk.pt")], "not a loadable TorchScript model"),
         "embed not export": (["--embed", str(tmp_path / "junk.pt2")], "not a loadable torch.export program"),
@@ -882,9 +886,9 @@ class FeatureMaps(torch.nn.Module):
 def test_every_bad_input_gets_one_clear_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = bad_input_cases(tmp_path)
-    embedding_cases = bad_embedding_cases(tmp_path)  # --embed is experiments.py's
+    experiments_cases = bad_experiments_cases(tmp_path)
     capsys.readouterr()  # drop what building the cases printed (torch.jit's deprecation warning)
-    for main, table in ((side.main, cases), (experiments.main, embedding_cases)):
+    for main, table in ((side.main, cases), (experiments.main, experiments_cases)):
         for name, (args, message) in table.items():
             code = main(["--out", str(tmp_path / "run"), *args] if "--out" not in args else args)
             err = capsys.readouterr().err
@@ -902,12 +906,15 @@ def test_cohesion_so_strict_that_no_cluster_survives_says_how_many_and_the_best(
 def test_cli_errors_have_no_traceback_and_download_offline_names_the_fix(tmp_path):
     offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
                "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    code, _, err = run_cli("--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--download",
-                           "--out", str(tmp_path / "run"), env=offline)
+    code, _, err = run_cli("download", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
+                           env=offline, script="experiments.py")
     assert code == 2 and "Traceback" not in err
     assert "--download of cifar10 failed" in err and "cifar-10-batches-py" in err
-    code, _, err = run_cli("--dataset", "folder", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"))
+    code, _, err = run_cli("--dataset", "folder", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "r2"),
+                           script="experiments.py")
     assert code == 2 and "Traceback" not in err and "does not exist" in err
+    code, _, err = run_cli("--dataset", "celeba", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "r3"))
+    assert code == 2 and "Traceback" not in err and "experiments.py download --dataset celeba" in err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -922,6 +929,8 @@ def snapshot(out: Path) -> dict:
     saved["report.json"] = json.loads((out / "report.json").read_text())
     for path in [out / "ddpm.pt", *sorted(out.glob("classifier_*.pt"))]:
         checkpoint = torch.load(path, weights_only=False)
+        if "net" in checkpoint:  # a classifier's stage file holds the network itself
+            checkpoint = dict(state=checkpoint["net"].state_dict())
         saved[path.name] = {part: checkpoint[part] for part in ("model", "ema", "state") if part in checkpoint}
     return saved
 
@@ -1188,8 +1197,8 @@ def test_teacher_labels_run_end_to_end(tmp_path):
 
 @needs_shared
 def test_tiny_cifar10_run_completes(tmp_path):
-    assert side.main([*TINY, "--dataset", "cifar10", "--data-root", str(SHARED), "--out", str(tmp_path),
-                      "--methods", "uncond,side"]) == 0
+    assert experiments.main([*TINY, "--dataset", "cifar10", "--data-root", str(SHARED), "--out", str(tmp_path),
+                             "--methods", "uncond,side"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["methods"]["side"]["n_generated"] == 12
     assert np.load(tmp_path / "train_subset.npz")["images"].shape == (12, 8, 8, 3)
@@ -1279,7 +1288,7 @@ def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, mo
 
     def rigged(cfg):  # the tune seed (7) favours the largest lambda, every other seed the smallest
         report = real(cfg)
-        calls.append((cfg.seed, side.guidance_text(cfg)))
+        calls.append((cfg.seed, side.row_lambdas(cfg)))
         for method, row in report["methods"].items():
             if method != "uncond":
                 value = side.guidance_for(cfg, experiments.METHODS[method])
@@ -1290,7 +1299,7 @@ def test_lambda_is_chosen_on_the_tune_seed_never_on_a_reported_seed(tmp_path, mo
             "--tune-n-gen", "6", "--out", str(tmp_path)]
     assert experiments.main(args) == 0
     assert [seed for seed, _ in calls] == [7, 7, 0]
-    assert calls[-1] == (0, "lambda cond 30, side 30")  # the reported seed ran once, at the tuned lambdas
+    assert calls[-1] == (0, {"cond": 30.0, "side": 30.0})  # the reported seed ran once, at the tuned lambdas
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["guidance"] == {"cond": 30.0, "side": 30.0}
     assert report["protocol"]["settings"]["how"] == {"uncond": "fixed, not tuned", "cond": "tuned on seed 7",
@@ -1417,8 +1426,8 @@ def test_an_uncond_row_named_for_a_sampler_samples_with_it(tmp_path):
 
 
 def test_sampler_names_choose_the_steps_and_the_ancestral_noise():
-    """ddim<S> and ddpm<S> visit the same S timesteps; only ddpm adds fresh noise at each step (eta = 1),
-    and --sampler ddpm is all T steps whatever --sample-steps says."""
+    """ddim<S> and ddpm<S> visit the same S timesteps; only ddpm adds fresh noise at each step (eta = 1);
+    sample() without a sampler uses --sampler's."""
     cfg, unet, _ = tiny_networks()
     torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
     model = Recorder(unet)
@@ -1427,9 +1436,9 @@ def test_sampler_names_choose_the_steps_and_the_ancestral_noise():
     visited = [int(t[0]) for _, t in model.calls]
     assert visited == side.sampling_timesteps(20) * 2 and not np.array_equal(ddim, ddpm)
     assert side.parse_sampler("ddpm1000") == ("ddpm", 1000) and side.parse_sampler("ddim3") is None
-    assert side.sampler_name(tiny_config(sampler="ddpm", sample_steps=10)) == "ddpm1000"
+    assert side.parse_sampler("ddpm7") is None and side.parse_sampler("ddim0") is None
     np.testing.assert_array_equal(side.sample(unet, cfg, 2, torch.device("cpu")),
-                                  side.sample(unet, cfg, 2, torch.device("cpu"), sampler=side.sampler_name(cfg)))
+                                  side.sample(unet, cfg, 2, torch.device("cpu"), sampler=cfg.sampler))
 
 
 def test_seeds_aggregate_equals_the_per_seed_reports_and_a_stopped_run_keeps_finished_seeds(
@@ -1527,7 +1536,7 @@ GPU_PROFILE_NETWORKS = [pytest.param("celeba", 64, [128, 256, 256, 256], marks=s
 def gpu_profile_config(dataset: str, out: Path) -> side.Config:
     """The (dataset, gpu) profile as a CUDA machine gets it; apply_profile would pick the CPU one here."""
     cfg = side.Config(dataset=dataset, device="cpu", out=str(out))
-    for name, value in side.PROFILES[(dataset, "gpu")].items():
+    for name, value in experiments.PROFILES[(dataset, "gpu")].items():
         setattr(cfg, name, value)
     side.validate(cfg)
     return cfg
@@ -1550,7 +1559,7 @@ def test_gpu_profile_extracts_each_row_at_its_sampler_and_part1_with_ddim50(tmp_
     for dataset in ("celeba", "cifar10", "folder"):
         cfg = gpu_profile_config(dataset, tmp_path)
         assert {row.name: row.sampler for row in side.method_rows(cfg)} == dict(
-            uncond="ddpm1000", cond="ddpm250", side="ddpm250") and side.sampler_name(cfg) == "ddim50"
+            uncond="ddpm1000", cond="ddpm250", side="ddpm250") and cfg.sampler == "ddim50"
 
 
 @pytest.mark.parametrize("dataset, size, widths", GPU_PROFILE_NETWORKS)
@@ -1769,7 +1778,7 @@ def sample_to_shard():
     """Guided sampling with fresh noise at every step (eta = 1), 7 generations in batches of 2."""
     cfg, unet, classifier = tiny_networks()
     torch.nn.init.normal_(unet.head[-1].weight, std=0.1)
-    cfg.eta, cfg.sample_steps = 1.0, 10
+    cfg.sampler = "ddpm10"  # the ancestral step (eta = 1) on every 100th timestep
     targets = side.draw_targets(cfg.seed, 7, 3)
     return torch.from_numpy(side.sample(unet, cfg, 7, torch.device("cpu"), classifier=classifier, targets=targets,
                                         guidance=5.0, batch=2))
@@ -1795,13 +1804,6 @@ def test_an_unfinished_checkpoint_resumes_only_with_as_many_processes(tmp_path, 
     with pytest.raises(side.UserError, match=r"trained by 2 process\(es\); resume it with as many "
                                              r"\(torchrun --nproc_per_node 2 experiments.py\)"):
         train_tiny_ddpm(tmp_path)
-
-
-def test_checkpoint_rngs_reads_this_format_and_the_older_one_and_two():
-    one, two = torch.zeros(3, dtype=torch.uint8), torch.ones(3, dtype=torch.uint8)
-    assert side.checkpoint_rngs(dict(rngs=[one, two], rng=one)) == [one, two]
-    assert side.checkpoint_rngs(dict(rank_rngs=[two, one], rng=two)) == [two, one]
-    assert side.checkpoint_rngs(dict(rng=one)) == [one]
 
 
 def torchrun_worker(out: Path) -> None:
