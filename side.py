@@ -507,7 +507,8 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
     if parsed is None:
         raise ValueError(f"sampler {sampler or cfg.sampler!r}: ddim<S> or ddpm<S>, S dividing "
                          f"T = {T_STEPS}")
-    steps, eta = sampling_timesteps(parsed[1]), float(parsed[0] == "ddpm")  # DDIM: eta = 0
+    kind, sample_steps = parsed
+    steps, eta = sampling_timesteps(sample_steps), float(kind == "ddpm")  # DDIM: eta = 0
     guided = classifier is not None and guidance > 0
     batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
     images = []

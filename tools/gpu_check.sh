@@ -50,7 +50,7 @@ if [ "${N_CURVE:-0}" = 1 ]; then
              --clusters "${NC_CLUSTERS:-32,128}")
     [ "$DRY" = 1 ] && NC_ARGS=(--out "$NC_DIR" --device cpu --jobs 2 --sizes 12,16 --steps-per-image 3
                                --clusters 3,4 --grid 1,3 -- --n-syn 48 --clf-steps 10 --n-gen 12
-                               --sample-steps 10 --channels 16,32 --batch-size 16 --cohesion 0)
+                               --sampler ddim10 --channels 16,32 --batch-size 16 --cohesion 0)
     OMP_NUM_THREADS=2 timeout -k 10 "${NC_TIMEOUT:-300}" python3 tools/n_curve.py "${NC_ARGS[@]}" \
         > "$NC_DIR/n_curve_log.txt" 2>&1 &
     NC_PID=$!
@@ -86,7 +86,7 @@ SIDE_ARGS=(--dataset celeba --n 500 --data-root data --out "$WORK" --train-steps
            --n-syn "$NSYN" --n-gen "$NGEN" --cohesion 0 --guidance 10 --methods uncond,cond,side)
 if [ "$DRY" = 1 ]; then
     SIDE_ARGS+=(--device cpu --n 32 --image-size 16 --channels 16,32 --attn-res 8 --train-steps 30 --clf-steps 10
-                --clf-batch 16 --batch-size 16 --n-syn 64 --clusters 4 --n-gen 16 --sample-steps 10)
+                --clf-batch 16 --batch-size 16 --n-syn 64 --clusters 4 --n-gen 16 --sampler ddim10)
 fi
 
 echo "=== side.py ${SIDE_ARGS[*]}"

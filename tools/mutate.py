@@ -138,8 +138,8 @@ MUTATIONS = [
      "selected = log_probs[torch.arange(len(x), device=x.device), targets].sum()",
      "selected = log_probs[:, 0].sum()"),
     ("DDPM sampler without fresh noise (eta = 0)",
-     'steps, eta = sampling_timesteps(parsed[1]), float(parsed[0] == "ddpm")  # DDIM: eta = 0',
-     "steps, eta = sampling_timesteps(parsed[1]), 0.0"),
+     'steps, eta = sampling_timesteps(sample_steps), float(kind == "ddpm")  # DDIM: eta = 0',
+     "steps, eta = sampling_timesteps(sample_steps), 0.0"),
     ("every generation draws the same noise",
      "rngs = [sample_rng(cfg.seed, stream, i) for i in",
      "rngs = [sample_rng(cfg.seed, stream, 0) for i in"),
@@ -168,7 +168,8 @@ MUTATIONS = [
      "torch.randint(max(1, num_classes - 1), (1,), generator="),
     ("guided methods sample with other seeds than the baseline",
      "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL, classifier, targets,",
-     "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL + 10, classifier, targets,"),
+     "images = sample(model, cfg, cfg.n_gen, device, STREAM_EVAL + (classifier is not None), "
+     "classifier, targets,"),
     # --- the run's rows and their lambdas (side.py, section 9)
     ("the shuffled row's classifier learns the unshuffled labels",
      "row_labels = row.relabel(cfg, labels, synthetic, train) if row.relabel else labels",
