@@ -143,7 +143,7 @@ def read_cifar10(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray
             with open(folder / name, "rb") as handle:
                 batches.append(pickle.load(handle, encoding="latin1"))
     if not batches:
-        raise UserError(f"no {' or '.join(names[:1])} in {folder}; the official "
+        raise UserError(f"no {names[0]} in {folder}; the official "
                         f"cifar-10-batches-py layout is expected")
     images = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
     return images.transpose(0, 2, 3, 1), np.concatenate([b["labels"] for b in batches])
@@ -192,7 +192,7 @@ def download(cfg: ExperimentConfig) -> None:
     fetch = {"cifar10": lambda: torchvision.datasets.CIFAR10(root, download=True),
              "celeba": lambda: torchvision.datasets.CelebA(root, download=True)}.get(cfg.dataset)
     if fetch is None:
-        raise UserError(f"--download works for cifar10 and celeba, not {cfg.dataset}")
+        raise UserError(f"downloading works for cifar10 and celeba, not {cfg.dataset}")
     try:
         fetch()
     except Exception as error:  # torchvision raises URLError, RuntimeError, ... when offline
@@ -203,7 +203,8 @@ def download(cfg: ExperimentConfig) -> None:
 
 
 def balanced_pool(pool: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    """The first ceil(n / classes) images of every class, interleaved class by class."""
+    """The first images of every class, interleaved class by class: ceil(n / classes) of each, or
+    as many as the smallest class has."""
     classes = np.unique(labels[pool])
     per_class = -(-n // len(classes))
     columns = [pool[labels[pool] == c][:per_class] for c in classes]

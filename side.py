@@ -211,7 +211,8 @@ class SelfAttention(nn.Module):
 
 
 def resolution_level(c_in: int, c_out: int, blocks: int, t_dim: int, attention: bool,
-                     skip_channels: int = 0) -> nn.ModuleList:  # the skips' channels (way up)
+                     skip_channels: int = 0) -> nn.ModuleList:
+    """`blocks` residual blocks at one resolution; on the way up each also takes a skip."""
     level = nn.ModuleList()
     for _ in range(blocks):
         level.append(ResBlock(c_in + skip_channels, c_out, t_dim))
@@ -395,7 +396,7 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, checkpoint: Path | None = None
     `checkpoint`, it resumes a matching one and saves a plain dict every --ckpt-every steps."""
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_unet(cfg, x0_all.shape[1]).to(x0_all.device)
-    ema = copy.deepcopy(model)  # the weights we sample with: an average over the last ~1/(1-decay)
+    ema = copy.deepcopy(model)  # the weights we sample with: the last ~1/(1-decay) steps' average
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)  # every batch, t and noise of training
     first = resume_ddpm(checkpoint, cfg, model, ema, opt, gen) if checkpoint else 0
@@ -446,7 +447,7 @@ def guided_eps(model, classifier, x, t, targets, guidance: float):
 
 def parse_sampler(name: str) -> tuple[str, int] | None:
     """'ddim50' -> ('ddim', 50): 50 DDIM steps. 'ddpm1000' -> ('ddpm', 1000): DDPM's own ancestral
-    chain; 'ddpm250' is the same ancestral step (eta = 1) on every 4th timestep. None: no sampler.
+    chain; 'ddpm250' is the same ancestral step (eta = 1) on every 4th timestep. None: not a name.
     The sampler changes how much a memorizing model gives back (README, "The sampler")."""
     kind, steps = name[:4], name[4:]
     if kind not in ("ddim", "ddpm") or not steps.isdigit() or not 0 < int(steps) <= T_STEPS:
@@ -487,13 +488,18 @@ def sample_rng(seed: int, stream: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
 
 
+def per_sample_noise(rngs: list, shape: tuple, device) -> torch.Tensor:
+    """One N(0, I) draw for each generation, each from its own generator."""
+    return torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
+
+
 def sampling_batch(device: torch.device, image_size: int, guided: bool) -> int:
     """256 on the CPU; 1,024 on CUDA. A guided step keeps the classifier's activations in fp32 for
     its gradient (about 50 MB an image at 64 px), so the guided batch shrinks with the image area:
     1,024 at 32 px, 256 at 64 px, 64 at 128 px (13-15 GB each)."""
     if device.type == "cpu":
         return 256
-    return max(1, 1024 * 32 ** 2 // image_size ** 2) if guided else 1024
+    return max(1, min(1024, 1024 * 32 ** 2 // image_size ** 2)) if guided else 1024
 
 
 def sample(model, cfg: Config, count: int, device: torch.device, stream: int = STREAM_EVAL,
@@ -508,22 +514,20 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
         raise ValueError(f"sampler {sampler or cfg.sampler!r}: ddim<S> or ddpm<S>, S dividing "
                          f"T = {T_STEPS}")
     kind, sample_steps = parsed
-    steps, eta = sampling_timesteps(sample_steps), float(kind == "ddpm")  # DDIM: eta = 0
+    timesteps, eta = sampling_timesteps(sample_steps), float(kind == "ddpm")  # DDIM: eta = 0
     guided = classifier is not None and guidance > 0
     batch = batch or max(1, min(count, sampling_batch(device, cfg.image_size, guided)))
     images = []
     for first in progress(range(0, count, batch), desc=desc, unit="batch"):
         indices = range(start + first, start + min(count, first + batch))
         rngs = [sample_rng(cfg.seed, stream, i) for i in indices]
-        x = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
+        x = per_sample_noise(rngs, shape, device)  # x_T
         target = None if targets is None else torch.as_tensor(
             targets[first:first + len(rngs)], device=device)
-        for t, t_prev in zip(steps, steps[1:] + [-1]):
+        for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
             t_batch = torch.full((len(x),), t, device=device, dtype=torch.long)  # original index
             eps = guided_eps(model, classifier, x, t_batch, target, guidance)
-            noise = 0
-            if eta > 0:
-                noise = torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
+            noise = per_sample_noise(rngs, shape, device) if eta > 0 else 0  # DDPM: fresh
             x = reverse_step(x, eps, t, t_prev, eta, noise)
         images.append(to_uint8(x))
     return np.concatenate(images)
@@ -538,7 +542,7 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
 
 
 def flat_pixels(images_u8: np.ndarray) -> np.ndarray:
-    """uint8 N x H x W x C -> float32 N x D grey levels (0..255): the one pixel flattener."""
+    """uint8 N x H x W x C -> float32 N x D channel values (0..255): the one pixel flattener."""
     return images_u8.reshape(len(images_u8), -1).astype(np.float32)
 
 
@@ -592,8 +596,8 @@ def label_synthetic(cfg: Config, synthetic: np.ndarray, train: dict, device,
 
 
 class Classifier(nn.Module):
-    """p_phi(y | x_t, t) (time_dependent=True, SIDE) or p(y | x) (False, Carlini Cond): without a
-    time module t cannot influence it. It scores every label from the image alone."""
+    """p_phi(y | x_t, t) (time_dependent=True, SIDE) or p(y | x) (False, Carlini Cond: without a
+    time module t cannot influence it). The target is never an input: it scores every label."""
 
     def __init__(self, in_ch: int, channels: list[int], blocks: int, attn_res: list[int], size: int,
                  num_classes: int, time_dependent: bool):
@@ -714,7 +718,8 @@ def extract(cfg: Config, method: Method, model, classifier, guidance: float, dev
     """Algorithm 1 lines 16-26: N_G generations of one method with `sampler` (default: Part 1's).
     Every method uses the same seeds, and guided methods whose classifiers have as many labels share
     the targets c (line 17), so rows at the same sampler differ only in their guidance."""
-    targets, sampler, started = np.full(cfg.n_gen, -1), sampler or cfg.sampler, time.perf_counter()
+    started, sampler = time.perf_counter(), sampler or cfg.sampler
+    targets = np.full(cfg.n_gen, -1)  # no target: the unguided row
     if method.classifier is not None:  # Carlini UnCond (no classifier) is lambda = 0
         targets = draw_targets(cfg.seed, cfg.n_gen, classifier.head[-1].out_features)
         if method.judge is not None:
@@ -854,7 +859,8 @@ def run(cfg: Config, cached, device: torch.device, rows: list[Method],
     settings = ", ".join(f"{row.name} (lambda {row.guidance:g}, {row.sampler})" for row in rows)
     cached.phase("sample", f"[5/6] extraction: N_G = {cfg.n_gen} per row: {settings}")
     generations = {}
-    for row in rows:  # Part 2, lines 16-26, once for every row, at the row's own lambda and sampler
+    for row in rows:  # Part 2, lines 16-26, for every row at its own lambda and sampler
+        # (cached() calls the lambda at once, so it sees this row's classifier)
         classifier = classifiers.get(row.classifier, {}).get("net")
         generations[row.name] = cached(f"samples_{row.name}", lambda: extract(
             cfg, row, model, classifier, row.guidance, device, row.sampler),
@@ -888,7 +894,7 @@ def part1(cfg: Config, cached, model, train: dict, rows: list, surrogate, device
 
 
 def progress(iterable, **options) -> tqdm:
-    """tqdm bars with loss and ETA (none with TQDM_DISABLE=1)."""
+    """tqdm bars with loss and ETA."""
     return tqdm(iterable, mininterval=1.0, dynamic_ncols=True, **options)
 
 
