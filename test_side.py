@@ -1156,6 +1156,15 @@ def test_an_unreadable_checkpoint_stops_with_the_fix_and_touches_nothing(tiny_ru
     assert after == before
 
 
+def test_a_classifier_saved_by_the_command_line_loads_where_side_is_imported(tmp_path):
+    """python side.py runs as the module `side`, so its stage files name side.Classifier, not __main__'s:
+    experiments.py and a Python shell reuse them."""
+    code, _, err = run_cli(*TINY, "--methods", "side", "--train-steps", "10", "--n-gen", "4", "--out", str(tmp_path))
+    assert code == 0, err
+    saved = torch.load(tmp_path / "classifier_side.pt", weights_only=False)
+    assert isinstance(saved["net"], side.Classifier) and saved["net"].time is not None
+
+
 def test_interrupted_training_resumes_and_matches_an_uninterrupted_run(tmp_path, capsys):
     args = [*TINY, "--ckpt-every", "20", "--methods", "uncond"]  # the DDPM's samples show any drift
     code, _, err = run_cli(*args, "--out", str(tmp_path / "a"), env={"SIDE_STOP_AT_STEP": "30"})
@@ -1599,7 +1608,8 @@ def test_gpu_profile_networks_train_classify_and_guide_at_real_size_in_bf16(data
         torch.nn.init.normal_(unet.head[-1].weight, std=0.01)  # a zero head would hide a wrong eps
         x, t = torch.randn(1, 3, size, size, generator=gen), torch.full((1,), 500)
         unguided = side.guided_eps(unet, None, x, t, None, 0.0)
-        guided = side.guided_eps(unet, clf, x, t, torch.tensor([3]), 10.0)  # lambda 10
+        same_eps = lambda *_: unguided  # the UNet's eps again: its bf16 forward takes 12 s on a CPU
+        guided = side.guided_eps(same_eps, clf, x, t, torch.tensor([3]), 10.0)  # lambda 10
         x_prev = side.reverse_step(x, guided, 500, 480, 0.0, 0)
     for tensor in (unguided, guided, x_prev):
         assert tensor.shape == x.shape and tensor.dtype == torch.float32 and torch.isfinite(tensor).all()

@@ -202,6 +202,9 @@ MUTATIONS = [
     ("Gu's threshold 1/2 instead of 1/3",
      "GU_THRESHOLD = 1 / 3",
      "GU_THRESHOLD = 1 / 2"),
+    ("the command line pickles __main__.Classifier, which experiments.py cannot load",
+     "    sys.exit(side.main())",
+     "    sys.exit(main())"),
 ]
 
 # The same, planted in experiments.py: the controls, the protocol and torchrun's agreement.

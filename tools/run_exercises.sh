@@ -158,9 +158,8 @@ syn = np.load('runs/ex0/synthetic.npz')['images']; lab = np.load('runs/ex0/label
 h = np.arange(len(syn)) % 10 == 0; x0 = side.to_unit_range(syn[h]); c = torch.as_tensor(lab[h])
 unet = side.build_unet(cfg, 1); unet.load_state_dict(torch.load('runs/ex0/ddpm.pt', weights_only=False)['ema']); unet.eval()
 ts, g = (0, 100, 200, 300, 500, 700, 900, 980), torch.Generator().manual_seed(0)
-for name, td in (('side', True), ('cond', False)):
-    net = side.build_classifier(cfg, 1, int(lab.max()) + 1, td).eval()
-    net.load_state_dict(torch.load(f'runs/ex0/classifier_{name}.pt', weights_only=False)['state'])
+for name in ('side', 'cond'):
+    net = torch.load(f'runs/ex0/classifier_{name}.pt', weights_only=False)['net'].eval()
     pushes, epss = [], []
     for t0 in ts:
         t = torch.full((len(x0),), t0); xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g))

@@ -29,11 +29,8 @@ def load_run(folder: Path):
     in_ch = np.load(folder / "train_subset.npz")["images"].shape[-1]
     model = side.build_unet(cfg, in_ch)
     model.load_state_dict(torch.load(folder / "ddpm.pt", map_location="cpu")["ema"])
-    state = torch.load(folder / "classifier_side.pt", map_location="cpu", weights_only=False)
-    classes = state["state"]["head.4.weight"].shape[0]
-    classifier = side.build_classifier(cfg, in_ch, classes, True)
-    classifier.load_state_dict(state["state"])
-    return cfg, model.eval(), classifier.eval(), classes
+    classifier = torch.load(folder / "classifier_side.pt", map_location="cpu", weights_only=False)["net"]
+    return cfg, model.eval(), classifier.eval(), classifier.head[-1].out_features
 
 
 def main() -> int:
