@@ -174,8 +174,8 @@ def load_folder(cfg: ExperimentConfig):
         raise UserError(f"no images (png/jpg/jpeg/webp) under {root}; point --data-root at a "
                         f"folder of images")
     indices = side.pick_indices(len(paths), cfg, str(root))
-    return side.load_image_files([paths[i] for i in indices], centred_square, cfg.image_size), \
-        indices, None
+    images = side.load_image_files([paths[i] for i in indices], centred_square, cfg.image_size)
+    return images, indices, None
 
 
 def centred_square(image) -> tuple:
