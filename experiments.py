@@ -101,8 +101,7 @@ def apply_profile(cfg: ExperimentConfig) -> ExperimentConfig:
     side.apply_profile(cfg, PROFILES)
     cfg.guidance, cfg.extract_sampler = given, "" if sampler is None else sampler
     if cfg.tune_n_gen is None:
-        cfg.tune_n_gen = TUNE_N_GEN["gpu" if side.resolve_device(cfg.device).type == "cuda"
-                                    else "cpu"]
+        cfg.tune_n_gen = TUNE_N_GEN[side.device_kind(cfg)]
     return cfg
 
 

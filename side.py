@@ -144,10 +144,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_kind(cfg: Config) -> str:
+    """The profile's device: "gpu" on CUDA, else "cpu"."""
+    return "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
+
+
 def apply_profile(cfg: Config, profiles: dict | None = None) -> Config:
     """Fill every None field from the (dataset, device) profile (experiments.py adds datasets)."""
-    kind = "gpu" if resolve_device(cfg.device).type == "cuda" else "cpu"
-    for name, value in (profiles or PROFILES)[(cfg.dataset, kind)].items():
+    for name, value in (profiles or PROFILES)[(cfg.dataset, device_kind(cfg))].items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
     if not cfg.out:
@@ -997,6 +1001,10 @@ def write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_npz(path: Path, **arrays) -> None:
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
+
+
 def save_torch(path: Path, obj) -> None:
     write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
@@ -1168,7 +1176,7 @@ class RunFolder:
             if path.suffix == ".pt":  # a classifier: the network itself
                 save_torch(path, dict(cached, stage_key=key))
             else:
-                write_atomically(path, lambda tmp: np.savez(tmp, **cached, stage_key=key))
+                save_npz(path, **cached, stage_key=key)
         return cached
 
     def load(self, path: Path, key: str) -> dict | None:
@@ -1219,8 +1227,7 @@ def evaluate(generations: dict, train_images, out: Path, device, space=None) -> 
     results = {}
     for method, data in generations.items():
         metrics = memorization_metrics(data["images"], train_images, bands, device, similarity)
-        write_atomically(out / f"nn_{method}.npz",
-                         lambda tmp: np.savez(tmp, **metrics["per_sample"]))
+        save_npz(out / f"nn_{method}.npz", **metrics["per_sample"])
         results[method] = metrics
     return dict(results=results, bands=bands, space=space)
 
@@ -1478,8 +1485,8 @@ def check_writable(out: Path) -> None:
 
 def profile_note(cfg: Config) -> str:
     """One line before slow work when a GPU-sized job runs on the CPU profile ('' otherwise)."""
-    on_gpu = resolve_device(cfg.device).type == "cuda"
-    if on_gpu or cfg.dataset == "digits" or cfg.n <= PROFILES[(cfg.dataset, "cpu")]["n"]:
+    profile = PROFILES[(cfg.dataset, "cpu")]
+    if device_kind(cfg) == "gpu" or cfg.dataset == "digits" or cfg.n <= profile["n"]:
         return ""
     gpu = PROFILES[(cfg.dataset, "gpu")]
     return (f"no GPU here, so the CPU profile runs: {cfg.n} images at {cfg.image_size} px, a "
