@@ -284,7 +284,7 @@ def markdown(results) -> str:
 # The 128-px UNet adds a 512-wide fifth level to the 64-px profile's four; attention stays at 16x16.
 # N_syn is not in the paper (50,000 is a third-party guess). 195,313 steps x 128 = 1,000 epochs.
 PAPER_SCALE = dict(n=25_000, image_size=128, channels="128,256,256,256,512", train_steps=195_313,
-                   n_syn=50_000, n_gen=50_000)
+                   n_syn=50_000, n_gen=50_000, extract_sampler="ddim50")  # the paper's DDIM sampler
 GPU_COMMANDS = [("python side.py --dataset celeba --n 1000 (64 px)", {}),
                 ("paper scale: CelebA-25000, 128 px", PAPER_SCALE)]
 TOY = dict(image_size=16, channels="16,32", attn_res="8", clusters=4)  # --dry-run
@@ -372,8 +372,9 @@ def stage_work(cfg: side.Config, flops: dict) -> list:
     """Every stage of one run: its work, the throughput it runs at (bf16 GPU work, the search's fp32
     matmul, scikit-learn's k-means on the CPU), and whether it splits over GPUs (DDP training and
     sharded sampling do; the classifiers, k-means and the search run in one process)."""
-    sample_steps = side.parse_sampler(cfg.sampler)[1]
-    steps, pairs, pixels = cfg.n_gen * sample_steps, cfg.n_gen * cfg.n, 3 * cfg.image_size ** 2
+    sample_steps = side.parse_sampler(cfg.sampler)[1]  # Part 1
+    extract_steps = side.parse_sampler(cfg.extract_sampler or cfg.sampler)[1]  # Part 2, every row
+    steps, pairs, pixels = cfg.n_gen * extract_steps, cfg.n_gen * cfg.n, 3 * cfg.image_size ** 2
     clf_images = cfg.clf_steps * cfg.clf_batch
     return [stage("DDPM training", cfg.train_steps * cfg.batch_size, "images", flops["unet_train"], "bf16", "train", True),
             stage("N_syn sampling", cfg.n_syn * sample_steps, "image-steps", flops["unet_forward"], "bf16",
@@ -592,7 +593,8 @@ def gpu_main(args):
             name=name, flops_per_image=flops, measured=measured, stages=predict(cfg, flops, args, measured),
             config=f"n {cfg.n}, {cfg.image_size} px, channels {cfg.channels}, {cfg.train_steps:,} steps x batch "
                    f"{cfg.batch_size}, N_syn {cfg.n_syn:,}, K {cfg.clusters}, classifiers {cfg.clf_steps:,} x "
-                   f"{cfg.clf_batch}, N_G {cfg.n_gen:,} per method, {cfg.sampler}"))
+                   f"{cfg.clf_batch}, N_G {cfg.n_gen:,} per method, Part 1 {cfg.sampler}, "
+                   f"Part 2 {cfg.extract_sampler or cfg.sampler}"))
     text = ("DRY RUN (toy networks): the numbers below mean nothing.\n\n" if args.dry_run else "") + gpu_markdown(results)
     print(text)
     Path(args.out).write_text(json.dumps(dict(results, markdown=text), indent=1))

@@ -24,11 +24,13 @@ Every flag of side.py works here too (`python experiments.py --help`). Sections:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -59,6 +61,10 @@ class ExperimentConfig(side.Config):
     guidance: str = option(None, "lambda of the guided rows: one value for all, or row=value "
                                  "pairs such as side=30 (rows not given are tuned)",
                            shown="tuned on --tune-seed")
+    extract_sampler: str = option(None, "Part 2's sampler: one for every row, or row=sampler "
+                                        "pairs such as side=ddpm1000 (rows not given: tuned with "
+                                        "--sampler-grid, else --sampler's)",
+                                  shown="--sampler's, or tuned")
     labels: str = option("kmeans", "kmeans (v7) | teacher (TDKD, v1-v6)", ("kmeans", "teacher"))
     seeds: str = option("", "reported seeds, e.g. 0,1,2: the pipeline per seed, one aggregate "
                         "report", shown="--seed")
@@ -96,7 +102,8 @@ PROFILES = {**side.PROFILES,
 def apply_profile(cfg: ExperimentConfig) -> ExperimentConfig:
     """side.py's profile, except what is tuned: rows the user gives no lambda are tuned, not
     profiled. The extraction sampler is the user's, else tuned (--sampler-grid), else Part 1's
-    for every row: the GPU profile's per-row samplers name side.py's rows, not the controls."""
+    for every row: the protocol chooses each row's sampler as it chooses its lambda, so the
+    profile's one sampler for every row (side.py's, ddpm250 on a GPU) is not taken."""
     given, sampler = cfg.guidance, cfg.extract_sampler
     side.apply_profile(cfg, PROFILES)
     cfg.guidance, cfg.extract_sampler = given, "" if sampler is None else sampler
@@ -449,15 +456,15 @@ class ExperimentFolder(side.RunFolder):
         teacher = name == "labels" and self.cfg.labels == "teacher"
         return super().groups(name) + (["classifier"] if teacher else [])
 
-    def key(self, name: str, **values) -> str:
+    def settings(self, name: str, **values) -> dict:
         if self.cfg.labels == "teacher" and "labels" in self.groups(name):
-            values = dict(values, surrogate="teacher")  # beside the settings groups, not over one
+            values = dict(values, labels="teacher")
         if self.cfg.embed and "labels" in self.groups(name):
             values = dict(values, embed=self.cfg.embed)
         options = {f: getattr(self.cfg, f) for f in DATA_FIELDS}
         if options != {f: ExperimentConfig.__dataclass_fields__[f].default for f in DATA_FIELDS}:
-            values = dict(values, data_options=options)  # side.py's defaults: side.py's keys
-        return super().key(name, **values)
+            values = dict(values, **options)  # at their defaults: side.py's own settings
+        return super().settings(name, **values)
 
 
 def run_pipeline(cfg: ExperimentConfig) -> dict:
@@ -475,7 +482,7 @@ def run_pipeline(cfg: ExperimentConfig) -> dict:
         train = folder("data", lambda: load_training_set(cfg))
         train_ddpm_distributed(cfg, side.to_unit_range(train["images"]).to(device),
                                folder.out / "ddpm.pt")
-    report = side.run_pipeline(cfg, folder, space, rows=side.method_rows(cfg, method_table(cfg)),
+    report = side.run_pipeline(cfg, folder, space, rows=method_rows(cfg),
                                surrogate=surrogate, load=load_training_set)
     if is_main():
         save_histograms(Path(cfg.out), report)
@@ -552,9 +559,24 @@ def lambda_is_free(cfg: ExperimentConfig, row: str) -> bool:
             and not cfg.sweep.startswith("guidance="))
 
 
+def row_samplers(cfg: ExperimentConfig) -> dict:
+    """{row: sampler name} from --extract-sampler: one for every row, or row=sampler pairs."""
+    problem = (side.sampler_problem("--extract-sampler", cfg.extract_sampler) +
+               ", or row=sampler pairs such as side=ddpm1000,uncond=ddpm1000")
+    return side.row_values(cfg.extract_sampler, side.method_names(cfg), side.parse_sampler,
+                           problem)
+
+
+def method_rows(cfg: ExperimentConfig) -> list:
+    """side.method_rows over this file's rows, each at its own extraction sampler."""
+    samplers = row_samplers(cfg)
+    return [dataclasses.replace(row, sampler=samplers.get(row.name, cfg.sampler))
+            for row in side.method_rows(cfg, method_table(cfg))]
+
+
 def sampler_is_free(cfg: ExperimentConfig, row: str) -> bool:
     """A row whose sampler is tuned: --sampler-grid given, --extract-sampler silent on it."""
-    return (bool(cfg.sampler_grid.strip()) and row not in side.row_samplers(cfg)
+    return (bool(cfg.sampler_grid.strip()) and row not in row_samplers(cfg)
             and not cfg.sweep.startswith("extract_sampler=") and not row.startswith(UNCOND_AT))
 
 
@@ -562,7 +584,7 @@ def fixed_sampler(cfg: ExperimentConfig, row: str) -> str:
     """A row's sampler when it is not tuned: --extract-sampler's, the one an uncond_<sampler>
     row names, else Part 1's."""
     named = row[len(UNCOND_AT):] if row.startswith(UNCOND_AT) else cfg.sampler
-    return side.row_samplers(cfg).get(row, named)
+    return row_samplers(cfg).get(row, named)
 
 
 def methods_to_tune(cfg: ExperimentConfig) -> list[str]:
@@ -585,7 +607,12 @@ def validate(cfg: ExperimentConfig) -> None:
     guided = [m for m in side.method_names(cfg) if m != "uncond"]
     swept = cfg.sweep.startswith("guidance=")  # the sweep gives every guided row its lambda
     table = method_table(cfg)
-    side.validate(cfg, table, unset=tuple(guided if swept else methods_to_tune(cfg)))
+    one_sampler = dataclasses.replace(cfg, extract_sampler="")  # row pairs: checked below
+    side.validate(one_sampler, table, unset=tuple(guided if swept else methods_to_tune(cfg)))
+    unknown = sorted(set(row_samplers(cfg)) - set(table))
+    if unknown:
+        raise UserError(f"--extract-sampler {cfg.extract_sampler!r} names {unknown[0]!r}, which is "
+                        f"no row; give samplers for {', '.join(table)}")
     if cfg.sweep:
         parse_sweep(cfg.sweep)
     if cfg.classes and not all(c.strip().isdigit() for c in cfg.classes.split(",")):
@@ -634,6 +661,11 @@ def tuning_runs(cfg: ExperimentConfig, rows: list[str]) -> list[tuple[str, str]]
     return runs
 
 
+def settings_hash(settings: dict) -> str:
+    """A short, order-independent hash of a dict of settings: the tuning file's name."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def tune_settings(cfg: ExperimentConfig, methods: list[str]) -> dict:
     """Each method's (sampler, lambda) from its candidates() by its own Gu memorized fraction on
     --tune-seed (TIE_RULE), with N_G = --tune-n-gen. Every tuning run is cached, keyed by the
@@ -645,7 +677,7 @@ def tune_settings(cfg: ExperimentConfig, methods: list[str]) -> dict:
                                    out=str(Path(cfg.out) / f"tune-seed{cfg.tune_seed}"))
     settings = {k: v for k, v in dataclasses.asdict(tune_cfg).items() if k not in (
         "out", "fresh", "guidance", "lambda_grid", "extract_sampler", "sampler_grid")}
-    path = Path(tune_cfg.out) / f"tuning-{side.settings_hash(settings)}.json"
+    path = Path(tune_cfg.out) / f"tuning-{settings_hash(settings)}.json"
     side.check_writable(path.parent)
     points = json.loads(path.read_text())["points"] if path.is_file() and not cfg.fresh else {}
     grid = tuning_runs(cfg, rows)
@@ -1524,13 +1556,13 @@ class DistributedFolder(ExperimentFolder):
     other stage on rank 0, which saves it; the others then read it."""
 
     def __call__(self, name: str, compute, **values) -> dict:
-        path, key = self.path(name), self.key(name, **values)
+        path, settings = self.path(name), self.settings(name, **values)
         if name.startswith(EVERY_RANK):
-            return self.load_or_compute(path, key, compute)
-        result = rank0_only(self.load_or_compute, path, key, compute)  # the others wait...
+            return self.load_or_compute(path, settings, compute)
+        result = rank0_only(self.load_or_compute, path, settings, compute)  # the others wait...
         if is_main():
             return result
-        result = self.load(path, key)  # ...then read what rank 0 saved
+        result = self.load(path, settings)  # ...then read what rank 0 saved
         if result is None:
             raise UserError(f"{path} was saved by rank 0 but cannot be read on rank "
                             f"{dist.get_rank()}; give --out a folder every rank sees")
@@ -1652,6 +1684,8 @@ def build_parser() -> side.OneLineParser:
                         "mechanism: why guidance toward a cluster copies, on a 1-D toy; "
                         "download: fetch --dataset (cifar10, celeba) into --data-root")
     side.add_config_flags(parser, ExperimentConfig)
+    parser.add_argument("--n-train", dest="n", type=int, default=argparse.SUPPRESS,
+                        help="--n, under torchrun (whose own parser takes --n)")
     return parser
 
 

@@ -7,14 +7,14 @@ The lesson comes first: what Algorithm 1 needs (0-4), then Algorithm 1 in its ow
     0. configuration        every setting, and the defaults of each dataset and device
     1. networks             a small UNet eps_theta(x_t, t); its encoder half is the classifier's
     2. diffusion maths      linear beta schedule, the forward process q(x_t | x_0)
-    3. DDPM training        L_simple, Adam, EMA: the target model
+    3. DDPM training        L_simple, Adam, EMA and the checkpoint: the target model
     4. guided sampling      the guided score (Eq. 1), the DDIM / DDPM reverse step, per-sample seeds
     5. surrogate labels     Algorithm 1 lines 2-5: features, k-means, cohesion filter, relabel
     6. classifiers          Algorithm 1 line 6 / Eq. 2: p_phi(y | x_t, t) on noised samples
     7. extraction           Algorithm 1 Part 2: guided sampling toward one cluster at a time
     8. memorization check   Gu et al. d1/d2 < 1/3, Carlini normalized L2, AMS / UMS (Eq. 6-9)
     9. Algorithm 1          run(): the whole attack, top to bottom
-    Plumbing                datasets, checkpoint, run folder, report, command line
+    Plumbing                datasets, atomic writes, run folder, report, command line
 
 One run is one seed with the rows uncond, cond and side. What turns runs into evidence (lambda
 tuned on a seed never reported, seeds, controls, sweeps, torchrun, SSCD features, CIFAR-10 and
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -60,11 +59,9 @@ from tqdm import tqdm
 # =================================================================================================
 
 
-def option(default, help: str, choices: tuple | None = None, shown: str = "profile",
-           aliases: tuple = ()):
-    """A Config field. `shown`: what --help prints for a None default; `aliases`: other flags."""
-    metadata = dict(help=help, choices=choices, shown=shown, aliases=aliases)
-    return dataclasses.field(default=default, metadata=metadata)
+def option(default, help: str, choices: tuple | None = None, shown: str = "profile"):
+    """A Config field. `shown`: what --help prints for a None default."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, shown=shown))
 
 
 @dataclasses.dataclass
@@ -73,8 +70,7 @@ class Config:
     dataset: str = option("digits", "training set D (experiments.py adds cifar10 and folder)",
                           ("digits", "celeba"))
     data_root: str = option("data", "where the CelebA images live")
-    n: int = option(None, "training-set size N (the DPM memorizes small N); write --n-train "
-                          "under torchrun, whose own parser takes --n", aliases=("--n-train",))
+    n: int = option(None, "training-set size N (the DPM memorizes small N)")
     image_size: int = option(None, "side length in pixels")
     subset: str = option("first", "which n images to take", ("first", "random"))
     # --- the denoiser eps_theta (a small DDPM UNet) ---
@@ -90,8 +86,8 @@ class Config:
     # --- sampling (the paper uses diffusers' DDIM scheduler) ---
     sampler: str = option("ddim50", "Part 1's sampler: ddim<S> = S DDIM steps (eta 0), ddpm<S> = "
                                     "S ancestral steps (ddpm1000: DDPM's full chain)")
-    extract_sampler: str = option(None, "Part 2's sampler: one for every row, or row=sampler "
-                                        "pairs such as side=ddpm1000; '' = --sampler's")
+    extract_sampler: str = option(None, "Part 2's sampler, the same for every row ('': "
+                                        "--sampler's)")
     # --- surrogate labels (Algorithm 1, Part 1) ---
     n_syn: int = option(None, "N_syn: generated images to cluster")
     clusters: int = option(None, "K: k-means clusters")
@@ -119,7 +115,7 @@ SMALL = dict(channels="32,64", blocks=1, attn_res="", batch_size=64, lr=1e-3, n_
              extract_sampler="")
 GPU = dict(channels="128,256,256,256", blocks=2, attn_res="16", batch_size=128, lr=2e-4,
            n_syn=10000, clusters=100, cohesion=0.5, clf_steps=20000, n_gen=5120,
-           guidance="cond=1,side=10", extract_sampler="uncond=ddpm1000,cond=ddpm250,side=ddpm250")
+           guidance="cond=1,side=10", extract_sampler="ddpm250")
 DIGITS = dict(SMALL, n=128, image_size=8, train_steps=2000, clusters=64,
               guidance="cond=0.3,side=30")
 PROFILES = {
@@ -375,7 +371,8 @@ DIFFUSION = Diffusion()  # the target model's schedule, built once; every functi
 
 # =================================================================================================
 # 3. DDPM training: L_simple = || eps - eps_theta(x_t, t) ||^2, t uniform (Ho et al. 2020), Adam,
-#    EMA weights for sampling. This is the target model the attack starts from.
+#    EMA weights for sampling. This is the target model the attack starts from. As in nanoGPT,
+#    its checkpoint is a plain dict, saved every --ckpt-every steps and on Ctrl-C.
 # =================================================================================================
 
 
@@ -425,6 +422,115 @@ def train_ddpm(cfg: Config, x0_all: torch.Tensor, checkpoint: Path | None = None
     if checkpoint and first < cfg.train_steps:
         save(cfg.train_steps, gen.get_state())
     return ema.eval()
+
+
+# --- The checkpoint: resumed only when its data and network match the run's; Ctrl-C stops at a
+#     step boundary. ---------------------------------------------------------------------------
+
+
+def changed_settings(then: dict, now: dict, then_name: str) -> list[str]:
+    """Each setting whose value differs between `then` (what a file was made with) and `now`, as
+    '--flag <then> (<then_name>) vs <now> (now)': the one validity check, of the checkpoint here
+    and of every stage file (the run folder)."""
+    return [f"--{name.replace('_', '-')} {then.get(name)} ({then_name}) vs {now.get(name)} (now)"
+            for name in sorted(set(then) | set(now)) if then.get(name) != now.get(name)]
+
+
+def check_compatible(saved: dict, cfg: Config, path: Path, fields: list[str]) -> None:
+    """A checkpoint trained with other data or another network is never loaded silently."""
+    then = {f: saved.get(f) for f in fields}
+    diffs = changed_settings(then, {f: getattr(cfg, f) for f in fields}, "checkpoint")
+    if diffs:
+        raise UserError(f"{path} was trained with other settings: {'; '.join(diffs)}. "
+                        f"Use the old settings, another --out, or --fresh to retrain")
+
+
+def why_unreadable(error: Exception) -> str:
+    """One line about an exception raised while reading a file."""
+    detail = (str(error).splitlines() or [""])[0][:80]
+    return f"{error.__class__.__name__}: {detail}" if detail else error.__class__.__name__
+
+
+# What a checkpoint must share with the run: its data and its network (the run folder's stages
+# depend on both lists too). A longer --train-steps resumes training.
+DATA_SETTINGS = ["dataset", "data_root", "n", "image_size", "subset", "seed"]
+DDPM_SETTINGS = ["channels", "blocks", "attn_res", "batch_size", "lr", "ema"]
+
+
+def read_checkpoint(path: Path, cfg: Config) -> dict | None:
+    """ddpm.pt when there is one to resume from. One that cannot be read, or that was trained with
+    other data or another network, stops the run: a checkpoint is never replaced silently."""
+    if cfg.fresh or not path.is_file():
+        return None
+    try:  # onto the CPU, memory-mapped: load_state_dict moves each tensor where it belongs
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        trained_with = saved["config"]
+    except Exception as error:  # truncated, half-copied, or not a checkpoint at all
+        raise UserError(f"{path} cannot be read ({why_unreadable(error)}); rerun with --fresh to "
+                        f"train again from scratch, or delete {path}")
+    check_compatible(trained_with, cfg, path, DATA_SETTINGS + DDPM_SETTINGS)
+    return saved
+
+
+def resume_ddpm(path: Path, cfg: Config, model, ema, opt, gen, rank: int = 0,
+                processes: int = 1) -> int:
+    """Load ddpm.pt, when there is one, into the training state; returns the step to go on from.
+    `gen` takes the batch generator saved by process `rank` (experiments.py's torchrun saves one
+    per process); an unfinished checkpoint resumes only with as many processes as it was left by."""
+    saved = read_checkpoint(path, cfg)
+    if saved is None:
+        return 0
+    if saved["step"] > cfg.train_steps:
+        raise UserError(f"{path} is at step {saved['step']}, beyond --train-steps "
+                        f"{cfg.train_steps}; raise --train-steps, use another --out, or --fresh")
+    count = len(saved["rngs"])
+    if saved["step"] < cfg.train_steps and count != processes:
+        raise UserError(f"{path} was being trained by {count} process(es); resume it with as many "
+                        f"(torchrun --nproc_per_node {count} experiments.py), or retrain with "
+                        f"--fresh")
+    for name, part in (("model", model), ("ema", ema), ("opt", opt)):
+        part.load_state_dict(saved[name])
+    if rank < count:  # a finished checkpoint may have fewer generators than there are processes
+        gen.set_state(saved["rngs"][rank].cpu())
+    trained = saved["step"] == cfg.train_steps
+    print(f"  ddpm.pt: trained ({cfg.train_steps} steps), skipping" if trained
+          else f"  resuming DDPM training from step {saved['step']}")
+    return saved["step"]
+
+
+class StopAtStepBoundary:
+    """Inside this block Ctrl-C only raises a flag; check() stops training at the next step
+    boundary, so the checkpoint never holds weights one update ahead of its step and generator
+    state. SIDE_STOP_AT_STEP=N (the tests' Ctrl-C) stops at step N."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, None
+        self.stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.press)
+        return self
+
+    def press(self, *_):
+        self.pressed = True
+
+    def __exit__(self, *_):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def check(self, step: int, loss, path: Path | None, save) -> float:
+        """Stop on Ctrl-C (saving with save()) or on a non-finite loss; else the loss as a number
+        (for a tensor, the step's one device sync)."""
+        loss = loss.item() if torch.is_tensor(loss) else float(loss)
+        if self.pressed or step == self.stop_at:
+            if path is None:
+                raise KeyboardInterrupt
+            save()
+            raise UserError(f"stopped at step {step}; checkpoint saved to {path}. Rerun the same "
+                            f"command to resume")
+        if not math.isfinite(loss):
+            raise UserError(f"DDPM loss became {loss} at step {step}; lower --lr. The last good "
+                            f"checkpoint ({path}) is kept")
+        return loss
 
 
 # =================================================================================================
@@ -847,7 +953,8 @@ def summarize(memorized, nn_index, ratio, normalized_l2, best_sim, band_hits, ba
 def run(cfg: Config, cached, device: torch.device, rows: list[Method],
         surrogate: Callable = label_synthetic, load: Callable | None = None) -> dict:
     """Train the target DPM on D (the model the attack starts from), then Algorithm 1. Output:
-    D_ext, N_G generations for every row of `rows`, each at its own lambda and sampler.
+    D_ext, N_G generations for every row of `rows`, each at its own lambda and sampler (in side.py
+    every row shares --extract-sampler; experiments.py gives each row its own).
     experiments.py passes its controls among the rows, another `surrogate` (the TDKD teacher,
     --embed) and another `load` (its datasets)."""
     if any(row.classifier and row.guidance is None for row in rows):
@@ -868,7 +975,7 @@ def run(cfg: Config, cached, device: torch.device, rows: list[Method],
         classifier = classifiers.get(row.classifier, {}).get("net")
         generations[row.name] = cached(f"samples_{row.name}", lambda: extract(
             cfg, row, model, classifier, row.guidance, device, row.sampler),
-            guidance=row.guidance, sampler=row.sampler)
+            guidance=row.guidance, extract_sampler=row.sampler)
     accuracies = {name: fitted["accuracy"] for name, fitted in classifiers.items()}
     return dict(train=train, labels=labels, accuracies=accuracies, generations=generations)
 
@@ -892,8 +999,8 @@ def part1(cfg: Config, cached, model, train: dict, rows: list, surrogate, device
 
 
 # =================================================================================================
-# Plumbing. Nothing below is a step of Algorithm 1: progress bars, the datasets, the DDPM's
-# checkpoint, the run folder, the report, and the command line.
+# Plumbing. Nothing below is a step of Algorithm 1: progress bars, the datasets, atomic writes, the
+# run folder, the report, and the command line.
 # =================================================================================================
 
 
@@ -1013,114 +1120,12 @@ def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-def settings_hash(settings: dict) -> str:
-    """A short, order-independent hash of a dict of settings (experiments.py's tuning file too)."""
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def why_unreadable(error: Exception) -> str:
-    """One line about an exception raised while reading a file."""
-    detail = (str(error).splitlines() or [""])[0][:80]
-    return f"{error.__class__.__name__}: {detail}" if detail else error.__class__.__name__
-
-
-# --- The DDPM's checkpoint: a plain dict, resumed only when its data and network match, saved at
-#     a step boundary on Ctrl-C. ------------------------------------------------------------------
-
-def read_checkpoint(path: Path, cfg: Config) -> dict | None:
-    """ddpm.pt when there is one to resume from. One that cannot be read, or that was trained with
-    other data or another network, stops the run: a checkpoint is never replaced silently."""
-    if cfg.fresh or not path.is_file():
-        return None
-    try:  # onto the CPU, memory-mapped: load_state_dict moves each tensor where it belongs
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        trained_with = saved["config"]
-    except Exception as error:  # truncated, half-copied, or not a checkpoint at all
-        raise UserError(f"{path} cannot be read ({why_unreadable(error)}); rerun with --fresh to "
-                        f"train again from scratch, or delete {path}")
-    check_compatible(trained_with, cfg, path)
-    return saved
-
-
-def check_compatible(saved: dict, cfg: Config, path: Path, fields: list | None = None) -> None:
-    """A checkpoint trained with other data or another network is never loaded silently. `fields`:
-    the settings compared (default: the data and network groups; experiments.py adds its own)."""
-    if fields is None:  # a longer --train-steps resumes training: it is not compared
-        fields = [f for f in STAGE_FIELDS["data"] + STAGE_FIELDS["ddpm"] if f != "train_steps"]
-    diffs = [f"--{f.replace('_', '-')} {saved.get(f)} (checkpoint) vs {getattr(cfg, f)} (now)"
-             for f in fields if saved.get(f) != getattr(cfg, f)]
-    if diffs:
-        raise UserError(f"{path} was trained with other settings: {'; '.join(diffs)}. "
-                        f"Use the old settings, another --out, or --fresh to retrain")
-
-
-def resume_ddpm(path: Path, cfg: Config, model, ema, opt, gen, rank: int = 0,
-                processes: int = 1) -> int:
-    """Load ddpm.pt into the training state when there is one; returns the step to go on from.
-    `gen` takes the batch generator saved by process `rank` (experiments.py's torchrun saves one
-    per process); an unfinished checkpoint resumes only with as many processes as it was left by."""
-    saved = read_checkpoint(path, cfg)
-    if saved is None:
-        return 0
-    if saved["step"] > cfg.train_steps:
-        raise UserError(f"{path} is at step {saved['step']}, beyond --train-steps "
-                        f"{cfg.train_steps}; raise --train-steps, use another --out, or --fresh")
-    count = len(saved["rngs"])
-    if saved["step"] < cfg.train_steps and count != processes:
-        raise UserError(f"{path} was being trained by {count} process(es); resume it with as many "
-                        f"(torchrun --nproc_per_node {count} experiments.py), or retrain with "
-                        f"--fresh")
-    for name, part in (("model", model), ("ema", ema), ("opt", opt)):
-        part.load_state_dict(saved[name])
-    if rank < count:  # a finished checkpoint may have fewer generators than there are processes
-        gen.set_state(saved["rngs"][rank].cpu())
-    trained = saved["step"] == cfg.train_steps
-    print(f"  ddpm.pt: trained ({cfg.train_steps} steps), skipping" if trained
-          else f"  resuming DDPM training from step {saved['step']}")
-    return saved["step"]
-
-
-class StopAtStepBoundary:
-    """Inside this block Ctrl-C only raises a flag; check() stops training at the next step
-    boundary, so the checkpoint never holds weights one update ahead of its step and generator
-    state. SIDE_STOP_AT_STEP=N (the tests' Ctrl-C) stops at step N."""
-
-    def __enter__(self):
-        self.pressed, self.previous = False, None
-        self.stop_at = int(os.environ.get("SIDE_STOP_AT_STEP", -1))
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.press)
-        return self
-
-    def press(self, *_):
-        self.pressed = True
-
-    def __exit__(self, *_):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def check(self, step: int, loss, path: Path | None, save) -> float:
-        """Stop on Ctrl-C (saving with save()) or on a non-finite loss; else the loss as a number
-        (for a tensor, the step's one device sync)."""
-        loss = loss.item() if torch.is_tensor(loss) else float(loss)
-        if self.pressed or step == self.stop_at:
-            if path is None:
-                raise KeyboardInterrupt
-            save()
-            raise UserError(f"stopped at step {step}; checkpoint saved to {path}. Rerun the same "
-                            f"command to resume")
-        if not math.isfinite(loss):
-            raise UserError(f"DDPM loss became {loss} at step {step}; lower --lr. The last good "
-                            f"checkpoint ({path}) is kept")
-        return loss
-
-
-# --- The run folder: run()'s `cached`. A stage's file holds a hash of the settings the stage
-#     depends on; a changed setting, or a file that cannot be read, recomputes the stage. ---------
+# --- The run folder: run()'s `cached`. A stage's file holds the settings the stage depends on; a
+#     changed setting, or a file that cannot be read, recomputes the stage and says why. ---------
 
 STAGE_FIELDS = {  # the settings groups; a stage depends on the groups stage_groups() names
-    "data": ["dataset", "data_root", "n", "image_size", "subset", "seed"],
-    "ddpm": ["channels", "blocks", "attn_res", "batch_size", "lr", "ema", "train_steps"],
+    "data": DATA_SETTINGS,
+    "ddpm": DDPM_SETTINGS + ["train_steps"],
     "sampler": ["sampler"],
     "synthetic": ["n_syn"],
     "labels": ["clusters", "cohesion"],
@@ -1134,8 +1139,8 @@ def stage_groups(name: str) -> list[str]:
     sampled = ["data", "ddpm", "sampler"]  # every stage after training samples the target model
     if name in ("data", "synthetic"):
         return sampled[:1] if name == "data" else sampled + ["synthetic"]
-    if name == "samples_uncond":  # the baseline depends on no label, classifier or lambda
-        return sampled + ["generations"]
+    if name == "samples_uncond":  # the baseline depends on no label, classifier, lambda, or on
+        return ["data", "ddpm", "generations"]  # Part 1's sampler (its own is a value: run())
     labelled = sampled + ["synthetic", "labels"]
     if name == "labels":
         return labelled
@@ -1146,7 +1151,7 @@ class RunFolder:
     """run()'s `cached`: folder(name, compute, **values) returns the stage's saved result when it
     was made with the same settings (and `values`, such as a row's lambda), else compute()'s,
     saved. ddpm.pt is checked here, before anything is written. experiments.py extends `groups`
-    and `key`, and shares stages among torchrun's processes."""
+    and `settings`, and shares stages among torchrun's processes."""
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.out, self.device = cfg, Path(cfg.out), device
@@ -1154,7 +1159,7 @@ class RunFolder:
         self.timings, self.current, self.clock = {}, None, time.perf_counter()
 
     def __call__(self, name: str, compute, **values) -> dict:
-        return self.load_or_compute(self.path(name), self.key(name, **values), compute)
+        return self.load_or_compute(self.path(name), self.settings(name, **values), compute)
 
     def path(self, name: str) -> Path:
         stored = "train_subset" if name == "data" else name
@@ -1163,36 +1168,41 @@ class RunFolder:
     def groups(self, name: str) -> list[str]:
         return stage_groups(name)
 
-    def key(self, name: str, **values) -> str:
-        """A short hash of the settings the stage depends on, and of `values`."""
-        groups = self.groups(name)
-        settings = {g: {f: getattr(self.cfg, f) for f in STAGE_FIELDS[g]} for g in groups}
-        return settings_hash({**settings, **values})
+    def settings(self, name: str, **values) -> dict:
+        """The settings the stage depends on, and `values` (a value named like a setting replaces
+        it), as JSON gives them back."""
+        fields = [f for group in self.groups(name) for f in STAGE_FIELDS[group]]
+        return json.loads(json.dumps({**{f: getattr(self.cfg, f) for f in fields}, **values}))
 
-    def load_or_compute(self, path: Path, key: str, compute) -> dict:
-        cached = None if self.cfg.fresh or not path.is_file() else self.load(path, key)
+    def load_or_compute(self, path: Path, settings: dict, compute) -> dict:
+        cached = None if self.cfg.fresh or not path.is_file() else self.load(path, settings)
         if cached is None:
             cached = compute()
+            made_with = json.dumps(settings)
             if path.suffix == ".pt":  # a classifier: the network itself
-                save_torch(path, dict(cached, stage_key=key))
+                save_torch(path, dict(cached, stage_settings=made_with))
             else:
-                save_npz(path, **cached, stage_key=key)
+                save_npz(path, **cached, stage_settings=made_with)
         return cached
 
-    def load(self, path: Path, key: str) -> dict | None:
+    def load(self, path: Path, settings: dict) -> dict | None:
         try:
             if path.suffix == ".pt":
                 data = dict(torch.load(path, map_location=self.device, weights_only=False))
             else:
                 data = dict(np.load(path, allow_pickle=False))
-            made_with = str(data.pop("stage_key", None))
-        except Exception as error:  # numpy, zipfile and pickle each raise their own kinds
+            made_with = data.pop("stage_settings", None)
+            made_with = made_with if made_with is None else json.loads(str(made_with))
+        except Exception as error:  # numpy, zipfile, pickle and json each raise their own kinds
             print(f"  {path.name}: cannot be read ({why_unreadable(error)}); recomputing it")
             return None
-        if made_with != key:
+        if made_with is None:  # written by an older side.py, which kept only a hash
+            print(f"  {path.name}: saved without its settings; recomputing it")
             return None
-        print(f"  {path.name}: up to date, skipping")
-        return data
+        diffs = changed_settings(made_with, settings, "saved")
+        print(f"  {path.name}: " + (f"made with {'; '.join(diffs)}; recomputing it" if diffs
+                                    else "up to date, skipping"))
+        return None if diffs else data
 
     def phase(self, name: str, message: str) -> None:
         """Print `message` and time the phase `name` until the next phase() or finish()."""
@@ -1254,7 +1264,8 @@ def write_report(cfg, evaluation, result: dict, timings: dict, out: Path) -> dic
                   labels=labels and labels_summary(labels),
                   classifier_accuracy_by_t=result["accuracies"],
                   guidance={m: v for m, v in row_lambdas(cfg).items() if m in methods},
-                  part1_sampler=cfg.sampler, samplers={m: sampler_for(cfg, m) for m in methods})
+                  part1_sampler=cfg.sampler,
+                  samplers={m: str(g["sampler"]) for m, g in generations.items()})
     if "uncond" in methods and methods["uncond"]["memorized_fraction"] > 0:
         baseline = methods["uncond"]["memorized_fraction"]
         report["gain_over_uncond"] = {m: s["memorized_fraction"] / baseline
@@ -1364,10 +1375,11 @@ def method_names(cfg: Config) -> list[str]:
 
 
 def method_rows(cfg: Config, table: dict = METHODS) -> list[Method]:
-    """The rows --methods asks for, in its order, each with its lambda (--guidance) and its Part 2
+    """The rows --methods asks for, in its order, each with its lambda (--guidance) and the Part 2
     sampler (--extract-sampler, else Part 1's). experiments.py passes its larger table."""
+    sampler = cfg.extract_sampler or cfg.sampler
     return [dataclasses.replace(table[name], guidance=guidance_for(cfg, table[name]),
-                                sampler=sampler_for(cfg, name)) for name in method_names(cfg)]
+                                sampler=sampler) for name in method_names(cfg)]
 
 
 def is_lambda(text: str) -> bool:
@@ -1400,19 +1412,6 @@ def row_lambdas(cfg: Config) -> dict:
     return {m: float(v) for m, v in row_values(cfg.guidance, guided, is_lambda, problem).items()}
 
 
-def row_samplers(cfg: Config) -> dict:
-    """{row: sampler name} from --extract-sampler: one for every row, or row=sampler pairs."""
-    problem = (f"--extract-sampler {cfg.extract_sampler!r}: give ddim<S> or ddpm<S> with S "
-               f"dividing {T_STEPS} (ddim50, ddim250, ddpm1000), or row=sampler pairs such as "
-               f"side=ddpm1000,uncond=ddpm1000")
-    return row_values(cfg.extract_sampler, method_names(cfg), parse_sampler, problem)
-
-
-def sampler_for(cfg: Config, row: str) -> str:
-    """The sampler this row's generations use: --extract-sampler's, else Part 1's."""
-    return row_samplers(cfg).get(row, cfg.sampler)
-
-
 def guidance_for(cfg: Config, row: Method) -> float:
     """The lambda this row samples with (0 for the unguided row)."""
     if row.classifier is None:
@@ -1439,10 +1438,6 @@ def validate(cfg: Config, table: dict = METHODS, unset: tuple = ()) -> None:
     for name in method_names(cfg):
         if name not in unset:
             guidance_for(cfg, table[name])
-    unknown = sorted(set(row_samplers(cfg)) - set(table))
-    if unknown:
-        raise UserError(f"--extract-sampler {cfg.extract_sampler!r} names {unknown[0]!r}, which is "
-                        f"no row; give samplers for {', '.join(table)}")
 
 
 def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
@@ -1461,14 +1456,20 @@ def checks(cfg: Config, table: dict) -> list[tuple[bool, str]]:
         (2 <= cfg.clusters <= cfg.n_syn,
          f"--clusters must be between 2 and --n-syn={cfg.n_syn} (got {cfg.clusters})"),
         (0 <= cfg.cohesion <= 1, f"--cohesion (tau) must lie in [0, 1] (got {cfg.cohesion})"),
-        (parse_sampler(cfg.sampler) is not None,
-         f"--sampler {cfg.sampler!r}: give ddim<S> or ddpm<S> with S dividing T={T_STEPS}, "
-         f"such as ddim50, ddim100 or ddpm1000"),
+        (parse_sampler(cfg.sampler) is not None, sampler_problem("--sampler", cfg.sampler)),
+        (not cfg.extract_sampler or parse_sampler(cfg.extract_sampler) is not None,
+         sampler_problem("--extract-sampler", cfg.extract_sampler)
+         + " (one sampler per row: experiments.py)"),
         (bool(names) and set(names) <= set(table),
          f"--methods takes {','.join(table)} (got {cfg.methods!r})"
          + ("; the rows cond_x0, shuffled and oracle are experiments.py's" if table is METHODS
             else "")),
     ]
+
+
+def sampler_problem(flag: str, name: str) -> str:
+    return (f"{flag} {name!r}: give ddim<S> or ddpm<S> with S dividing T={T_STEPS}, such as "
+            f"ddim50, ddim100 or ddpm1000")
 
 
 def check_writable(out: Path) -> None:
@@ -1507,12 +1508,12 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type = Config) -> 
     """One flag per field of `config` (experiments.py passes its larger Config)."""
     kinds = {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(config):
-        flags = ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
+        flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            parser.add_argument(*flags, action="store_true", help=f.metadata["help"])
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
         shown = f.metadata["shown"] if f.default is None else f.default
-        parser.add_argument(*flags, type=kinds[f.type], default=f.default,
+        parser.add_argument(flag, type=kinds[f.type], default=f.default,
                             choices=f.metadata["choices"] or None,
                             help=f"{f.metadata['help']} [{shown}]")
 

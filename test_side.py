@@ -840,8 +840,7 @@ def bad_input_cases(tmp_path):
     blocker.write_text("x")
     return {
         "extract sampler": (["--extract-sampler", "side=fast"], "--extract-sampler 'side=fast': give ddim<S>"),
-        "extract sampler steps": (["--extract-sampler", "ddim3"], "with S dividing 1000"),
-        "extract sampler row": (["--extract-sampler", "sidee=ddim50"], "names 'sidee', which is no row"),
+        "extract sampler steps": (["--extract-sampler", "ddim3"], "with S dividing T=1000"),
         "unknown dataset": (["--dataset", "mnist"], "--dataset: invalid choice"),
         "experiments.py's dataset": (["--dataset", "cifar10"], "--dataset: invalid choice"),
         "missing celeba": (["--dataset", "celeba", "--data-root", str(tmp_path / "nowhere")],
@@ -870,6 +869,8 @@ def bad_experiments_cases(tmp_path):
     return {
         "missing root": (["--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere")], "--download"),
         "empty folder": (["--dataset", "folder", "--data-root", str(empty)], "no images"),
+        "extract sampler pair": (["--extract-sampler", "side=fast"], "'side=fast': give ddim<S>"),
+        "extract sampler row": (["--extract-sampler", "sidee=ddim50"], "names 'sidee', which is no row"),
         "embed missing": (["--embed", str(tmp_path / "sscd.pt")], "--embed " + str(tmp_path / "sscd.pt") + " is not a file"),
         "embed not torchscript": (["--embed", str(tmp_path / "junk.pt")], "not a loadable TorchScript model"),
         "embed not export": (["--embed", str(tmp_path / "junk.pt2")], "not a loadable torch.export program"),
@@ -1077,6 +1078,7 @@ def test_changed_guidance_reruns_only_guided_sampling(tiny_run, capsys):
     assert side.main([*TINY, "--out", str(tiny_run), "--guidance", "3"]) == 0
     out = capsys.readouterr().out
     assert "ddpm.pt: trained" in out and "classifier_side.pt: up to date" in out
+    assert "samples_side.npz: made with --guidance 10.0 (saved) vs 3.0 (now); recomputing it" in out
     after = {name: (tiny_run / name).stat().st_mtime_ns for name in before}
     for name in ("ddpm.pt", "classifier_side.pt", "classifier_cond.pt", "samples_uncond.npz"):
         assert after[name] == before[name], f"{name} was redone"
@@ -1117,6 +1119,15 @@ def test_sampler_sweep_resamples_only_the_extraction_and_draws_the_curve(tiny_ru
     capsys.readouterr()
 
 
+def test_changed_settings_names_every_setting_that_differs_in_either_direction():
+    """The one validity check of stage files and checkpoints: a setting only the saved file has (a
+    teacher's labels, say) counts as changed too, so such a file is never reused."""
+    teacher = dict(clusters=4, surrogate="teacher")
+    assert side.changed_settings(teacher, dict(clusters=4), "saved") == ["--surrogate teacher (saved) vs None (now)"]
+    assert side.changed_settings(dict(clusters=4), dict(clusters=5), "saved") == ["--clusters 4 (saved) vs 5 (now)"]
+    assert side.changed_settings(teacher, dict(teacher), "saved") == []
+
+
 def test_checkpoint_of_another_run_is_not_loaded_silently(tiny_run, capsys):
     assert side.main([*TINY, "--out", str(tiny_run), "--channels", "16,16"]) == 2
     err = capsys.readouterr().err
@@ -1126,9 +1137,14 @@ def test_checkpoint_of_another_run_is_not_loaded_silently(tiny_run, capsys):
 def test_a_damaged_stage_file_is_recomputed_with_one_line_saying_why(tiny_run, tmp_path, capsys):
     shutil.copytree(tiny_run, tmp_path / "run")
     (tmp_path / "run" / "labels.npz").write_bytes(b"junk, as after a hand edit")
+    uncond = dict(np.load(tmp_path / "run" / "samples_uncond.npz"))
+    uncond.pop("stage_settings")  # as an older side.py wrote it
+    np.savez(tmp_path / "run" / "samples_uncond.npz", **uncond)
     assert side.main([*TINY, "--out", str(tmp_path / "run")]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if "cannot be read" in line]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if "cannot be read" in line]
     assert len(lines) == 1 and "labels.npz" in lines[0] and "recomputing" in lines[0], lines
+    assert "  samples_uncond.npz: saved without its settings; recomputing it" in out
     labels = np.load(tmp_path / "run" / "labels.npz")
     assert labels["soft"].shape[0] == 48 and len(labels["kept"]) > 0
 
@@ -1403,9 +1419,9 @@ def test_the_sampler_is_tuned_like_lambda_on_the_tune_seed(tmp_path, monkeypatch
 
     def rigged(cfg):  # the tune seed: the finer sampler copies more, for every row; lambda 3 is best
         report = real(cfg)
-        calls.append((cfg.seed, side.row_samplers(cfg)))
+        calls.append((cfg.seed, experiments.row_samplers(cfg)))
         for method, row in report["methods"].items():
-            steps = side.parse_sampler(side.sampler_for(cfg, method))[1]
+            steps = side.parse_sampler(report["samplers"][method])[1]
             value = side.row_lambdas(cfg).get(method, 0.0)
             row["memorized_fraction"] = steps / 100 - abs(value - 3) / 1000 if cfg.seed == 7 else 0.5
         return report
@@ -1561,13 +1577,13 @@ def record_attention_calls(monkeypatch) -> list:
     return calls
 
 
-def test_gpu_profile_extracts_each_row_at_its_sampler_and_part1_with_ddim50(tmp_path):
-    """README, "The sampler": on a GPU uncond samples the full chain and the guided rows 250 ancestral
-    steps; Part 1 keeps 50 DDIM steps. validate() (inside gpu_profile_config) accepts the row names."""
+def test_gpu_profile_extracts_every_row_at_one_sampler_and_part1_with_ddim50(tmp_path):
+    """README, "On a GPU": every row extracts with 250 ancestral steps, so the rows are compared at one
+    sampler; Part 1 keeps 50 DDIM steps. validate() (inside gpu_profile_config) accepts the sampler."""
     for dataset in ("celeba", "cifar10", "folder"):
         cfg = gpu_profile_config(dataset, tmp_path)
         assert {row.name: row.sampler for row in side.method_rows(cfg)} == dict(
-            uncond="ddpm1000", cond="ddpm250", side="ddpm250") and cfg.sampler == "ddim50"
+            uncond="ddpm250", cond="ddpm250", side="ddpm250") and cfg.sampler == "ddim50"
 
 
 @pytest.mark.parametrize("dataset, size, widths", GPU_PROFILE_NETWORKS)

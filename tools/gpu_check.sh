@@ -83,7 +83,8 @@ echo "stage sizes: --train-steps $TRAIN --clf-steps $CLF --n-syn $NSYN --n-gen $
 # --guidance 10 and the three rows of side.py: the stage sizes above are for one pass of three rows
 # (experiments.py, which tunes lambda per row, would rerun the pipeline once per lambda).
 SIDE_ARGS=(--dataset celeba --n 500 --data-root data --out "$WORK" --train-steps "$TRAIN" --clf-steps "$CLF"
-           --n-syn "$NSYN" --n-gen "$NGEN" --cohesion 0 --guidance 10 --methods uncond,cond,side)
+           --n-syn "$NSYN" --n-gen "$NGEN" --cohesion 0 --guidance 10 --methods uncond,cond,side
+           --extract-sampler ddim50)  # the sizes above are for 50 steps (the profile: ddpm250)
 if [ "$DRY" = 1 ]; then
     SIDE_ARGS+=(--device cpu --n 32 --image-size 16 --channels 16,32 --attn-res 8 --train-steps 30 --clf-steps 10
                 --clf-batch 16 --batch-size 16 --n-syn 64 --clusters 4 --n-gen 16 --sampler ddim10)
