@@ -61,7 +61,8 @@ from tqdm import tqdm
 
 def option(default, help: str, choices: tuple | None = None, shown: str = "profile"):
     """A Config field. `shown`: what --help prints for a None default."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, shown=shown))
+    metadata = dict(help=help, choices=choices, shown=shown)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
