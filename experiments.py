@@ -569,8 +569,7 @@ def row_samplers(cfg: ExperimentConfig) -> dict:
 
 def method_rows(cfg: ExperimentConfig) -> list:
     """side.method_rows over this file's rows, each at its own extraction sampler."""
-    samplers = row_samplers(cfg)
-    return [dataclasses.replace(row, sampler=samplers.get(row.name, cfg.sampler))
+    return [dataclasses.replace(row, sampler=fixed_sampler(cfg, row.name))
             for row in side.method_rows(cfg, method_table(cfg))]
 
 

@@ -463,7 +463,10 @@ def read_checkpoint(path: Path, cfg: Config) -> dict | None:
     other data or another network, stops the run: a checkpoint is never replaced silently."""
     if cfg.fresh or not path.is_file():
         return None
-    try:  # onto the CPU, memory-mapped: load_state_dict moves each tensor where it belongs
+    # onto the CPU: load_state_dict moves weights and Adam's moments to the model's device but keeps
+    # Adam's step counters on the CPU (on CUDA they would cost a device sync per parameter and
+    # step); memory-mapped, as RunFolder checks ddpm.pt first and train_ddpm then loads it again
+    try:
         saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         trained_with = saved["config"]
     except Exception as error:  # truncated, half-copied, or not a checkpoint at all
@@ -620,10 +623,10 @@ def sample(model, cfg: Config, count: int, device: torch.device, stream: int = S
     toward `targets` (one per generation) when guidance > 0. Generation i draws its noise from
     (seed, stream, i) alone, so any range of them can be drawn on its own."""
     shape = (model.head[-1].out_channels, cfg.image_size, cfg.image_size)
-    parsed = parse_sampler(sampler or cfg.sampler)
+    sampler = sampler or cfg.sampler
+    parsed = parse_sampler(sampler)
     if parsed is None:
-        raise ValueError(f"sampler {sampler or cfg.sampler!r}: ddim<S> or ddpm<S>, S dividing "
-                         f"T = {T_STEPS}")
+        raise ValueError(f"sampler {sampler!r}: ddim<S> or ddpm<S>, S dividing T = {T_STEPS}")
     kind, sample_steps = parsed
     timesteps, eta = sampling_timesteps(sample_steps), float(kind == "ddpm")  # DDIM: eta = 0
     guided = classifier is not None and guidance > 0
@@ -1138,10 +1141,12 @@ STAGE_FIELDS = {  # the settings groups; a stage depends on the groups stage_gro
 def stage_groups(name: str) -> list[str]:
     """The settings groups stage `name` depends on: `--guidance 3` redoes only guided sampling."""
     sampled = ["data", "ddpm", "sampler"]  # every stage after training samples the target model
-    if name in ("data", "synthetic"):
-        return sampled[:1] if name == "data" else sampled + ["synthetic"]
-    if name == "samples_uncond":  # the baseline depends on no label, classifier, lambda, or on
-        return ["data", "ddpm", "generations"]  # Part 1's sampler (its own is a value: run())
+    if name == "data":
+        return ["data"]
+    if name == "synthetic":
+        return sampled + ["synthetic"]
+    if name == "samples_uncond":  # no label, classifier, lambda or Part 1 sampler: its own
+        return ["data", "ddpm", "generations"]  # sampler is a value (run())
     labelled = sampled + ["synthetic", "labels"]
     if name == "labels":
         return labelled
@@ -1192,8 +1197,8 @@ class RunFolder:
                 data = dict(torch.load(path, map_location=self.device, weights_only=False))
             else:
                 data = dict(np.load(path, allow_pickle=False))
-            made_with = data.pop("stage_settings", None)
-            made_with = made_with if made_with is None else json.loads(str(made_with))
+            saved = data.pop("stage_settings", None)
+            made_with = None if saved is None else json.loads(str(saved))
         except Exception as error:  # numpy, zipfile, pickle and json each raise their own kinds
             print(f"  {path.name}: cannot be read ({why_unreadable(error)}); recomputing it")
             return None
@@ -1290,13 +1295,14 @@ def save_report(out: Path, report: dict, markdown: str) -> None:
 
 def report_markdown(cfg, report) -> str:
     sim, labels = report["similarity"], report["labels"]
-    kept = f"{labels['clusters_kept']} surrogate labels ({labels['source']})" if labels else ""
+    kept = f"{labels['clusters_kept']} surrogate labels ({labels['source']})" if labels else (
+        "no labels")
     lambdas = ", ".join(f"{m} {v:g}" for m, v in report["guidance"].items()) or "0 (uncond)"
     samplers = ", ".join(f"{m} {s}" for m, s in report["samplers"].items())
     low, mid, high = sim["bands"]
     return "\n".join([
         f"# SIDE report: {cfg.dataset}, n = {cfg.n}, {cfg.image_size} px, seed {cfg.seed}", "",
-        f"N_G = {cfg.n_gen} per method, lambda {lambdas}, {kept or 'no labels'}; samplers: Part 1 "
+        f"N_G = {cfg.n_gen} per method, lambda {lambdas}, {kept}; samplers: Part 1 "
         f"{cfg.sampler}; {samplers}.", "", markdown_table(report["methods"]), "",
         f"Gu mem. %: generations with d1/d2 < 1/3 (pixel L2). AMS/UMS in % on {sim['space']} with "
         f"bands low [{low}, {mid}), mid [{mid}, {high}], high > {high}. 5th nL2: 5th percentile "
@@ -1534,8 +1540,9 @@ def main(argv=None) -> int:
         cfg = apply_profile(config_from(parser.parse_args(argv)))
         validate(cfg)
         check_writable(Path(cfg.out))
-        if profile_note(cfg):
-            print(f"note: {profile_note(cfg)}")
+        note = profile_note(cfg)
+        if note:
+            print(f"note: {note}")
         print("config: " + json.dumps(dataclasses.asdict(cfg)))
         run_pipeline(cfg)
         return 0

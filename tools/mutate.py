@@ -219,7 +219,7 @@ EXPERIMENT_MUTATIONS = [
      'side.check_compatible(self.checkpoint["config"], cfg, self.out / "ddpm.pt", DATA_FIELDS)',
      "pass"),
     ("a row's own extraction sampler ignored: Part 1's for every row",
-     "return [dataclasses.replace(row, sampler=samplers.get(row.name, cfg.sampler))",
+     "return [dataclasses.replace(row, sampler=fixed_sampler(cfg, row.name))",
      "return [dataclasses.replace(row, sampler=cfg.sampler)"),
     ("torchrun: every rank draws the first block of generations",
      "mine = range(rank * count // ranks, (rank + 1) * count // ranks)",
